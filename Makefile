@@ -1,0 +1,45 @@
+# pumer-lightning: `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXP ?= shapes_vilt
+ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint format clean overhead
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv (if missing) and install the project editable with dev extras
+
+test: $(STAMP) ## fast tests (offline, CPU)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP) ## all tests, including the ones marked slow
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff check + format check
+	$(BIN)/ruff check pumer_lightning tests
+	$(BIN)/ruff format --check pumer_lightning tests
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix pumer_lightning tests
+	$(BIN)/ruff format pumer_lightning tests
+
+overhead: $(STAMP) ## time one reduction step against one ViLT-B layer on CPU
+	$(BIN)/python -m pumer_lightning.reduce.overhead
+
+clean: ## remove caches and logs (keeps .venv and data/)
+	rm -rf .pytest_cache .ruff_cache lightning_logs tb_logs outputs
