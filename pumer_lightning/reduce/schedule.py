@@ -1,0 +1,183 @@
+"""The reducer schedule: where reducers sit and how many tokens each one removes.
+
+All counting rules live in this file. The backbones ask `ReducerSchedule.step` for the counts of a layer and
+the reducer applies exactly those counts, so `plan()` is always what the model does.
+
+Counting rules, for a layer that receives ``n_image`` image tokens (image CLS included) and a text batch padded to
+``n_text`` tokens (text CLS included). ``round`` is round-half-to-even, as in Python and the official code:
+
+* pruned:   ``n_prune = round((1 - keep_ratio) * n_image)``; at least the image CLS and one more token survive.
+* merged:   ``n_merge = min(round(merge_ratio * n_image), (kept - 1) // 2)``: the ratio is taken of the layer's
+  input (as the official code does); bipartite matching can merge at most half of the non-CLS tokens, and the
+  cap is applied here, visibly, instead of inside the matching.
+* text:     ``n_text_merge = min(round(text_merge_ratio * n_text), (n_text - 1) // 2)`` tokens leave the padded
+  text batch. An example with ``R`` real tokens merges ``min(round(text_merge_ratio * R), (R - 1) // 2)`` of its
+  real tokens and drops pads for the rest, so its result does not depend on how long its batch is padded.
+
+Counts are the same for every example of a batch (static shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Importance = Literal["text", "cls", "random"]
+IMPORTANCE_SOURCES = ("text", "cls", "random")
+
+
+def round_count(ratio: float, n: int) -> int:
+    """``round(ratio * n)`` with Python's round-half-to-even (the official code's rounding)."""
+    return int(round(ratio * n))
+
+
+def round_count_tensor(ratio: float, n: torch.Tensor) -> torch.Tensor:
+    """Tensor version of `round_count`, in float64 so that it agrees with Python's arithmetic."""
+    return torch.round(n.to(torch.float64) * ratio).to(torch.long)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Token counts of one reduction step (static for the whole batch)."""
+
+    layer: int
+    image_in: int
+    image_kept: int
+    image_out: int
+    text_in: int
+    text_out: int
+    text_ratio: float = 0.0
+    """The schedule's text_merge_ratio: how many real tokens each example merges (the rest is padding dropped)."""
+
+    @property
+    def n_prune(self) -> int:
+        return self.image_in - self.image_kept
+
+    @property
+    def n_merge(self) -> int:
+        return self.image_kept - self.image_out
+
+    @property
+    def n_text_merge(self) -> int:
+        return self.text_in - self.text_out
+
+
+@dataclass
+class ReducerSchedule:
+    """Where to reduce and by how much.
+
+    Args:
+        layers: 0-based indices of the blocks after whose attention a reducer runs (ViLT: transformer blocks
+            0-11; METER: co-attention blocks 0-5, so PuMer's doubled "246" is ``[1, 2, 3]``).
+        keep_ratio: fraction of the image tokens kept by text-informed pruning (1 - PuMer's ``p``), in (0, 1].
+        merge_ratio: image tokens merged, as a fraction of the layer's input image tokens (PuMer's ``r``), in
+            [0, 0.5]; capped at half of the non-CLS tokens left after pruning.
+        text_merge_ratio: text tokens merged, as a fraction of the padded text length (PuMer's ``t``), in [0, 0.5].
+        prop_attn: add ``log(size)`` of merged tokens to the attention logits of later layers (ToMe).
+        importance: what ranks image tokens for pruning: ``text`` (text-to-image attention, PuMer), ``cls``
+            (image-CLS attention) or ``random`` (an ablation baseline).
+    """
+
+    layers: list[int] = field(default_factory=list)
+    keep_ratio: float = 1.0
+    merge_ratio: float = 0.0
+    text_merge_ratio: float = 0.0
+    prop_attn: bool = False
+    importance: Importance = "text"
+
+    def __post_init__(self) -> None:
+        layers = list(self.layers) if self.layers is not None else []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ValueError(
+                    f"ReducerSchedule.layers: expected non-negative block indices, got {layer!r}"
+                )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"ReducerSchedule.layers: duplicate block index in {layers}")
+        self.layers = sorted(layers)
+        if not 0.0 < float(self.keep_ratio) <= 1.0:
+            raise ValueError(f"ReducerSchedule.keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if not 0.0 <= float(self.merge_ratio) <= 0.5:
+            raise ValueError(f"ReducerSchedule.merge_ratio must be in [0, 0.5], got {self.merge_ratio}")
+        if not 0.0 <= float(self.text_merge_ratio) <= 0.5:
+            raise ValueError(
+                f"ReducerSchedule.text_merge_ratio must be in [0, 0.5], got {self.text_merge_ratio}"
+            )
+        if self.importance not in IMPORTANCE_SOURCES:
+            raise ValueError(
+                f"ReducerSchedule.importance must be one of {IMPORTANCE_SOURCES}, got {self.importance!r}"
+            )
+
+    @classmethod
+    def from_pumer(
+        cls, p: float, r: float, t: float, layers: list[int], *, doubled: bool = False, **kwargs
+    ) -> ReducerSchedule:
+        """Build from the official notation: prune ratio ``p``, merge ``r``, text merge ``t`` and layer ids.
+
+        ``doubled=True`` reads METER layer ids in the official code's doubled counter (block b is ``2b``).
+        """
+        if doubled:
+            odd = [x for x in layers if x % 2]
+            if odd:
+                raise ValueError(f"doubled METER layer ids must be even, got {odd}")
+            layers = [x // 2 for x in layers]
+        return cls(
+            layers=list(layers), keep_ratio=round(1.0 - p, 12), merge_ratio=r, text_merge_ratio=t, **kwargs
+        )
+
+    @property
+    def is_active(self) -> bool:
+        """True when at least one layer would change a token count."""
+        return bool(self.layers) and (
+            self.keep_ratio < 1.0 or self.merge_ratio > 0 or self.text_merge_ratio > 0
+        )
+
+    def check_depth(self, num_layers: int, what: str = "backbone") -> None:
+        """Raise if a scheduled block index does not exist in a model with ``num_layers`` reducible blocks."""
+        bad = [x for x in self.layers if x >= num_layers]
+        if bad:
+            raise ValueError(
+                f"ReducerSchedule.layers: block index {bad} out of range for {what} with {num_layers} "
+                f"reducible blocks (valid: 0..{num_layers - 1})"
+            )
+
+    def step(self, layer: int, n_image: int, n_text: int) -> LayerPlan | None:
+        """Counts for ``layer`` given the tokens entering it; None when the layer reduces nothing."""
+        if layer not in self.layers:
+            return None
+        n_prune = round_count(round(1.0 - self.keep_ratio, 12), n_image)
+        kept = max(n_image - n_prune, min(n_image, 2))
+        n_merge = min(round_count(self.merge_ratio, n_image), max(kept - 1, 0) // 2)
+        n_text_merge = min(round_count(self.text_merge_ratio, n_text), max(n_text - 1, 0) // 2)
+        plan = LayerPlan(
+            layer, n_image, kept, kept - n_merge, n_text, n_text - n_text_merge, float(self.text_merge_ratio)
+        )
+        if plan.image_out == n_image and plan.text_out == n_text:
+            return None
+        return plan
+
+    def plan(self, n_image: int, n_text: int) -> list[LayerPlan]:
+        """Every reduction step of a forward pass that starts with ``n_image`` and ``n_text`` tokens."""
+        steps = []
+        for layer in self.layers:
+            step = self.step(layer, n_image, n_text)
+            if step is not None:
+                steps.append(step)
+                n_image, n_text = step.image_out, step.text_out
+        return steps
+
+    def tokens_per_layer(self, n_image: int, n_text: int, num_layers: int) -> tuple[list[int], list[int]]:
+        """Image and text tokens entering each of ``num_layers`` blocks (what a `ReductionTrace` records).
+
+        The reducer of block ``b`` acts inside the block, so its output is counted from block ``b + 1`` on.
+        """
+        image, text = [], []
+        for layer in range(num_layers):
+            image.append(n_image)
+            text.append(n_text)
+            step = self.step(layer, n_image, n_text)
+            if step is not None:
+                n_image, n_text = step.image_out, step.text_out
+        return image, text
