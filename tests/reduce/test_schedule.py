@@ -58,7 +58,8 @@ def test_off_is_identity_schedule():
 
 def test_each_step_switches_on_by_its_own_ratio():
     prune_only = ReducerSchedule(layers=[0], keep_ratio=0.5).step(0, 101, 20)
-    assert (prune_only.image_kept, prune_only.image_out, prune_only.text_out) == (51, 51, 20)  # round(50.5) = 50
+    # round(0.5 * 101) = round(50.5) = 50 pruned (half to even)
+    assert (prune_only.image_kept, prune_only.image_out, prune_only.text_out) == (51, 51, 20)
     merge_only = ReducerSchedule(layers=[0], merge_ratio=0.25).step(0, 101, 20)
     assert (merge_only.image_kept, merge_only.image_out, merge_only.text_out) == (101, 76, 20)
     text_only = ReducerSchedule(layers=[0], text_merge_ratio=0.25).step(0, 101, 20)
