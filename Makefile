@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format clean overhead
+.PHONY: help install test test-all lint format clean overhead exp bench
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,6 +40,14 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 overhead: $(STAMP) ## time one reduction step against one ViLT-B layer on CPU
 	$(BIN)/python -m pumer_lightning.reduce.overhead
+
+exp: $(STAMP) ## run an experiment end to end: fit, then test the best checkpoint (EXP=name ARGS="--overrides")
+	$(BIN)/python -m pumer_lightning.exp $(EXP) $(ARGS)
+
+# `make bench` alone measures the two NLVR2 settings the README quotes; EXP=name (or a list) picks others
+BENCH_EXP = $(if $(filter command line environment,$(origin EXP)),$(EXP),vilt_nlvr2 meter_nlvr2)
+bench: $(STAMP) ## throughput, memory and FLOPs: baseline vs PuMer settings at full size (EXP=vilt_nlvr2 ...)
+	$(BIN)/python -m pumer_lightning.bench $(BENCH_EXP) $(ARGS)
 
 clean: ## remove caches and logs (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache lightning_logs tb_logs outputs
