@@ -1,34 +1,42 @@
 import pytest
 
 from pumer_lightning.reduce import LayerPlan, ReducerSchedule
+from pumer_lightning.reduce.released import RELEASED, markdown_table
 
 
 def counts(plan: list[LayerPlan]) -> list[tuple[int, int, int, int, int]]:
     return [(p.layer, p.image_in, p.image_kept, p.image_out, p.text_in, p.text_out) for p in plan]
 
 
-# Token schedules of the released settings, as computed from the official code's rules (PUMER.md 1.3, 1.4).
-RELEASED = {
-    "vilt_vqa2": (ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]), 145, 32, [
-        (2, 145, 131, 87, 32, 26), (5, 87, 78, 52, 26, 21), (8, 52, 47, 31, 21, 17)]),
-    "vilt_ve": (ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 4, 6, 8]), 145, 40, [
-        (2, 145, 131, 87, 40, 32), (4, 87, 78, 52, 32, 26), (6, 52, 47, 31, 26, 21), (8, 31, 28, 19, 21, 17)]),
-    "vilt_nlvr2": (ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]), 145, 40, [
-        (2, 145, 131, 87, 40, 32), (5, 87, 78, 52, 32, 26), (8, 52, 47, 31, 26, 21)]),
-    "meter_vqa2": (ReducerSchedule.from_pumer(0.2, 0.2, 0.2, [0, 2, 4, 6], doubled=True), 577, 32, [
-        (0, 577, 462, 347, 32, 26), (1, 347, 278, 209, 26, 21), (2, 209, 167, 125, 21, 17),
-        (3, 125, 100, 75, 17, 14)]),
-    "meter_ve": (ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [0, 2, 4, 6], doubled=True), 577, 40, [
-        (0, 577, 404, 203, 40, 32), (1, 203, 142, 72, 32, 26), (2, 72, 50, 26, 26, 21), (3, 26, 18, 10, 21, 17)]),
-    "meter_nlvr2": (ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [2, 4, 6], doubled=True), 325, 40, [
-        (1, 325, 227, 114, 40, 32), (2, 114, 80, 41, 32, 26), (3, 41, 29, 15, 26, 21)]),
+# Token schedules of the released settings, computed by hand from the official code's rules (PUMER.md 1.3, 1.4).
+OFFICIAL_COUNTS = {
+    "vilt_vqa2": [(2, 145, 131, 87, 32, 26), (5, 87, 78, 52, 26, 21), (8, 52, 47, 31, 21, 17)],
+    "vilt_snli_ve": [(2, 145, 131, 87, 40, 32), (4, 87, 78, 52, 32, 26), (6, 52, 47, 31, 26, 21),
+                     (8, 31, 28, 19, 21, 17)],
+    "vilt_nlvr2": [(2, 145, 131, 87, 40, 32), (5, 87, 78, 52, 32, 26), (8, 52, 47, 31, 26, 21)],
+    "meter_vqa2": [(0, 577, 462, 347, 32, 26), (1, 347, 278, 209, 26, 21), (2, 209, 167, 125, 21, 17),
+                   (3, 125, 100, 75, 17, 14)],
+    "meter_snli_ve": [(0, 577, 404, 203, 40, 32), (1, 203, 142, 72, 32, 26), (2, 72, 50, 26, 26, 21),
+                      (3, 26, 18, 10, 21, 17)],
+    "meter_nlvr2": [(1, 325, 227, 114, 40, 32), (2, 114, 80, 41, 32, 26), (3, 41, 29, 15, 26, 21)],
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_every_released_setting_is_checked():
+    assert set(RELEASED) == set(OFFICIAL_COUNTS)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
 def test_released_schedules_match_official_counts(name):
-    schedule, n_image, n_text, expected = RELEASED[name]
-    assert counts(schedule.plan(n_image, n_text)) == expected
+    setting = RELEASED[name]
+    assert counts(setting.schedule.plan(setting.n_image, setting.n_text)) == OFFICIAL_COUNTS[name]
+    setting.schedule.check_depth(setting.num_layers)
+
+
+def test_released_table_lists_every_step():
+    table = markdown_table()
+    assert table.count("\n") == 2 + sum(len(v) for v in OFFICIAL_COUNTS.values()) - 1
+    assert "| 1 | 325 → 227 → 114 | 40 → 32 |" in table
 
 
 def test_doubled_meter_ids_are_real_block_ids():

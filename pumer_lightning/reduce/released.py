@@ -1,0 +1,80 @@
+"""The released PuMer settings (csarron/PuMer checkpoints, PUMER.md §2) as schedules with real block ids.
+
+    python -m pumer_lightning.reduce.released      # prints the token-count table the README shows
+
+Each entry carries the token counts of the task's inputs: image tokens including the image CLS (ViLT 384 px
+with 32 px patches: 145; METER 288 px with 16 px patches: 325; 384 px: 577) and the padded text length the
+official configs use (32 for VQA, 40 otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .schedule import ReducerSchedule
+
+
+@dataclass(frozen=True)
+class ReleasedSetting:
+    checkpoint: str
+    schedule: ReducerSchedule
+    n_image: int
+    n_text: int
+    num_layers: int
+
+
+RELEASED: dict[str, ReleasedSetting] = {
+    "vilt_vqa2": ReleasedSetting(
+        "vilt-vqa2-p0.1-r0.3-t0.2-258", ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]), 145, 32, 12
+    ),
+    "vilt_snli_ve": ReleasedSetting(
+        "vilt-ve-p0.1r0.3t0.2-2468", ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 4, 6, 8]), 145, 40, 12
+    ),
+    "vilt_nlvr2": ReleasedSetting(
+        "vilt-nlvr2-p0.1r0.3t0.2-258", ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]), 145, 40, 12
+    ),
+    "meter_vqa2": ReleasedSetting(
+        "meter-vqa2-p0.2r0.2t0.2-0246",
+        ReducerSchedule.from_pumer(0.2, 0.2, 0.2, [0, 2, 4, 6], doubled=True),
+        577,
+        32,
+        6,
+    ),
+    "meter_snli_ve": ReleasedSetting(
+        "meter-ve-p0.3r0.5t0.2-0246",
+        ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [0, 2, 4, 6], doubled=True),
+        577,
+        40,
+        6,
+    ),
+    "meter_nlvr2": ReleasedSetting(
+        "meter-nlvr2-p0.3r0.5t0.2-246",
+        ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [2, 4, 6], doubled=True),
+        325,
+        40,
+        6,
+    ),
+}
+
+
+def markdown_table() -> str:
+    rows = [
+        "| setting | schedule (real block ids) | block | image in → pruned → merged | text in → out |",
+        "|---|---|---|---|---|",
+    ]
+    for name, setting in RELEASED.items():
+        s = setting.schedule
+        label = (
+            f"keep {s.keep_ratio:g}, merge {s.merge_ratio:g}, text {s.text_merge_ratio:g}, blocks {s.layers}"
+        )
+        for i, step in enumerate(s.plan(setting.n_image, setting.n_text)):
+            first = (f"`{name}`", label) if i == 0 else ("", "")
+            rows.append(
+                f"| {first[0]} | {first[1]} | {step.layer} | {step.image_in} → {step.image_kept} → "
+                f"{step.image_out} | {step.text_in} → {step.text_out} |"
+            )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
