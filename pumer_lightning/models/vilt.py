@@ -1,0 +1,261 @@
+"""ViLT (Kim et al., 2021) on transformers' ViLT modules, with PuMer reducers between attention and MLP.
+
+The parameters are transformers' own `ViltEmbeddings`, `ViltLayer`, final LayerNorm and `ViltPooler`, under the
+key names of `transformers.ViltModel`, so a local HF ViLT directory (``dandelin/vilt-b32-*``) loads as it is.
+What we own is the forward pass:
+
+* patches are embedded in raster order (HF's `visual_embed` shuffles them at random on every call), which gives
+  each image token a fixed original patch index for the reducer's patch maps;
+* every layer runs `scaled_dot_product_attention` (or an explicit softmax for parity tests);
+* at a scheduled layer the reducer runs after attention + residual and before the MLP (PuMer's placement), with
+  importance from the text-query rows of that layer's attention, recomputed as one small matmul + softmax.
+
+Sequence layout: ``[text (Lt) ; image CLS ; patches]``; the pooler reads the text [CLS] at position 0.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import ViltConfig, ViltModel
+from transformers.models.vilt.modeling_vilt import ViltLayer
+
+from pumer_lightning.reduce import (
+    LayerPlan,
+    ReducerSchedule,
+    ReductionState,
+    ReductionTrace,
+    attention_probs,
+    cls_importance,
+    random_importance,
+    reduce,
+    text_importance,
+)
+
+from .attention import AttnImpl, attend, merge_heads, split_heads
+from .base import Backbone, BackboneOutput, attention_bias
+
+
+class ViltBackbone(Backbone):
+    """ViLT with reducers at any set of its transformer blocks.
+
+    Args:
+        config: a `transformers.ViltConfig` (copied, never mutated).
+        max_text_len: default truncation length for the data pipeline (at most the text position table).
+        reducer: the reducer schedule; block ids are 0-based indices of ``encoder.layer``.
+        attn_impl: ``"sdpa"`` or ``"eager"``.
+    """
+
+    family = "vilt"
+    image_preprocess = "vilt"
+
+    def __init__(
+        self,
+        config: ViltConfig,
+        *,
+        max_text_len: int | None = None,
+        reducer: ReducerSchedule | None = None,
+        attn_impl: AttnImpl = "sdpa",
+    ) -> None:
+        super().__init__(attn_impl)
+        config = copy.deepcopy(config)
+        for name in ("image_size", "patch_size"):
+            if not isinstance(getattr(config, name), int):
+                raise ValueError(f"ViltBackbone needs a square integer {name}, got {getattr(config, name)!r}")
+        hf = ViltModel(config, add_pooling_layer=True)  # transformers' modules and weight init
+        self.config = hf.config
+        self.embeddings = hf.embeddings
+        self.encoder = hf.encoder
+        self.layernorm = hf.layernorm
+        self.pooler = hf.pooler
+
+        self.hidden_size = config.hidden_size
+        self.head_width = 2 * config.hidden_size
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.num_token_types = config.modality_type_vocab_size
+        self.text_position_limit = config.max_position_embeddings
+        self.max_text_len = min(max_text_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.reducer = reducer
+
+    # ---- embeddings -------------------------------------------------------------------------------------------
+    def embed_image(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 1 + (H/P)(W/P), C): image CLS, then patches in raster order, with positions.
+
+        Position embeddings are resized bilinearly (align_corners=True) when the grid differs from the one the
+        model was built for, as transformers' ViLT does.
+        """
+        emb = self.embeddings
+        patches = emb.patch_embeddings(pixel_values)  # (B, C, gh, gw)
+        batch, channels, grid_h, grid_w = patches.shape
+        grid = self.image_size // self.patch_size
+        pos = emb.position_embeddings[:, 1:].transpose(1, 2).reshape(1, channels, grid, grid)
+        if (grid_h, grid_w) != (grid, grid):
+            pos = F.interpolate(pos, size=(grid_h, grid_w), mode="bilinear", align_corners=True)
+        patches = patches.flatten(2).transpose(1, 2) + pos.flatten(2).transpose(1, 2)
+        cls = emb.cls_token.expand(batch, -1, -1) + emb.position_embeddings[:, :1]
+        return emb.dropout(torch.cat([cls, patches], dim=1))
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_index: int = 0,
+        track_maps: bool = False,
+    ) -> BackboneOutput:
+        """Encode an image-text pair.
+
+        Args:
+            pixel_values: (B, 3, H, W) normalised images (H, W multiples of the patch size).
+            input_ids: (B, Lt) BERT token ids, [CLS] first; right padding.
+            attention_mask: (B, Lt) 1 for real tokens.
+            image_index: the image gets modality type id ``1 + image_index`` (NLVR2: 0 and 1 for its two images).
+            track_maps: record in the trace where each original patch went after every reduction.
+        """
+        self._check_inputs(pixel_values, input_ids, attention_mask, image_index)
+        emb = self.embeddings
+        text = emb.text_embeddings(input_ids=input_ids)
+        text = text + emb.token_type_embeddings.weight[0]
+        image = self.embed_image(pixel_values) + emb.token_type_embeddings.weight[1 + image_index]
+
+        schedule = self._active_schedule()
+        text_mask = (attention_mask != 0).long()
+        state = ReductionState.init(image, text, text_mask, track_maps) if schedule is not None else None
+        image_size = text_size = None  # (B, N) token sizes, once a reduction made them differ from 1
+        n_text = text.shape[1]
+        x = torch.cat([text, image], dim=1)  # (B, Lt + Ni, C)
+        trace = ReductionTrace()
+
+        key_mask = self._key_mask(text_mask, x.shape[1] - n_text)
+        sizes = None
+        prop = False
+        bias, log_size = attention_bias(key_mask, sizes, prop, x.dtype)
+        for index, layer in enumerate(self.encoder.layer):
+            n_image = x.shape[1] - n_text
+            trace.record(index, n_image, n_text)
+            plan = schedule.step(index, n_image, n_text) if schedule is not None else None
+            x, state = self._layer(layer, x, n_text, bias, log_size, key_mask, state, plan, schedule)
+            if plan is not None:
+                trace.record_maps(state)
+                n_text = state.text.shape[1]
+                text_mask, text_size, image_size = state.text_mask, state.text_size, state.image_size
+                key_mask = self._key_mask(text_mask, x.shape[1] - n_text)
+                prop = schedule.prop_attn
+                sizes = torch.cat([text_size, image_size], dim=1) if prop else None
+                bias, log_size = attention_bias(key_mask, sizes, prop, x.dtype)
+
+        x = self.layernorm(x)
+        return BackboneOutput(
+            pooled=self.pooler(x),
+            text_states=x[:, :n_text],
+            text_mask=text_mask,
+            image_states=x[:, n_text:],
+            trace=trace,
+        )
+
+    @staticmethod
+    def _key_mask(text_mask: Tensor, n_image: int) -> Tensor:
+        """(B, Lt + Ni) bool: real text tokens and every image token."""
+        image_keys = torch.ones(text_mask.shape[0], n_image, dtype=torch.bool, device=text_mask.device)
+        return torch.cat([text_mask.bool(), image_keys], dim=1)
+
+    def _layer(
+        self,
+        layer: ViltLayer,
+        x: Tensor,
+        n_text: int,
+        bias: Tensor | None,
+        log_size: Tensor | None,
+        key_mask: Tensor,
+        state: ReductionState | None,
+        plan: LayerPlan | None,
+        schedule: ReducerSchedule | None,
+    ) -> tuple[Tensor, ReductionState | None]:
+        """One pre-LN ViLT block; the reducer (if ``plan``) runs after attention + residual, before the MLP."""
+        h = layer.layernorm_before(x)
+        attn = layer.attention.attention
+        q = split_heads(attn.query(h), self.num_heads)  # (B, H, N, D)
+        k = split_heads(attn.key(h), self.num_heads)
+        v = split_heads(attn.value(h), self.num_heads)
+        dropout_p = attn.dropout.p if self.training else 0.0
+        context = attend(q, k, v, bias, dropout_p, self.attn_impl)
+        x = x + layer.attention.output(merge_heads(context), h)
+
+        # ---- PuMer: reduce between attention and MLP ----
+        if plan is not None:
+            assert state is not None and schedule is not None
+            scores, image_metric, text_metric = self._reduction_inputs(
+                q, k, n_text, key_mask, log_size, state.text_mask, plan, schedule.importance
+            )
+            state = replace(state, text=x[:, :n_text], image=x[:, n_text:])
+            state, _ = reduce(state, scores, image_metric, text_metric, plan)
+            x = torch.cat([state.text, state.image], dim=1)
+        # ---- end PuMer ----
+
+        h = layer.layernorm_after(x)
+        return layer.output(layer.intermediate(h), x), state
+
+    @torch.no_grad()
+    def _reduction_inputs(
+        self,
+        q: Tensor,
+        k: Tensor,
+        n_text: int,
+        key_mask: Tensor,
+        log_size: Tensor | None,
+        text_mask: Tensor,
+        plan: LayerPlan,
+        importance: str,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Importance of the image tokens and the head-averaged keys used as similarity metrics.
+
+        Selection carries no gradient (top-k indices and matching never do), so none of this is recorded.
+        """
+        scores = None
+        if plan.n_prune:
+            if importance == "text":
+                # text queries over all keys (padded keys masked), then the image columns
+                probs = attention_probs(q[:, :, :n_text], k, key_mask, log_size)[..., n_text:]
+                scores = text_importance(probs, text_mask)
+            elif importance == "cls":
+                probs = attention_probs(q[:, :, n_text : n_text + 1], k, key_mask, log_size)[..., n_text:]
+                scores = cls_importance(probs)
+            else:
+                scores = random_importance(q.shape[0], k.shape[2] - n_text, device=q.device)
+        image_metric = k[:, :, n_text:].mean(dim=1) if plan.n_merge else None
+        text_metric = k[:, :, :n_text].mean(dim=1) if plan.n_text_merge else None
+        return scores, image_metric, text_metric
+
+
+def vilt_config(
+    *,
+    hidden_size: int = 768,
+    num_layers: int = 12,
+    num_heads: int = 12,
+    intermediate_size: int = 3072,
+    image_size: int = 384,
+    patch_size: int = 32,
+    vocab_size: int = 30522,
+    max_position_embeddings: int = 40,
+    num_token_types: int = 2,
+) -> ViltConfig:
+    """A `ViltConfig` built in code (no hub access); defaults are ViLT-B/32 (``dandelin/vilt-b32-*``)."""
+    return ViltConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        image_size=image_size,
+        patch_size=patch_size,
+        max_position_embeddings=max_position_embeddings,
+        modality_type_vocab_size=num_token_types,
+    )
