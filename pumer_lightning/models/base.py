@@ -88,7 +88,9 @@ class Backbone(nn.Module):
         schedule = self._reducer
         return schedule if schedule is not None and schedule.is_active else None
 
-    def _check_inputs(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, image_index: int):
+    def _check_inputs(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, image_index: int
+    ):
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
@@ -102,7 +104,9 @@ class Backbone(nn.Module):
             )
         height, width = pixel_values.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
         if not 0 <= image_index < self.num_token_types - 1:
             raise ValueError(
                 f"image_index={image_index} needs modality type id {image_index + 1}, but the backbone has "

@@ -76,7 +76,9 @@ class MeterConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"MeterConfig.image_size {self.image_size} is not a multiple of {self.patch_size}")
+            raise ValueError(
+                f"MeterConfig.image_size {self.image_size} is not a multiple of {self.patch_size}"
+            )
         if self.hidden % self.cross_heads:
             raise ValueError(f"MeterConfig.hidden {self.hidden} is not divisible by {self.cross_heads} heads")
         if self.num_token_types < 2:
@@ -245,8 +247,12 @@ class MeterBackbone(Backbone):
         self.cross_modal_image_transform = nn.Linear(config.vision_hidden, hidden)
         self.token_type_embeddings = nn.Embedding(config.num_token_types, hidden)
         layer_args = (hidden, config.cross_heads, config.cross_intermediate, config.dropout)
-        self.cross_modal_image_layers = nn.ModuleList(CrossLayer(*layer_args) for _ in range(config.cross_layers))
-        self.cross_modal_text_layers = nn.ModuleList(CrossLayer(*layer_args) for _ in range(config.cross_layers))
+        self.cross_modal_image_layers = nn.ModuleList(
+            CrossLayer(*layer_args) for _ in range(config.cross_layers)
+        )
+        self.cross_modal_text_layers = nn.ModuleList(
+            CrossLayer(*layer_args) for _ in range(config.cross_layers)
+        )
         self.cross_modal_image_pooler = Pooler(hidden)
         self.cross_modal_text_pooler = Pooler(hidden)
         for name, module in self.named_children():

@@ -81,7 +81,9 @@ class ViltBackbone(Backbone):
         self.patch_size = config.patch_size
         self.num_token_types = config.modality_type_vocab_size
         self.text_position_limit = config.max_position_embeddings
-        self.max_text_len = min(max_text_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.max_text_len = min(
+            max_text_len or config.max_position_embeddings, config.max_position_embeddings
+        )
         self.reducer = reducer
 
     # ---- embeddings -------------------------------------------------------------------------------------------

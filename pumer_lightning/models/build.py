@@ -1,0 +1,215 @@
+"""Named backbone presets and `build_backbone`, the one entry point tasks use."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from transformers import ViltConfig
+
+from pumer_lightning.reduce import ReducerSchedule
+
+from .attention import AttnImpl, check_attn_impl
+from .base import Backbone
+from .checkpoint import Checkpoint, CheckpointError, load_strict, read_checkpoint, resize_position_table
+from .meter import MeterBackbone, MeterConfig
+from .vilt import ViltBackbone, vilt_config
+
+logger = logging.getLogger(__name__)
+
+# ViLT-B/32 as released (dandelin/vilt-b32-*): 384 px, patch 32, BERT-base text embeddings with 40 positions.
+_VILT_PRESETS: dict[str, dict[str, Any]] = {
+    "vilt_b32": {},
+    "vilt_tiny": dict(
+        hidden_size=32,
+        num_layers=4,
+        num_heads=2,
+        intermediate_size=64,
+        image_size=96,
+        patch_size=16,
+        vocab_size=1000,
+    ),
+}
+# METER-CLIP16-RoBERTa: 11-block CLIP ViT-B/16, RoBERTa-base, 6 co-attention blocks.
+_METER_PRESETS: dict[str, MeterConfig] = {
+    "meter_b16_288": MeterConfig(image_size=288),
+    "meter_b16_384": MeterConfig(image_size=384),
+    "meter_tiny": MeterConfig(
+        image_size=96,
+        patch_size=16,
+        vision_hidden=32,
+        vision_layers=2,
+        vision_heads=2,
+        vision_intermediate=64,
+        vocab_size=1000,
+        text_hidden=32,
+        text_layers=2,
+        text_heads=2,
+        text_intermediate=64,
+        text_max_positions=42,
+        hidden=32,
+        cross_layers=3,
+        cross_heads=2,
+        cross_intermediate=64,
+    ),
+}
+PRESETS: tuple[str, ...] = (*_VILT_PRESETS, *_METER_PRESETS)
+
+# Keys whose shapes follow build options rather than the architecture.
+_KEYS = {
+    "vilt": {
+        "types": "embeddings.token_type_embeddings.weight",
+        "vocab": "embeddings.text_embeddings.word_embeddings.weight",
+        "positions": "embeddings.position_embeddings",
+    },
+    "meter": {
+        "types": "token_type_embeddings.weight",
+        "vocab": "text_transformer.embeddings.word_embeddings.weight",
+        "positions": "vit_model.embeddings.position_embedding.weight",
+    },
+}
+_VILT_CORE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+
+
+def preset_family(preset: str) -> Literal["vilt", "meter"]:
+    if preset in _VILT_PRESETS:
+        return "vilt"
+    if preset in _METER_PRESETS:
+        return "meter"
+    raise ValueError(f"unknown backbone preset {preset!r}; choose one of {list(PRESETS)}")
+
+
+def build_backbone(
+    preset: str,
+    checkpoint: str | Path | None = None,
+    *,
+    num_token_types: int = 2,
+    vocab_size: int | None = None,
+    reducer: ReducerSchedule | None = None,
+    attn_impl: Literal["sdpa", "eager"] = "sdpa",
+) -> Backbone:
+    """Build a backbone from a preset, optionally with weights.
+
+    Args:
+        preset: ``vilt_b32``, ``meter_b16_288``, ``meter_b16_384`` (full size) or ``vilt_tiny``, ``meter_tiny``.
+        checkpoint: a local HF ViLT directory or a checkpoint converted by ``pumer_lightning.models.convert``
+            (directory or ``.pt`` file). Loaded strictly; a mismatch names every missing/unexpected key.
+            Position embeddings are resized to the preset's image size when they differ (bicubic for METER
+            as its converter does, bilinear for ViLT as its runtime does; the CLS row is kept).
+        num_token_types: rows of the modality type embedding: 2, or 3 for NLVR2's two images. A 2-row checkpoint
+            loaded with 3 gets row 2 copied from row 1 (the originals' NLVR2 initialisation).
+        vocab_size: text vocabulary size; default: the checkpoint's, else the preset's.
+        reducer: reducer schedule; its block ids are checked against the backbone's depth.
+        attn_impl: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit softmax).
+    """
+    family = preset_family(preset)
+    check_attn_impl(attn_impl)
+    if num_token_types < 2:
+        raise ValueError(f"num_token_types must be at least 2 (text + one image), got {num_token_types}")
+    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.family != family:
+        raise CheckpointError(
+            f"{ckpt.path} holds a {ckpt.family} backbone, but preset {preset!r} is {family}"
+        )
+    keys = _KEYS[family]
+    state = dict(ckpt.backbone) if ckpt is not None else None
+    if state is not None:
+        for key in keys.values():
+            if key not in state:
+                raise CheckpointError(f"{ckpt.path}: backbone weights lack {key}")
+        vocab_size = _resolve_vocab(vocab_size, state[keys["vocab"]].shape[0], ckpt.path)
+        state[keys["types"]] = _resolve_types(state[keys["types"]], num_token_types, ckpt.path)
+
+    hf_config = _vilt_preset_config(preset, ckpt) if family == "vilt" else None
+    model = new_backbone(
+        preset,
+        num_token_types=num_token_types,
+        vocab_size=vocab_size,
+        reducer=reducer,
+        attn_impl=attn_impl,
+        vilt_config_override=hf_config,
+    )
+    if state is not None:
+        grid = model.image_size // model.patch_size
+        if family == "vilt":  # (1, 1 + g*g, C), resized as ViLT's runtime does
+            table = state[keys["positions"]][0]
+            table = resize_position_table(table, grid, mode="bilinear", align_corners=True)
+            state[keys["positions"]] = table.unsqueeze(0)
+        else:  # (1 + g*g, C), resized as METER's adapt_position_encoding does
+            table = state[keys["positions"]]
+            state[keys["positions"]] = resize_position_table(table, grid, mode="bicubic", align_corners=False)
+    if state is not None:
+        load_strict(model, state, f"backbone weights of {ckpt.path}")
+    return model
+
+
+def new_backbone(
+    preset: str,
+    *,
+    num_token_types: int = 2,
+    vocab_size: int | None = None,
+    reducer: ReducerSchedule | None = None,
+    attn_impl: AttnImpl = "sdpa",
+    vilt_config_override: ViltConfig | None = None,
+) -> Backbone:
+    """A randomly initialised backbone of ``preset`` (what `build_backbone` loads weights into)."""
+    family = preset_family(preset)
+    if family == "vilt":
+        config = vilt_config_override or vilt_config(**_VILT_PRESETS[preset])
+        config.modality_type_vocab_size = num_token_types
+        if vocab_size is not None:
+            config.vocab_size = vocab_size
+        return ViltBackbone(config, reducer=reducer, attn_impl=attn_impl)
+    meter = replace(_METER_PRESETS[preset], num_token_types=num_token_types)
+    if vocab_size is not None:
+        meter = replace(meter, vocab_size=vocab_size)
+    return MeterBackbone(meter, reducer=reducer, attn_impl=attn_impl)
+
+
+def preset_image_size(preset: str) -> int:
+    if preset_family(preset) == "vilt":
+        return int(_VILT_PRESETS[preset].get("image_size", 384))
+    return _METER_PRESETS[preset].image_size
+
+
+def _vilt_preset_config(preset: str, ckpt: Checkpoint | None) -> ViltConfig | None:
+    """The preset's ViltConfig, or an HF directory's own config after checking it is the preset's architecture."""
+    config = vilt_config(**_VILT_PRESETS[preset])
+    if ckpt is None or ckpt.kind != "hf_vilt":
+        return None
+    hf = ViltConfig.from_dict({k: v for k, v in ckpt.config.items() if k not in ("architectures",)})
+    differ = [
+        f"{k}: checkpoint {getattr(hf, k)} vs preset {getattr(config, k)}"
+        for k in _VILT_CORE
+        if getattr(hf, k) != getattr(config, k)
+    ]
+    if differ:
+        raise CheckpointError(f"{ckpt.path} is not a {preset} model: " + "; ".join(differ))
+    hf.image_size = config.image_size
+    return hf
+
+
+def _resolve_vocab(requested: int | None, rows: int, path: Path) -> int:
+    if requested is not None and requested != rows:
+        raise CheckpointError(
+            f"{path}: text vocabulary has {rows} rows but vocab_size={requested} was asked for; "
+            "leave vocab_size unset to use the checkpoint's"
+        )
+    return rows
+
+
+def _resolve_types(table: Tensor, requested: int, path: Path) -> Tensor:
+    rows = table.shape[0]
+    if rows == requested:
+        return table
+    if rows > requested:
+        raise CheckpointError(
+            f"{path}: the checkpoint has {rows} modality type rows; build with num_token_types={rows}"
+        )
+    logger.info("%s: extending modality type embeddings %d -> %d rows from row 1", path, rows, requested)
+    extra = table[1:2].expand(requested - rows, -1)
+    return torch.cat([table, extra], dim=0)
