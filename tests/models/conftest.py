@@ -1,0 +1,25 @@
+"""Fixtures for the backbone tests (helpers and reference forwards live in model_refs.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pumer_lightning.models import build_backbone
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_meter():
+    """A tiny METER built once per session (tests that change it deep-copy it)."""
+    return build_backbone("meter_tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_vilt():
+    return build_backbone("vilt_tiny").eval()
