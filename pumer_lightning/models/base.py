@@ -122,6 +122,14 @@ class Backbone(nn.Module):
         return f"family={self.family}, reducer={self._reducer}, attn_impl={self.attn_impl}"
 
 
+def attention_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention logits will have: autocast's lower precision when it is on, else ``x.dtype``."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def attention_bias(
     mask: Tensor | None, size: Tensor | None, prop: bool, dtype: torch.dtype
 ) -> tuple[Tensor | None, Tensor | None]:

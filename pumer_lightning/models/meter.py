@@ -46,7 +46,7 @@ from pumer_lightning.reduce import (
 )
 
 from .attention import AttnImpl, attend, merge_heads, split_heads
-from .base import Backbone, BackboneOutput, attention_bias
+from .base import Backbone, BackboneOutput, attention_bias, attention_dtype
 
 
 @dataclass(frozen=True)
@@ -318,10 +318,10 @@ class MeterBackbone(Backbone):
 
         schedule = self._active_schedule()
         state = ReductionState.init(y, x, text_mask, track_maps) if schedule is not None else None
-        text_size = image_size = None
-        prop = False
         trace = ReductionTrace()
-        text_bias, _ = attention_bias(text_mask, None, False, x.dtype)
+        dtype = attention_dtype(x)
+        # (B, 1, 1, N) additive biases for keys of each stream: padding, and log(size) once tokens were merged
+        text_bias, _ = attention_bias(text_mask, None, False, dtype)
         image_bias, image_log_size = None, None
         for index, (text_layer, image_layer) in enumerate(
             zip(self.cross_modal_text_layers, self.cross_modal_image_layers)
@@ -342,15 +342,12 @@ class MeterBackbone(Backbone):
                 state, _ = reduce(state, scores, image_metric, text_metric, plan)
                 trace.record_maps(state)
                 prop = schedule.prop_attn
-                image_size = state.image_size if prop else None
-                reduced_image_bias, image_log_size = attention_bias(None, image_size, prop, x.dtype)
+                image_bias, image_log_size = attention_bias(None, state.image_size, prop, dtype)
                 x_next = text_layer.feed_forward(state.text)
                 # parallel order: image layer b cross-attends to the text of block b - 1 (mask and sizes as they were)
-                y_next = image_layer(state.image, x, reduced_image_bias, text_bias, self.attn_impl)
+                y_next = image_layer(state.image, x, image_bias, text_bias, self.attn_impl)
                 text_mask = state.text_mask
-                text_size = state.text_size if prop else None
-                text_bias, _ = attention_bias(text_mask, text_size, prop, x.dtype)
-                image_bias = reduced_image_bias
+                text_bias, _ = attention_bias(text_mask, state.text_size, prop, dtype)
                 # ---- end PuMer ----
             x, y = x_next, y_next
 

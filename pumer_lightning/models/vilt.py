@@ -37,7 +37,7 @@ from pumer_lightning.reduce import (
 )
 
 from .attention import AttnImpl, attend, merge_heads, split_heads
-from .base import Backbone, BackboneOutput, attention_bias
+from .base import Backbone, BackboneOutput, attention_bias, attention_dtype
 
 
 class ViltBackbone(Backbone):
@@ -131,15 +131,13 @@ class ViltBackbone(Backbone):
         schedule = self._active_schedule()
         text_mask = (attention_mask != 0).long()
         state = ReductionState.init(image, text, text_mask, track_maps) if schedule is not None else None
-        image_size = text_size = None  # (B, N) token sizes, once a reduction made them differ from 1
         n_text = text.shape[1]
         x = torch.cat([text, image], dim=1)  # (B, Lt + Ni, C)
         trace = ReductionTrace()
 
+        dtype = attention_dtype(x)
         key_mask = self._key_mask(text_mask, x.shape[1] - n_text)
-        sizes = None
-        prop = False
-        bias, log_size = attention_bias(key_mask, sizes, prop, x.dtype)
+        bias, log_size = attention_bias(key_mask, None, False, dtype)
         for index, layer in enumerate(self.encoder.layer):
             n_image = x.shape[1] - n_text
             trace.record(index, n_image, n_text)
@@ -147,12 +145,11 @@ class ViltBackbone(Backbone):
             x, state = self._layer(layer, x, n_text, bias, log_size, key_mask, state, plan, schedule)
             if plan is not None:
                 trace.record_maps(state)
-                n_text = state.text.shape[1]
-                text_mask, text_size, image_size = state.text_mask, state.text_size, state.image_size
+                n_text, text_mask = state.text.shape[1], state.text_mask
                 key_mask = self._key_mask(text_mask, x.shape[1] - n_text)
-                prop = schedule.prop_attn
-                sizes = torch.cat([text_size, image_size], dim=1) if prop else None
-                bias, log_size = attention_bias(key_mask, sizes, prop, x.dtype)
+                # proportional attention from the first reduction on: + log(size) on every key
+                sizes = torch.cat([state.text_size, state.image_size], dim=1)
+                bias, log_size = attention_bias(key_mask, sizes, schedule.prop_attn, dtype)
 
         x = self.layernorm(x)
         return BackboneOutput(
