@@ -43,6 +43,8 @@ class Backbone(nn.Module):
         image_size, patch_size: the square input resolution the position embeddings were made for.
         max_text_len: default text truncation length for the data pipeline.
         image_preprocess: ``"vilt"`` (mean/std 0.5) or ``"clip"`` (CLIP statistics), for the transforms.
+        vocab_size, pad_token_id: the text vocabulary (ViLT: BERT, [PAD] = 0; METER: RoBERTa, <pad> = 1).
+        num_token_types: rows of the modality type embedding (3 when the backbone serves NLVR2's two images).
         reducer: the `ReducerSchedule` (or None); settable at run time, checked against ``num_layers``.
         attn_impl: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit softmax, for parity tests).
     """
@@ -56,6 +58,8 @@ class Backbone(nn.Module):
     max_text_len: int
     image_preprocess: Literal["vilt", "clip"]
     num_token_types: int
+    vocab_size: int
+    pad_token_id: int
     text_position_limit: int
 
     def __init__(self, attn_impl: AttnImpl) -> None:

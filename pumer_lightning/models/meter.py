@@ -266,6 +266,8 @@ class MeterBackbone(Backbone):
         self.image_size = config.image_size
         self.patch_size = config.patch_size
         self.num_token_types = config.num_token_types
+        self.vocab_size = config.vocab_size
+        self.pad_token_id = config.pad_token_id
         self.text_position_limit = config.text_max_positions - config.pad_token_id - 1
         self.max_text_len = min(config.max_text_len, self.text_position_limit)
         self.reducer = reducer
@@ -278,8 +280,17 @@ class MeterBackbone(Backbone):
 
     # ---- towers -----------------------------------------------------------------------------------------------
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """RoBERTa states, (B, Lt, text_hidden)."""
-        return self.text_transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """RoBERTa states, (B, Lt, text_hidden).
+
+        Position ids follow RoBERTa's rule (real tokens count up from ``pad_token_id + 1``, pads sit at
+        ``pad_token_id``) but are taken from the attention mask rather than from ``input_ids != pad``, so a
+        tokenizer whose pad id differs cannot shift them.
+        """
+        mask = attention_mask.long()
+        position_ids = mask.cumsum(dim=1) * mask + self.config.pad_token_id
+        return self.text_transformer(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids
+        ).last_hidden_state
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """CLIP visual tower as METER uses it: all tokens through ``ln_post``; (B, 1 + patches, vision_hidden)."""

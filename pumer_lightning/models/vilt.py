@@ -80,6 +80,8 @@ class ViltBackbone(Backbone):
         self.image_size = config.image_size
         self.patch_size = config.patch_size
         self.num_token_types = config.modality_type_vocab_size
+        self.vocab_size = config.vocab_size
+        self.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id  # BERT's [PAD]
         self.text_position_limit = config.max_position_embeddings
         self.max_text_len = min(
             max_text_len or config.max_position_embeddings, config.max_position_embeddings

@@ -154,3 +154,13 @@ def test_inputs_are_validated(tiny_vilt, tiny_meter):
         tiny_vilt(pixel_values[:1], input_ids, mask)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         tiny_meter(torch.zeros(2, 3, 90, 90), input_ids, mask)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_padding_ids_do_not_matter(preset):
+    model = build_backbone(preset, reducer=_schedule(preset)).eval()
+    pixel_values, input_ids, mask = make_inputs(model, (9, 4, 2))
+    other = input_ids.clone()
+    other[mask == 0] = 7  # a tokenizer with another pad id (positions come from the mask, not the ids)
+    with torch.no_grad():
+        assert_close(model(pixel_values, other, mask).pooled, model(pixel_values, input_ids, mask).pooled)
