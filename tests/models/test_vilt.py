@@ -172,3 +172,24 @@ def test_original_vilt_nlvr2_and_retrieval_conversions(tmp_path):
     head = build_head("retrieval", 32)
     load_head_weights(head, irtr, "retrieval")
     assert torch.equal(head.rank_output.weight.detach(), sd["itm_score.fc.weight"][1:])
+
+
+def test_hf_mlm_and_retrieval_directories(tmp_path):
+    from transformers import ViltForImageAndTextRetrieval, ViltForMaskedLM
+
+    ViltForMaskedLM(_hf_config()).save_pretrained(tmp_path / "mlm")
+    mlm = read_checkpoint(tmp_path / "mlm")
+    assert mlm.task is None and mlm.head == {}  # the MLM head has no counterpart here
+    build_backbone("vilt_tiny", tmp_path / "mlm")
+
+    hf = ViltForImageAndTextRetrieval(_hf_config()).eval()
+    hf.save_pretrained(tmp_path / "irtr")
+    backbone = build_backbone("vilt_tiny", tmp_path / "irtr").eval()
+    head = build_head("retrieval", backbone.hidden_size)
+    with pytest.raises(CheckpointError, match=r"missing \(2\):\n    itm.bias\n    itm.weight"):
+        load_head_weights(head, tmp_path / "irtr", "retrieval")  # HF keeps only rank_output
+    pixel_values, input_ids, mask = make_inputs(backbone, (6, 2))
+    head.rank_output.load_state_dict(hf.rank_output.state_dict())
+    with torch.no_grad():
+        ref = hf(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values).logits[:, 0]
+        assert_close(head(backbone(pixel_values, input_ids, mask).pooled).rank, ref, atol=1e-5, rtol=0)
