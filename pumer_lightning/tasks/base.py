@@ -1,0 +1,558 @@
+"""The shared task LightningModule: backbone + reducer schedule + head + metrics, one step for every stage.
+
+A task subclass says how a batch becomes logits (`compute_logits`), how logits become a loss (`task_loss`,
+`distill_loss`), which metrics it keeps and how its predictions are written. Everything else lives here:
+
+* building the backbone from a `BackboneSpec` with the `ReducerSchedule` (``--model.reducer.keep_ratio=0.6``),
+* AdamW with three learning-rate groups (backbone / cross-modal / head) and no weight decay on biases and
+  normalisation weights, warmup then linear decay sized from ``trainer.estimated_stepping_batches``,
+* knowledge distillation from a frozen teacher (a checkpoint, or a frozen copy of the starting weights),
+* token bookkeeping (`TokenTally`) that the callbacks turn into per-layer token counts and throughput.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from pumer_lightning.models import Backbone, build_backbone, build_head, load_head_weights, preset_family
+from pumer_lightning.models.build import preset_image_size
+from pumer_lightning.reduce import ReducerSchedule, ReductionTrace
+
+log = logging.getLogger("pumer_lightning.tasks")
+
+Stage = Literal["train", "val", "test", "predict"]
+STAGES: tuple[str, ...] = ("train", "val", "test")
+
+
+def stage_key(stage: str) -> str:
+    """Key of a stage's metric in an `nn.ModuleDict` (``train`` itself would clash with ``Module.train``)."""
+    return f"{stage}_"
+
+
+@dataclass
+class BackboneSpec:
+    """Which backbone a task builds, and where its weights and tokenizer are.
+
+    Args:
+        preset: ``vilt_b32``, ``meter_b16_288``, ``meter_b16_384`` (full size) or ``vilt_tiny``, ``meter_tiny``.
+            It also fixes the data pipeline's image size, resize rule and normalisation (linked by the CLI).
+        checkpoint: weights to start from: a checkpoint converted by ``python -m pumer_lightning.models.convert``
+            (directory or ``.pt``) or a local HF ViLT directory. None: random initialisation.
+        tokenizer: local tokenizer directory the text embeddings were trained with (BERT for ViLT, RoBERTa for
+            METER; the shapes tokenizer for the demo). Linked to ``data.tokenizer``.
+        vocab_size: rows of the text embedding; filled in from the tokenizer by the CLI. With a checkpoint it
+            must equal the checkpoint's table (a mismatch is an error, not a silent resize).
+        attn_impl: ``sdpa`` (fused attention kernels) or ``eager`` (explicit softmax).
+    """
+
+    preset: str = "vilt_tiny"
+    checkpoint: str | None = None
+    tokenizer: str = "data/shapes/tokenizer"
+    vocab_size: int | None = None
+    attn_impl: Literal["sdpa", "eager"] = "sdpa"
+
+    @property
+    def family(self) -> Literal["vilt", "meter"]:
+        return preset_family(self.preset)
+
+    @property
+    def image_size(self) -> int:
+        return preset_image_size(self.preset)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (PuMer's recipe by default: PUMER.md §3.1).
+
+    Args:
+        lr: base learning rate (the backbone group's).
+        lr_mult_head: multiplier for the task head (PuMer's ``lr_mult``: 10 for ViLT, 50 or 10 for METER).
+        lr_mult_cross_modal: multiplier for METER's ``cross_modal_*`` parameters (5 in PuMer; ViLT has none).
+        weight_decay: decoupled weight decay; never applied to biases and normalisation weights.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_ratio: warmup length as a fraction of the total optimiser steps.
+        warmup_steps: warmup length in steps; overrides ``warmup_ratio`` when set.
+        schedule: after warmup: ``linear`` decay to ``end_lr_ratio * lr``, ``cosine`` decay, or ``constant``.
+        end_lr_ratio: final learning rate as a fraction of the peak.
+    """
+
+    lr: float = 1e-4
+    lr_mult_head: float = 10.0
+    lr_mult_cross_modal: float = 1.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    end_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"--model.optim.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--model.optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"--model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise ValueError(f"--model.optim.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen, unreduced teacher of the same architecture (PUMER.md §1.7).
+
+    Args:
+        teacher: ``initial`` (a frozen copy of the student's starting weights, i.e. the backbone checkpoint and
+            head as loaded, without reducers), a Lightning ``.ckpt`` written by this framework for the same task,
+            or a converted checkpoint (``pumer_config.json`` directory or ``.pt``) holding this task's head. A path
+            that does not exist is an error.
+        weight: scale of the distillation term (PuMer's ``logits_loss_scale``).
+        task_weight: scale of the task loss (PuMer's ``task_loss_scale``).
+        temperature: softening temperature; the term is multiplied by ``temperature ** 2``.
+    """
+
+    teacher: str = "initial"
+    weight: float = 1.0
+    task_weight: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"--model.distill.temperature must be > 0, got {self.temperature}")
+        if self.weight < 0 or self.task_weight < 0:
+            raise ValueError("--model.distill.weight and --model.distill.task_weight must be >= 0")
+
+
+@dataclass
+class TokenTally:
+    """Tokens the backbone processed in one step: sums over the rows (image-text pairs) of every pass.
+
+    ``image[i]`` / ``text[i]``: image / text tokens entering layer ``i``, summed over rows; ``rows``: image-text
+    pairs that went through the backbone (NLVR2: two per example; retrieval: every scored pair).
+    """
+
+    examples: int = 0
+    rows: int = 0
+    image: list[float] = field(default_factory=list)
+    text: list[float] = field(default_factory=list)
+
+    def add(self, trace: ReductionTrace, rows: int) -> None:
+        if not self.image:
+            self.image = [0.0] * len(trace.image_tokens)
+            self.text = [0.0] * len(trace.text_tokens)
+        for i, (n_img, n_txt) in enumerate(zip(trace.image_tokens, trace.text_tokens)):
+            self.image[i] += n_img * rows
+            self.text[i] += n_txt * rows
+        self.rows += rows
+
+    def merge(self, other: TokenTally) -> None:
+        if not other.rows:
+            self.examples += other.examples
+            return
+        if not self.image:
+            self.image = [0.0] * len(other.image)
+            self.text = [0.0] * len(other.text)
+        self.image = [a + b for a, b in zip(self.image, other.image)]
+        self.text = [a + b for a, b in zip(self.text, other.text)]
+        self.rows += other.rows
+        self.examples += other.examples
+
+    def mean_image(self) -> list[float]:
+        return [v / self.rows for v in self.image] if self.rows else []
+
+    def mean_text(self) -> list[float]:
+        return [v / self.rows for v in self.text] if self.rows else []
+
+    @property
+    def input_tokens(self) -> float:
+        """Tokens entering the first layer, summed over rows (what tokens/s counts)."""
+        return (self.image[0] + self.text[0]) if self.image else 0.0
+
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
+_CROSS_MODAL = re.compile(r"(^|\.)cross_modal")
+
+
+def no_decay_names(module: nn.Module) -> set[str]:
+    """Parameter names exempt from weight decay: every bias and every weight of a normalisation layer."""
+    names = set()
+    for mod_name, mod in module.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p_name == "bias" or isinstance(mod, _NORM_TYPES):
+                names.add(full)
+    return names
+
+
+def warmup_decay(
+    step: int, total: int, warmup: int, schedule: str = "linear", end_ratio: float = 0.0
+) -> float:
+    """Learning-rate multiplier at optimiser step ``step``: linear warmup, then the chosen decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if schedule == "cosine":
+        return end_ratio + (1.0 - end_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return end_ratio + (1.0 - end_ratio) * (1.0 - progress)
+
+
+class VLTask(pl.LightningModule):
+    """Base class of the task modules; use `VQATask`, `NLVR2Task`, `SNLIVETask` or `RetrievalTask`.
+
+    Args:
+        backbone: which backbone to build and where its weights and tokenizer are.
+        reducer: the PuMer schedule (block ids are the backbone's own 0-based indices). The unreduced baseline
+            is ``--model.reducer.layers=[]``.
+        optim: optimiser and learning-rate schedule.
+        distill: knowledge distillation from a frozen teacher; None (default) trains on the task loss only.
+        predictions_dir: where ``test`` and ``predict`` write predictions; default ``<log_dir>/predictions``.
+    """
+
+    task_name: str = ""
+    num_token_types: int = 2
+
+    def __init__(
+        self,
+        backbone: BackboneSpec | None = None,
+        reducer: ReducerSchedule | None = None,
+        optim: OptimConfig | None = None,
+        distill: DistillConfig | None = None,
+        predictions_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = backbone if backbone is not None else BackboneSpec()
+        self.schedule = reducer if reducer is not None else ReducerSchedule()
+        self.optim = optim if optim is not None else OptimConfig()
+        self.distill = distill
+        self.predictions_dir = predictions_dir
+        self.backbone: Backbone = self._build_backbone(self.schedule)
+        self.head = self.build_head()
+        self.load_initial_head()
+        self.teacher: nn.ModuleDict | None = self._build_teacher() if distill is not None else None
+        self.build_metrics()
+        self.step_tally = TokenTally()
+        self._predictions: list[dict[str, Any]] = []
+        self.predictions_path: Path | None = None
+
+    # ------------------------------------------------------------------------------------------ construction
+    def _build_backbone(self, reducer: ReducerSchedule | None) -> Backbone:
+        spec = self.spec
+        family = spec.family  # validates the preset name
+        if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+            raise FileNotFoundError(
+                f"--model.backbone.checkpoint {spec.checkpoint} does not exist. Convert the original {family} "
+                f"weights first: python -m pumer_lightning.models.convert {family} <original.ckpt> "
+                f"{spec.checkpoint}"
+                + (" (or point it at a local HF ViLT directory)" if family == "vilt" else "")
+            )
+        return build_backbone(
+            spec.preset,
+            spec.checkpoint,
+            num_token_types=self.num_token_types,
+            vocab_size=spec.vocab_size,
+            reducer=reducer,
+            attn_impl=spec.attn_impl,
+        )
+
+    def build_head(self) -> nn.Module:
+        return build_head(self.task_name, self.backbone.hidden_size, width=self.backbone.head_width)
+
+    def load_initial_head(self) -> None:
+        """Start from the checkpoint's head for this task when it has one (e.g. an HF VQA model)."""
+        if self.spec.checkpoint is None:
+            return
+        from pumer_lightning.models import read_checkpoint
+
+        ckpt = read_checkpoint(self.spec.checkpoint)
+        if ckpt.head and ckpt.task == self.task_name:
+            load_head_weights(self.head, ckpt, self.task_name)
+            log.info("loaded the %s head of %s", self.task_name, ckpt.path)
+
+    def _build_teacher(self) -> nn.ModuleDict:
+        assert self.distill is not None
+        source = self.distill.teacher
+        if source == "initial":
+            teacher = nn.ModuleDict(
+                {"backbone": copy.deepcopy(self.backbone), "head": copy.deepcopy(self.head)}
+            )
+            teacher["backbone"].reducer = None
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"--model.distill.teacher {source} does not exist. Give a fine-tuned checkpoint of the "
+                    f"unreduced model (train one with --model.reducer.layers=[]), or 'initial' for a frozen copy "
+                    f"of the starting weights; distillation is never skipped silently."
+                )
+            teacher = nn.ModuleDict({"backbone": self._build_backbone(None), "head": self.build_head()})
+            if path.suffix == ".ckpt":
+                state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+                own = {k: v for k, v in state.items() if k.startswith(("backbone.", "head."))}
+                if not own:
+                    raise ValueError(
+                        f"--model.distill.teacher {source}: no backbone./head. weights in the checkpoint"
+                    )
+                missing, unexpected = teacher.load_state_dict(own, strict=False)
+                if missing or unexpected:
+                    raise ValueError(
+                        f"--model.distill.teacher {source} does not fit a {self.spec.preset} {self.task_name} "
+                        f"model: missing {missing[:5]}..., unexpected {unexpected[:5]}..."
+                    )
+            else:
+                teacher["backbone"] = build_backbone(
+                    self.spec.preset,
+                    source,
+                    num_token_types=self.num_token_types,
+                    vocab_size=self.spec.vocab_size,
+                    attn_impl=self.spec.attn_impl,
+                )
+                load_head_weights(teacher["head"], source, self.task_name)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        return teacher
+
+    def train(self, mode: bool = True) -> VLTask:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never leaves eval mode (no dropout)
+        return self
+
+    # ------------------------------------------------------------------------------------------ task interface
+    def compute_logits(self, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool) -> Any:
+        """Logits of a batch from ``backbone`` and ``head`` (the student's or the teacher's)."""
+        raise NotImplementedError
+
+    def build_metrics(self) -> None:
+        """Create the metric modules (one set per stage)."""
+
+    def task_loss(self, logits: Any, batch: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    def distill_loss(self, student: Any, teacher: Any) -> Tensor:
+        """Softmax KL(teacher || student) at temperature T, times T^2 (classification tasks)."""
+        t = self.distill.temperature if self.distill is not None else 1.0
+        log_p_s = torch.log_softmax(student.float() / t, dim=-1)
+        log_p_t = torch.log_softmax(teacher.float() / t, dim=-1)
+        kl = torch.nn.functional.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+        return kl * t * t
+
+    def update_metrics(self, stage: str, logits: Any, batch: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Log (and reset) the epoch-level metrics of ``stage``."""
+        raise NotImplementedError
+
+    def prediction_rows(self, logits: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        return []
+
+    def write_predictions(self, rows: list[dict[str, Any]], directory: Path, stage: str) -> Path | None:
+        return None
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def encode(
+        self, backbone: Backbone, pixel_values: Tensor, batch: dict[str, Any], image_index: int, tally: bool,
+        input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+    ):  # fmt: skip
+        """One backbone pass; adds its token counts to ``step_tally`` when ``tally``."""
+        out = backbone(
+            pixel_values,
+            batch["input_ids"] if input_ids is None else input_ids,
+            batch["attention_mask"] if attention_mask is None else attention_mask,
+            image_index=image_index,
+        )
+        if tally:
+            self.step_tally.add(out.trace, pixel_values.shape[0])
+        return out
+
+    @staticmethod
+    def batch_size_of(batch: dict[str, Any]) -> int:
+        return int(batch["pixel_values"].shape[0])
+
+    @staticmethod
+    def group_names(batch: dict[str, Any]) -> list[str | None]:
+        """Per-example group for per-type metrics: ``statement_type`` (shapes) or ``answer_type`` (VQAv2)."""
+        out = []
+        for m in batch.get("meta") or []:
+            out.append(m.get("statement_type", m.get("answer_type")) if isinstance(m, dict) else None)
+        return out
+
+    # ------------------------------------------------------------------------------------------ steps
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.compute_logits(batch, self.backbone, self.head, tally=False)
+
+    def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
+        """The step of every stage: logits, loss (if labelled), distillation (training), metrics, predictions."""
+        self.step_tally = TokenTally(examples=self.batch_size_of(batch))
+        logits = self.compute_logits(batch, self.backbone, self.head, tally=True)
+        bs = self.batch_size_of(batch)
+        loss = None
+        if "labels" in batch:
+            loss = self.task_loss(logits, batch)
+            if stage == "train" and self.teacher is not None:
+                assert self.distill is not None
+                with torch.no_grad():
+                    teacher_logits = self.compute_logits(
+                        batch, self.teacher["backbone"], self.teacher["head"], tally=False
+                    )
+                kd = self.distill_loss(logits, teacher_logits)
+                self.log("train/loss_task", loss, batch_size=bs)
+                self.log("train/loss_distill", kd, batch_size=bs)
+                loss = self.distill.task_weight * loss + self.distill.weight * kd
+            self.log(f"{stage}/loss", loss, batch_size=bs, prog_bar=stage == "train", on_epoch=True,
+                     on_step=stage == "train")  # fmt: skip
+            self.update_metrics(stage, logits, batch)
+        if stage in ("test", "predict"):
+            self._predictions.extend(self.prediction_rows(logits, batch))
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.shared_step(batch, "train")
+        if loss is None:
+            raise ValueError("training batches must carry labels (is the train split unlabelled?)")
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    def predict_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
+        self.step_tally = TokenTally(examples=self.batch_size_of(batch))
+        logits = self.compute_logits(batch, self.backbone, self.head, tally=True)
+        rows = self.prediction_rows(logits, batch)
+        self._predictions.extend(rows)
+        return rows
+
+    # ------------------------------------------------------------------------------------------ epoch ends
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._predictions = []
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = []
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_metrics("test")
+        self._flush_predictions("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._flush_predictions("predict")
+
+    def _flush_predictions(self, stage: str) -> None:
+        rows = self._predictions
+        self._predictions = []
+        if self.trainer.world_size > 1:
+            gathered: list[list[dict[str, Any]]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if not rows:
+            return
+        if stage == "test":
+            for name, value in self.prediction_metrics(rows).items():
+                self.log(f"test/{name}", value)
+        if not self.trainer.is_global_zero:
+            return
+        directory = Path(self.predictions_dir or Path(self.trainer.log_dir or ".") / "predictions")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = self.write_predictions(rows, directory, stage)
+        if path is not None:
+            log.info("%s predictions: %s", stage, path)
+            self.predictions_path = path
+
+    def prediction_metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics that need every prediction of the split at once (NLVR2 consistency); all ranks see all rows."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------ setup checks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        task = getattr(dm, "task", None)
+        if task is not None and task != self.task_name:
+            raise ValueError(
+                f"data.task is {task!r} but the model is a {type(self).__name__} ({self.task_name!r}); set "
+                f"--data.task={self.task_name} or choose the matching model class"
+            )
+
+    # ------------------------------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: (backbone | cross-modal | head) x (decay | no decay); frozen parameters left out."""
+        cfg = self.optim
+        exempt = {f"backbone.{n}" for n in no_decay_names(self.backbone)}
+        exempt |= {f"head.{n}" for n in no_decay_names(self.head)}
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad or name.startswith("teacher."):
+                continue
+            if name.startswith("head."):
+                part = "head"
+            elif _CROSS_MODAL.search(name):
+                part = "cross_modal"
+            else:
+                part = "backbone"
+            groups.setdefault((part, name not in exempt), []).append(param)
+        mult = {"backbone": 1.0, "cross_modal": cfg.lr_mult_cross_modal, "head": cfg.lr_mult_head}
+        out = []
+        for (part, decay), params in sorted(groups.items()):
+            out.append(
+                {
+                    "params": params,
+                    "lr": cfg.lr * mult[part],
+                    "weight_decay": cfg.weight_decay if decay else 0.0,
+                    "name": f"{part}{'' if decay else '/no_decay'}",
+                }
+            )
+        return out
+
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run, from the data module's known epoch length (or ``max_steps``)."""
+        total = int(self.trainer.estimated_stepping_batches)
+        if total <= 0 or total == float("inf"):
+            raise ValueError(
+                "cannot size the learning-rate schedule: the number of training steps is unknown; set "
+                "--trainer.max_steps or --trainer.max_epochs"
+            )
+        return total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        total = self.total_steps()
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total))
+        warmup = min(warmup, max(total - 1, 0))
+
+        def factor(step: int) -> float:
+            return warmup_decay(step, total, warmup, cfg.schedule, cfg.end_lr_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ utilities
+    def set_reducer(self, schedule: ReducerSchedule | None) -> None:
+        """Change the student's reducer schedule (e.g. to time the unreduced model on the same weights)."""
+        self.backbone.reducer = schedule
+        self.schedule = schedule if schedule is not None else ReducerSchedule()

@@ -1,0 +1,102 @@
+"""Single-label classification tasks (NLVR2, SNLI-VE): cross-entropy, micro accuracy, accuracy per type."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from pumer_lightning.models import Backbone
+
+from .base import STAGES, VLTask, stage_key
+from .metrics import GroupedScore
+
+#: Groups reported per type: the shapes world's statement types and VQAv2's answer types.
+GROUPS: tuple[str, ...] = (
+    "shape", "color", "exist", "both", "count", "rel", "neutral", "caption", "yes/no", "number", "other",
+)  # fmt: skip
+
+
+def group_tag(name: str) -> str:
+    """A group name as a TensorBoard tag component (``yes/no`` -> ``yes_no``)."""
+    return name.replace("/", "_").replace(" ", "_")
+
+
+class ClassificationTask(VLTask):
+    """Cross-entropy over ``num_classes`` labels with micro-averaged accuracy, overall and per type."""
+
+    num_classes: int = 2
+
+    def build_metrics(self) -> None:
+        # micro average = plain accuracy (MulticlassAccuracy's default is macro: ECOSYSTEM.md §4)
+        self.accuracy = nn.ModuleDict(
+            {stage_key(s): MulticlassAccuracy(num_classes=self.num_classes, average="micro") for s in STAGES}
+        )
+        self.accuracy_by_type = nn.ModuleDict({stage_key(s): GroupedScore(GROUPS) for s in STAGES})
+
+    def task_loss(self, logits: Tensor, batch: dict[str, Any]) -> Tensor:
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def update_metrics(self, stage: str, logits: Tensor, batch: dict[str, Any]) -> None:
+        preds = logits.argmax(dim=-1)
+        self.accuracy[stage_key(stage)].update(preds, batch["labels"])
+        self.accuracy_by_type[stage_key(stage)].update(
+            (preds == batch["labels"]).float(), self.group_names(batch)
+        )
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        acc = self.accuracy[stage_key(stage)]
+        if acc.update_count:
+            self.log(f"{stage}/acc", acc.compute(), prog_bar=stage == "val")
+        acc.reset()
+        by_type = self.accuracy_by_type[stage_key(stage)]
+        if by_type.update_count:
+            for name, value in by_type.compute().items():
+                self.log(f"{stage}/acc_by_type/{group_tag(name)}", value)
+        by_type.reset()
+
+    def label_names(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, "label_names", None)
+        return list(names) if names else [str(i) for i in range(self.num_classes)]
+
+    def prediction_rows(self, logits: Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        preds = logits.argmax(dim=-1).tolist()
+        labels = batch["labels"].tolist() if "labels" in batch else [None] * len(preds)
+        return [{"key": k, "pred": p, "label": y} for k, p, y in zip(batch["keys"], preds, labels)]
+
+    def write_predictions(self, rows: list[dict[str, Any]], directory: Path, stage: str) -> Path:
+        """``<task>_<stage>_predictions.csv``: one ``identifier,prediction`` line per example (no header)."""
+        names = self.label_names()
+        path = directory / f"{self.task_name}_{stage}_predictions.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            for row in sorted(rows, key=lambda r: r["key"]):
+                writer.writerow([row["key"], names[row["pred"]]])
+        return path
+
+
+def two_image_logits(
+    task: VLTask, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool
+) -> Tensor:
+    """NLVR2: one pass per image (modality types 1 and 2), pooled features concatenated, then the head."""
+    pixels = batch["pixel_values"]  # (B, 2, 3, H, W)
+    if pixels.dim() != 5 or pixels.shape[1] != 2:
+        raise ValueError(f"NLVR2 needs pixel_values of shape (B, 2, 3, H, W), got {tuple(pixels.shape)}")
+    left = task.encode(backbone, pixels[:, 0], batch, 0, tally).pooled
+    right = task.encode(backbone, pixels[:, 1], batch, 1, tally).pooled
+    return head(torch.cat([left, right], dim=-1))
+
+
+def one_image_logits(
+    task: VLTask, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool
+) -> Tensor:
+    pixels = batch["pixel_values"]  # (B, 1, 3, H, W)
+    if pixels.dim() == 5:
+        pixels = pixels[:, 0]
+    return head(task.encode(backbone, pixels, batch, 0, tally).pooled)
