@@ -446,6 +446,7 @@ class StreamLoader:
         epoch_fn: returns the current epoch (the trainer's); when it returns None, the loader counts epochs
             itself. Passed to the stream before workers start an epoch.
         on_skipped: receives ``{reason: count}`` deltas as they arrive.
+        postprocess: applied to each batch in the main process before it is yielded.
     """
 
     def __init__(
@@ -460,6 +461,7 @@ class StreamLoader:
         epoch_fn: Callable[[], int | None] | None = None,
         on_skipped: Callable[[dict[str, int]], None] | None = None,
         multiprocessing_context: str | None = None,
+        postprocess: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ):
         if isinstance(dataset, TrainStream) and num_batches is None:
             raise ValueError("a training stream is endless: num_batches must be given")
@@ -468,6 +470,7 @@ class StreamLoader:
         self.num_batches = num_batches
         self.epoch_fn = epoch_fn
         self.on_skipped = on_skipped
+        self.postprocess = postprocess
         self._epochs_started = 0
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
@@ -505,7 +508,7 @@ class StreamLoader:
                 self.on_skipped(skipped)
             if batch.pop("_empty", False):
                 continue
-            yield batch
+            yield batch if self.postprocess is None else self.postprocess(batch)
             n += 1
             if self.num_batches is not None and n >= self.num_batches:
                 return

@@ -88,13 +88,15 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------- resize + norm
-def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """ViLT's rule: shorter side to ``size``, longer side at most ``size * 1333 / 800`` (640 for 384)."""
+def shorter_side_size(width: int, height: int, size: int, multiple: int = 32) -> tuple[int, int]:
+    """ViLT's rule: shorter side to ``size``, longer side at most ``int(size * 1333 / 800)`` (639 for 384),
+    then both sides floored to a multiple of ``multiple`` (the patch size)."""
     longest = int(size * 1333 / 800)
     scale = size / min(width, height)
     if max(width, height) * scale > longest:
         scale = longest / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    w, h = int(width * scale + 0.5), int(height * scale + 0.5)
+    return max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
 
 
 class ImageTransform:
@@ -104,9 +106,12 @@ class ImageTransform:
         image_size: output side (square modes) or shorter side (``shorter_side``).
         mean, std: per-channel normalisation, in the 0..1 pixel scale.
         resize: ``square_bicubic``/``square_bilinear`` squash to ``image_size`` x ``image_size`` (aspect ratio
-            not kept, as PuMer does); ``shorter_side`` keeps the aspect ratio (ViLT), so tensors differ in
+            not kept, as PuMer does); ``shorter_side`` keeps the aspect ratio (ViLT: shorter side
+            ``image_size``, longer at most 1333/800 of it, both floored to ``multiple``), so tensors differ in
             size and the collate function pads them.
         augment: optional PIL augmentation applied after the resize (training only).
+        output: ``"float"`` returns the normalised float32 tensor; ``"uint8"`` returns raw pixels, 4x smaller to
+            move between processes and to the GPU, to be normalised later with :meth:`normalize`.
     """
 
     def __init__(
@@ -116,6 +121,8 @@ class ImageTransform:
         std: tuple[float, float, float] = HALF,
         resize: Resize = "square_bilinear",
         augment: RandAugment | None = None,
+        output: Literal["float", "uint8"] = "float",
+        multiple: int = 32,
     ):
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize={resize!r}: expected one of {', '.join(RESIZE_MODES)}")
@@ -128,6 +135,10 @@ class ImageTransform:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.augment = augment
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output={output!r}: expected 'float' or 'uint8'")
+        self.output = output
+        self.multiple = multiple
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(3, 1, 1)
         self._shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
 
@@ -137,13 +148,24 @@ class ImageTransform:
             return img if img.size == (s, s) else img.resize((s, s), Image.Resampling.BICUBIC)
         if self.resize == "square_bilinear":
             return img if img.size == (s, s) else img.resize((s, s), Image.Resampling.BILINEAR)
-        size = shorter_side_size(*img.size, s)
+        size = shorter_side_size(*img.size, s, self.multiple)
         return img if img.size == size else img.resize(size, Image.Resampling.BICUBIC)
 
-    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
         arr = np.array(img, dtype=np.uint8)  # a writable copy: torch refuses to wrap PIL's read-only buffer
-        x = torch.from_numpy(arr).permute(2, 0, 1).float()
-        return x.mul_(self._scale).sub_(self._shift)
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels ``(..., 3, H, W)`` (any device) -> normalised float32; float input is returned as is."""
+        if pixels.is_floating_point():
+            return pixels
+        scale = self._scale.to(pixels.device)
+        shift = self._shift.to(pixels.device)
+        return pixels.float().mul_(scale).sub_(shift)
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        x = self.to_uint8(img)
+        return x if self.output == "uint8" else self.normalize(x)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         img = self.resize_image(img)
@@ -154,7 +176,7 @@ class ImageTransform:
     def __repr__(self) -> str:
         return (
             f"ImageTransform(image_size={self.image_size}, resize={self.resize!r}, mean={self.mean}, "
-            f"std={self.std}, augment={self.augment!r})"
+            f"std={self.std}, augment={self.augment!r}, output={self.output!r})"
         )
 
 
@@ -266,7 +288,7 @@ def pad_to(images: list[torch.Tensor], multiple: int = 32) -> tuple[torch.Tensor
     width = max(t.shape[2] for t in images)
     height = int(math.ceil(height / multiple) * multiple)
     width = int(math.ceil(width / multiple) * multiple)
-    out = torch.zeros(len(images), 3, height, width)
+    out = torch.zeros(len(images), 3, height, width, dtype=images[0].dtype)
     mask = torch.zeros(len(images), height, width, dtype=torch.long)
     for i, t in enumerate(images):
         out[i, :, : t.shape[1], : t.shape[2]] = t
