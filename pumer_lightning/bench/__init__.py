@@ -1,0 +1,27 @@
+"""`make bench`: throughput, peak memory and FLOPs of PuMer settings against the unreduced model.
+
+    python -m pumer_lightning.bench vilt_nlvr2 meter_nlvr2            # full size, batch 8, every setting
+    python -m pumer_lightning.bench vilt_vqa2 --quick                 # baseline vs released only
+    python -m pumer_lightning.bench tiny_meter_vqa2 --rounds 3        # tiny preset (seconds)
+    python -m pumer_lightning.bench.report results/bench/*_b8.json    # the README table
+
+See `runner` for the protocol, `measure` for how FLOPs, memory and reducer time are measured, `experiments`
+for the input shapes and settings, and `report` for the outputs.
+"""
+
+from .experiments import EXPERIMENTS, Experiment, Setting, get_experiment, make_inputs, make_settings
+from .report import REQUIRED_FIELDS, readme_table
+from .runner import Options, run_bench
+
+__all__ = [
+    "EXPERIMENTS",
+    "REQUIRED_FIELDS",
+    "Experiment",
+    "Options",
+    "Setting",
+    "get_experiment",
+    "make_inputs",
+    "make_settings",
+    "readme_table",
+    "run_bench",
+]

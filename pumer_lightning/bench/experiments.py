@@ -1,0 +1,261 @@
+"""What the bench measures: the experiments (backbone x task x input shape), their inputs and reducer settings.
+
+An experiment fixes the backbone preset, the task head and the input shape of one of PuMer's released settings
+(PUMER.md §2): ViLT at 384 px; METER at 288 px for NLVR2 and 384 px for VQA and SNLI-VE; text padded to 40
+tokens (32 for VQA) with real attention masks of varied length; two images per example for NLVR2 (two backbone
+passes, one per image, and the head on the concatenated pooled features). Weights are random: speed, memory
+and FLOPs do not depend on them.
+
+A tiny variant of every experiment (``tiny_<exp>`` or ``--tiny``) runs the same code on the tiny presets in
+milliseconds, for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pumer_lightning.models import Backbone, build_backbone, build_head
+from pumer_lightning.reduce import ReducerSchedule, ReductionTrace
+from pumer_lightning.reduce.released import RELEASED
+
+TINY_PREFIX = "tiny_"
+
+# (cls, sep, pad) ids of the text tokenizers: BERT for ViLT, RoBERTa for METER
+SPECIAL_IDS = {"vilt": (101, 102, 0), "meter": (0, 2, 1)}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One backbone x task x input shape.
+
+    Attributes:
+        name: ``vilt_nlvr2`` ...; tiny variants are called ``tiny_vilt_nlvr2`` ...
+        preset: the `build_backbone` preset.
+        task: the head (`build_head` task name).
+        text_len: padded text length of a batch.
+        images_per_example: 2 for NLVR2 (two backbone passes), else 1.
+        released: the released PuMer schedule, with real block ids.
+        tiny: True for the tiny variant.
+    """
+
+    name: str
+    preset: str
+    task: str
+    text_len: int
+    images_per_example: int
+    released: ReducerSchedule
+    tiny: bool = False
+
+    @property
+    def family(self) -> str:
+        return self.preset.split("_")[0]
+
+    @property
+    def num_token_types(self) -> int:
+        return 1 + self.images_per_example
+
+
+def _full(name: str, preset: str, task: str) -> Experiment:
+    released = RELEASED[name]
+    return Experiment(
+        name=name,
+        preset=preset,
+        task=task,
+        text_len=released.n_text,
+        images_per_example=2 if task == "nlvr2" else 1,
+        released=released.schedule,
+    )
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        _full("vilt_nlvr2", "vilt_b32", "nlvr2"),
+        _full("vilt_vqa2", "vilt_b32", "vqa2"),
+        _full("vilt_snli_ve", "vilt_b32", "snli_ve"),
+        _full("meter_nlvr2", "meter_b16_288", "nlvr2"),
+        _full("meter_vqa2", "meter_b16_384", "vqa2"),
+        _full("meter_snli_ve", "meter_b16_384", "snli_ve"),
+    )
+}
+
+# The tiny presets have 4 ViLT blocks / 3 METER co-attention blocks; the released ratios are kept and the
+# layers placed as the released ones are: not the first block for "258"/"246", from the first block for
+# "2468"/"0246".
+_TINY_LAYERS = {
+    "vilt_nlvr2": [1, 2],
+    "vilt_vqa2": [1, 2],
+    "vilt_snli_ve": [0, 1, 2],
+    "meter_nlvr2": [1, 2],
+    "meter_vqa2": [0, 1, 2],
+    "meter_snli_ve": [0, 1, 2],
+}
+_TINY_PRESET = {"vilt": "vilt_tiny", "meter": "meter_tiny"}
+
+
+def get_experiment(name: str, tiny: bool = False) -> Experiment:
+    """The experiment called ``name`` (``tiny_<name>`` or ``tiny=True`` for its tiny variant)."""
+    if name.startswith(TINY_PREFIX):
+        name, tiny = name[len(TINY_PREFIX) :], True
+    if name not in EXPERIMENTS:
+        choices = ", ".join(EXPERIMENTS)
+        raise ValueError(f"unknown bench experiment {name!r}; choose from {choices} (or tiny_<name>)")
+    exp = EXPERIMENTS[name]
+    if not tiny:
+        return exp
+    released = ReducerSchedule(**{**asdict(exp.released), "layers": _TINY_LAYERS[name]})
+    return Experiment(
+        name=TINY_PREFIX + name,
+        preset=_TINY_PRESET[exp.family],
+        task=exp.task,
+        text_len=exp.text_len,
+        images_per_example=exp.images_per_example,
+        released=released,
+        tiny=True,
+    )
+
+
+# ---- settings ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """A reducer configuration to measure; ``schedule=None`` is the unreduced baseline."""
+
+    name: str
+    kind: str  # baseline | released | ablation | sweep
+    description: str
+    schedule: ReducerSchedule | None = None
+
+    def schedule_dict(self) -> dict | None:
+        return None if self.schedule is None else asdict(self.schedule)
+
+
+ABLATIONS = ("prune_only", "merge_only", "no_text_merge", "random_prune")
+DEFAULT_KEEP_SWEEP = (0.5, 0.7, 0.9)
+
+
+def _describe(s: ReducerSchedule) -> str:
+    text = f"keep {s.keep_ratio:g}, merge {s.merge_ratio:g}, text {s.text_merge_ratio:g} at blocks {s.layers}"
+    if s.importance != "text":
+        text += f", {s.importance} importance"
+    return text
+
+
+def make_settings(exp: Experiment, keep_sweep: tuple[float, ...] = DEFAULT_KEEP_SWEEP) -> list[Setting]:
+    """Baseline, the released setting, its ablations and a keep-ratio sweep (released merge/text ratios).
+
+    The ablations change one thing each against the released setting, at its layers:
+
+    * ``prune_only``: the released keep ratio, no image or text merging;
+    * ``merge_only``: ToMe, the released image merge ratio, no pruning, no text merging;
+    * ``no_text_merge``: the released setting without text merging;
+    * ``random_prune``: the released counts, image tokens pruned at random instead of by text attention.
+
+    Sweep points equal to the released keep ratio are the released setting and are not repeated.
+    """
+    rel = exp.released
+
+    def variant(**changes) -> ReducerSchedule:
+        return ReducerSchedule(**{**asdict(rel), **changes})
+
+    settings = [
+        Setting("baseline", "baseline", "unreduced model"),
+        Setting("pumer", "released", f"released PuMer: {_describe(rel)}", rel),
+    ]
+    ablations = {
+        "prune_only": variant(merge_ratio=0.0, text_merge_ratio=0.0),
+        "merge_only": variant(keep_ratio=1.0, text_merge_ratio=0.0),
+        "no_text_merge": variant(text_merge_ratio=0.0),
+        "random_prune": variant(importance="random"),
+    }
+    for name, schedule in ablations.items():
+        if schedule.is_active:
+            settings.append(Setting(name, "ablation", _describe(schedule), schedule))
+    for keep in keep_sweep:
+        if abs(keep - rel.keep_ratio) < 1e-9:
+            continue
+        schedule = variant(keep_ratio=float(keep))
+        settings.append(Setting(f"keep_{keep:g}", "sweep", _describe(schedule), schedule))
+    return settings
+
+
+# ---- model and inputs -------------------------------------------------------------------------------------------
+class TaskModel(nn.Module):
+    """Backbone + task head, run as the task runs it (NLVR2: one backbone pass per image)."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, images_per_example: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.images_per_example = images_per_example
+
+    def forward(
+        self, pixel_values: tuple[Tensor, ...], input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, list[ReductionTrace]]:
+        outs = [
+            self.backbone(images, input_ids, attention_mask, image_index=i)
+            for i, images in enumerate(pixel_values)
+        ]
+        pooled = torch.cat([o.pooled for o in outs], dim=-1)
+        return self.head(pooled), [o.trace for o in outs]
+
+
+def build_model(exp: Experiment, seed: int = 0) -> TaskModel:
+    """The experiment's backbone (random weights) and head, in eval mode."""
+    torch.manual_seed(seed)
+    backbone = build_backbone(exp.preset, num_token_types=exp.num_token_types)
+    head = build_head(exp.task, backbone.hidden_size, width=backbone.head_width)
+    return TaskModel(backbone, head, exp.images_per_example).eval()
+
+
+@dataclass
+class Inputs:
+    """One batch shaped like the task (``pixel_values`` holds one tensor per image of an example)."""
+
+    pixel_values: tuple[Tensor, ...]
+    input_ids: Tensor
+    attention_mask: Tensor
+    text_lengths: list[int] = field(default_factory=list)
+
+    def args(self) -> tuple:
+        return self.pixel_values, self.input_ids, self.attention_mask
+
+    def to(self, device: torch.device | str) -> Inputs:
+        return Inputs(
+            tuple(p.to(device) for p in self.pixel_values),
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            list(self.text_lengths),
+        )
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.pixel_values, self.input_ids, self.attention_mask]
+
+
+def make_inputs(exp: Experiment, backbone: Backbone, batch_size: int, seed: int = 0) -> Inputs:
+    """A batch of random images and token ids with real attention masks.
+
+    Real text lengths are drawn uniformly from [0.4 L, L] (L = the padded length) and the first example has the
+    full length, so the batch is padded to exactly L as a collate function would pad it. Each text is
+    ``[CLS] w ... w [SEP] pad ...`` with the family's special ids and words drawn above the special-token range.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    length = exp.text_len
+    lengths = torch.randint(max(3, round(0.4 * length)), length + 1, (batch_size,), generator=gen)
+    lengths[0] = length
+    cls_id, sep_id, pad_id = SPECIAL_IDS[backbone.family]
+    vocab = backbone.config.vocab_size
+    low = min(1000, vocab // 2)
+    ids = torch.randint(low, vocab, (batch_size, length), generator=gen)
+    positions = torch.arange(length)[None]
+    mask = (positions < lengths[:, None]).long()
+    ids[:, 0] = cls_id
+    ids[positions == (lengths[:, None] - 1)] = sep_id
+    ids[mask == 0] = pad_id
+    size = backbone.image_size
+    images = tuple(
+        torch.randn(batch_size, 3, size, size, generator=gen) for _ in range(exp.images_per_example)
+    )
+    return Inputs(images, ids, mask, lengths.tolist())

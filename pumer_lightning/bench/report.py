@@ -1,0 +1,318 @@
+"""Bench outputs: JSON, a Markdown table, a PNG plot, and the README table.
+
+    python -m pumer_lightning.bench.report results/bench/vilt_nlvr2_cpu_b8.json results/bench/meter_nlvr2_cpu_b8.json
+
+prints the README's results table (one block per JSON, with the command and the machine it ran on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REQUIRED_FIELDS = (
+    "name",
+    "examples_per_s",
+    "speedup",
+    "flops_per_example",
+    "flops_ratio",
+    "peak_mem_bytes",
+    "tokens_per_layer",
+    "reducer_time_share",
+)
+MIB = 2**20
+
+
+def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _schedule(s: dict | None) -> str:
+    if s is None:
+        return "none"
+    text = f"keep {s['keep_ratio']:g} / merge {s['merge_ratio']:g} / text {s['text_merge_ratio']:g} @ {s['layers']}"
+    if s.get("importance", "text") != "text":
+        text += f", {s['importance']}"
+    return text
+
+
+def hardware_line(result: dict) -> str:
+    hw, sw, pr = result["hardware"], result["software"], result["protocol"]
+    if pr["device"] == "cuda":
+        where = f"{hw.get('gpu')} (CUDA {hw.get('cuda')}), {pr['precision']} autocast"
+    else:
+        flags = "/".join(hw.get("cpu_flags") or []) or "?"
+        where = f"{hw['cpu']} ({flags}), {pr['threads']} threads, {pr['precision']}"
+    return (
+        f"{where}; torch {sw['torch']}, transformers {sw['transformers']}, Python {sw['python']}; "
+        f"commit {sw.get('git_commit') or '?'}"
+    )
+
+
+def protocol_line(result: dict) -> str:
+    pr = result["protocol"]
+    return (
+        f"batch {result['batch_size']}, {result['inputs']['images_per_example']} image(s) of "
+        f"{result['inputs']['image_size']} px, text padded to {result['inputs']['text_len']} (real lengths "
+        f"{min(result['inputs']['text_real_lengths'])}-{max(result['inputs']['text_real_lengths'])}); "
+        f"probe + {pr['warmup_rounds']} warm-up round(s) + {pr['rounds']} interleaved timed rounds; "
+        f"torch.inference_mode{'; torch.compile(fullgraph=True)' if pr['compiled'] else ''}"
+    )
+
+
+def markdown(result: dict) -> str:
+    """The full per-run table (every setting, every measured quantity) with the run's context."""
+    lines = [
+        f"# Bench `{result['name']}`: {result['preset']} + {result['task']} head, random weights",
+        "",
+        f"- Command: `{result.get('command') or '?'}`",
+        f"- Machine: {hardware_line(result)}",
+        f"- Protocol: {protocol_line(result)}",
+        f"- Memory: {result['protocol']['memory_method']}",
+        f"- Reducer time: {result['protocol']['reducer_time_method']}",
+        f"- FLOPs: {result['protocol']['flops_method']}; ratio = baseline / setting, the speedup that time "
+        "proportional to FLOPs would give; attained = speedup / FLOPs ratio",
+        "",
+        "| setting | schedule | examples/s median [min–max] | speedup | paired speedup median [min–max] "
+        "| GFLOPs/example | FLOPs ratio | attained | peak memory MiB (activations) | reducer time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result["settings"]:
+        lines.append(
+            f"| `{s['name']}` | {_schedule(s['schedule'])} "
+            f"| {s['examples_per_s']:.3g} [{s['examples_per_s_min']:.3g}–{s['examples_per_s_max']:.3g}] "
+            f"| {s['speedup']:.2f}× "
+            f"| {s['paired_speedup_median']:.2f}× [{s['paired_speedup_min']:.2f}–{s['paired_speedup_max']:.2f}] "
+            f"| {s['flops_per_example'] / 1e9:.3f} | {_fmt(s['flops_ratio'], '.2f', '×')} "
+            f"| {_pct(s['bound_attainment'])} "
+            f"| {s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f}) "
+            f"| {_pct(s['reducer_time_share'])} |"
+        )
+    lines += ["", "Tokens entering each layer (image / text; the image count includes the image CLS):", ""]
+    lines += ["| setting | image tokens | text tokens | matches plan() |", "|---|---|---|---|"]
+    for s in result["settings"]:
+        tok = s["tokens_per_layer"]
+        lines.append(
+            f"| `{s['name']}` | {' '.join(map(str, tok['image']))} | {' '.join(map(str, tok['text']))} "
+            f"| {'yes' if s['tokens_match_plan'] else '**no**'} |"
+        )
+    parts = [s for s in result["settings"] if s["name"] in ("baseline", "pumer")]
+    if parts and parts[0].get("flops_by_part"):
+        keys = list(parts[0]["flops_by_part"])
+        for s in parts[1:]:
+            keys += [k for k in s["flops_by_part"] if k not in keys]
+        lines += ["", "GFLOPs per example by part:", ""]
+        lines.append("| part | " + " | ".join(f"`{s['name']}`" for s in parts) + " |")
+        lines.append("|---|" + "---|" * len(parts))
+        for k in keys:
+            vals = " | ".join(f"{s['flops_by_part'].get(k, 0) / 1e9:.3f}" for s in parts)
+            lines.append(f"| {k} | {vals} |")
+    if result.get("profile"):
+        lines += ["", "Where the time goes (torch.profiler self time, top ops):", ""]
+        for name, prof in result["profile"].items():
+            top = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"][:8])
+            lines.append(f"- `{name}` ({prof['total_s']:.3f} s profiled): {top}")
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    """A few console lines: throughput, speedup, bound and reducer share per setting."""
+    out = [f"== {result['name']} ({hardware_line(result)})"]
+    for s in result["settings"]:
+        out.append(
+            f"  {s['name']:>14}: {s['examples_per_s']:8.3g} ex/s  speedup {s['speedup']:5.2f}x "
+            f"(paired {s['paired_speedup_median']:.2f}x)  FLOPs ratio {_fmt(s['flops_ratio'], '5.2f', 'x')}  "
+            f"attained {_pct(s['bound_attainment']):>6}  peak {s['peak_mem_bytes'] / MIB:7.0f} MiB  "
+            f"reducer {_pct(s['reducer_time_share'])}"
+        )
+    return "\n".join(out)
+
+
+def plot_result(result: dict, path: Path) -> None:
+    """Speedup against the FLOPs ratio for every setting, and the keep-ratio sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = result["settings"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    values = [v for s in settings for v in (s["flops_ratio"], s["speedup"]) if v is not None]
+    low, top = min([*values, 1.0]) * 0.92, max([*values, 1.0]) * 1.12
+    ax1.plot([low, top], [low, top], color="grey", lw=1, ls="--", label="speedup = FLOPs ratio")
+    colors = {"baseline": "black", "released": "tab:red", "ablation": "tab:blue", "sweep": "tab:green"}
+    for s in settings:
+        y = s["speedup"]
+        err = [[max(y - s["paired_speedup_min"], 0)], [max(s["paired_speedup_max"] - y, 0)]]
+        ax1.errorbar(
+            s["flops_ratio"], y, yerr=err, fmt="o", color=colors.get(s["kind"], "tab:gray"), capsize=3
+        )
+        ax1.annotate(s["name"], (s["flops_ratio"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax1.set_xlim(low, top)
+    ax1.set_ylim(low, top)  # paired ranges beyond the frame are clipped
+    ax1.set_xlabel("FLOPs ratio (baseline / setting)")
+    ax1.set_ylabel("speedup (examples/s over baseline)")
+    ax1.set_title("speedup vs FLOPs bound (bars: paired range)")
+    ax1.legend(loc="upper left", fontsize=8)
+    ax1.grid(alpha=0.3)
+
+    sweep = sorted(
+        (s for s in settings if s["kind"] in ("sweep", "released")), key=lambda s: s["schedule"]["keep_ratio"]
+    )
+    if len(sweep) >= 2:
+        keeps = [s["schedule"]["keep_ratio"] for s in sweep]
+        ax2.plot(keeps, [s["speedup"] for s in sweep], "o-", color="tab:green", label="speedup")
+        ax2.plot(keeps, [s["flops_ratio"] for s in sweep], "s--", color="tab:purple", label="FLOPs ratio")
+        for s, k in zip(sweep, keeps):
+            if s["kind"] == "released":
+                ax2.annotate(
+                    "released", (k, s["speedup"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+                )
+        ref = sweep[0]["schedule"]
+        ax2.set_title(f"keep-ratio sweep (merge {ref['merge_ratio']:g}, text {ref['text_merge_ratio']:g})")
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(
+            0.5, 0.5, "no keep-ratio sweep in this run", ha="center", va="center", transform=ax2.transAxes
+        )
+    ax2.axhline(1.0, color="grey", lw=1, ls=":")
+    ax2.set_xlabel("keep ratio (1 - p)")
+    ax2.set_ylabel("× baseline")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"{result['name']}: {hardware_line(result)}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_result(result: dict, out_dir: Path, plot: bool = True) -> list[Path]:
+    """``<name>.json``, ``<name>.md`` and (with ``plot``) ``<name>.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    stem = out_dir / result["name"]
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    paths[1].write_text(markdown(result))
+    if plot:
+        paths.append(stem.with_suffix(".png"))
+        plot_result(result, paths[-1])
+    return paths
+
+
+def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> list[Path]:
+    """Throughput and speedup against batch size, one line per setting (``<exp>_..._batch_sweep.*``)."""
+    first = results[0]
+    stem = Path(out_dir) / (first["name"].rsplit("_b", 1)[0] + "_batch_sweep")
+    batches = [r["batch_size"] for r in results]
+    names = [s["name"] for s in first["settings"]]
+    table = {
+        name: {r["batch_size"]: next(s for s in r["settings"] if s["name"] == name) for r in results}
+        for name in names
+    }
+    lines = [
+        f"# Batch-size sweep: {first['exp']} ({hardware_line(first)})",
+        "",
+        "examples/s (speedup over the baseline at the same batch size)",
+        "",
+        "| setting | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for name in names:
+        cells = [
+            f"{table[name][b]['examples_per_s']:.3g} ({table[name][b]['speedup']:.2f}×)" for b in batches
+        ]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    summary_json = {
+        "exp": first["exp"],
+        "batch_sizes": batches,
+        "files": [r["name"] + ".json" for r in results],
+        "settings": {
+            name: {
+                str(b): {k: table[name][b][k] for k in ("examples_per_s", "speedup", "peak_mem_bytes")}
+                for b in batches
+            }
+            for name in names
+        },
+    }
+    paths[0].write_text(json.dumps(summary_json, indent=1) + "\n")
+    paths[1].write_text("\n".join(lines) + "\n")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for name in names:
+            ax1.plot(batches, [table[name][b]["examples_per_s"] for b in batches], "o-", label=name)
+            ax2.plot(batches, [table[name][b]["speedup"] for b in batches], "o-", label=name)
+        for ax, label in ((ax1, "examples/s"), (ax2, "speedup over baseline")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+        fig.suptitle(f"{first['exp']}: {hardware_line(first)}", fontsize=8)
+        fig.tight_layout()
+        paths.append(stem.with_suffix(".png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def readme_table(results: list[dict], settings: list[str] | None = None) -> str:
+    """The README's results table: one row per experiment and setting, then the command and machine."""
+    lines = [
+        "| experiment | setting | examples/s median [min–max] | speedup (paired) | GFLOPs/ex | FLOPs ratio "
+        "| attained | peak memory MiB (activations) | reducer time | image tokens per layer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for s in r["settings"]:
+            if settings is not None and s["name"] not in settings:
+                continue
+            lines.append(
+                f"| {r['exp']} b{r['batch_size']} | `{s['name']}` "
+                f"| {s['examples_per_s']:.3g} [{s['examples_per_s_min']:.3g}–{s['examples_per_s_max']:.3g}] "
+                f"| {s['speedup']:.2f}× ({s['paired_speedup_median']:.2f}×) "
+                f"| {s['flops_per_example'] / 1e9:.2f} | {_fmt(s['flops_ratio'], '.2f', '×')} "
+                f"| {_pct(s['bound_attainment'])} "
+                f"| {s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f}) "
+                f"| {_pct(s['reducer_time_share'])} | {' '.join(map(str, s['tokens_per_layer']['image']))} |"
+            )
+    lines.append("")
+    seen = set()
+    for r in results:
+        key = (r.get("command"), hardware_line(r))
+        if key in seen:
+            continue
+        seen.add(key)
+        lines.append(f"- `{r['exp']}`: `{r.get('command') or '?'}`; {hardware_line(r)}; {protocol_line(r)}")
+    return "\n".join(lines) + "\n"
+
+
+def load(paths: list[str | Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        if "settings" not in data or not isinstance(data["settings"], list):
+            raise ValueError(f"{p} is not a bench result (no top-level 'settings' list)")
+        out.append(data)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Render the README results table from bench JSON files.")
+    parser.add_argument("json", nargs="+", help="results/bench/<name>.json files")
+    parser.add_argument("--settings", nargs="+", help="only these settings (default: all)")
+    args = parser.parse_args(argv)
+    print(readme_table(load(args.json), args.settings), end="")
+
+
+if __name__ == "__main__":
+    main()
