@@ -89,12 +89,16 @@ class Backbone(nn.Module):
         return (self.image_size // self.patch_size) ** 2 + 1
 
     def _active_schedule(self) -> ReducerSchedule | None:
+        """The schedule if it reduces anything (re-checked: a schedule object may be edited after assignment)."""
         schedule = self._reducer
-        return schedule if schedule is not None and schedule.is_active else None
+        if schedule is None or not schedule.is_active:
+            return None
+        schedule.check_depth(self.num_layers, f"{self.family} backbone")
+        return schedule
 
     def _check_inputs(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, image_index: int
-    ):
+    ) -> None:
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:

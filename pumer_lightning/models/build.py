@@ -135,13 +135,14 @@ def build_backbone(
     )
     if state is not None:
         grid = model.image_size // model.patch_size
-        if family == "vilt":  # (1, 1 + g*g, C), resized as ViLT's runtime does
-            table = state[keys["positions"]][0]
-            table = resize_position_table(table, grid, mode="bilinear", align_corners=True)
-            state[keys["positions"]] = table.unsqueeze(0)
-        else:  # (1 + g*g, C), resized as METER's adapt_position_encoding does
-            table = state[keys["positions"]]
-            state[keys["positions"]] = resize_position_table(table, grid, mode="bicubic", align_corners=False)
+        vilt = family == "vilt"
+        table = state[keys["positions"]][0] if vilt else state[keys["positions"]]  # (1 + g*g, C)
+        if table.shape[0] != grid * grid + 1:
+            # resized as the originals do: ViLT bilinearly at run time, METER bicubically at load time
+            mode, corners = ("bilinear", True) if vilt else ("bicubic", False)
+            logger.info("%s: resizing position embeddings to a %dx%d grid (%s)", ckpt.path, grid, grid, mode)
+            table = resize_position_table(table, grid, mode=mode, align_corners=corners)
+        state[keys["positions"]] = table.unsqueeze(0) if vilt else table
     if state is not None:
         load_strict(model, state, f"backbone weights of {ckpt.path}")
     return model

@@ -119,6 +119,8 @@ def _from_ours(path: Path, config: dict[str, Any], state: dict[str, Tensor]) -> 
         raise CheckpointError(
             f"{path}: format version {config['version']} is newer than this code's {FORMAT_VERSION}"
         )
+    if config.get("family") not in ("vilt", "meter"):
+        raise CheckpointError(f"{path}: {CONFIG_NAME} names no known family (got {config.get('family')!r})")
     backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
     other = sorted(k for k in state if not k.startswith(("backbone.", "head.")))

@@ -193,3 +193,14 @@ def test_hf_mlm_and_retrieval_directories(tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values).logits[:, 0]
         assert_close(head(backbone(pixel_values, input_ids, mask).pooled).rank, ref, atol=1e-5, rtol=0)
+
+
+def test_position_table_resized_at_load_matches_hf_runtime_interpolation(tmp_path):
+    hf = ViltModel(_hf_config(image_size=64)).eval()  # trained at 64 px: a 4x4 grid
+    hf.save_pretrained(tmp_path)
+    ours = build_backbone("vilt_tiny", tmp_path).eval()  # the preset's 96 px: 6x6, resized once at load
+    assert ours.embeddings.position_embeddings.shape == (1, 37, 32)
+    pixel_values, input_ids, mask = make_inputs(ours, (5, 3))
+    with torch.no_grad():  # HF resizes the 4x4 table to the 6x6 input grid on every call, bilinearly
+        ref = hf(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values).pooler_output
+        assert_close(ours(pixel_values, input_ids, mask).pooled, ref, atol=1e-5, rtol=0)
