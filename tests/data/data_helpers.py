@@ -60,6 +60,13 @@ def record(key: str, texts: list[dict[str, Any]], images: list[bytes], **extra: 
     return encode_record(key, {"image_id": key, "texts": texts, **extra}, list(zip(exts, images)))
 
 
+def _num_texts(rec: dict[str, Any]) -> int:
+    try:
+        return max(1, len(json.loads(rec["json"])["texts"]))
+    except (KeyError, ValueError):
+        return 1
+
+
 def write_split(
     split_dir: Path,
     task: str,
@@ -79,7 +86,7 @@ def write_split(
         start += size
         name = shard_name(task, split, i)
         write_shard(split_dir / name, chunk)
-        samples = sum(len(json.loads(r["json"])["texts"]) for r in chunk)
+        samples = sum(_num_texts(r) for r in chunk)
         shards.append(ShardInfo(name, len(chunk), samples))
     if labels is None:
         labels = {"nlvr2": ["False", "True"], "snli_ve": ["contradiction", "neutral", "entailment"]}.get(task)
