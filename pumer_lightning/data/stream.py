@@ -465,7 +465,9 @@ class StreamLoader:
     ):
         if isinstance(dataset, TrainStream) and num_batches is None:
             raise ValueError("a training stream is endless: num_batches must be given")
-        self.dataset = dataset
+        # Not named ``dataset``: Lightning would warn that an IterableDataset's length may be wrong, but this
+        # length is exact by construction (training) or computed from the shard assignment (evaluation).
+        self.stream = dataset
         self.num_workers = num_workers
         self.num_batches = num_batches
         self.epoch_fn = epoch_fn
@@ -495,9 +497,9 @@ class StreamLoader:
         return self._expected
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if isinstance(self.dataset, TrainStream):
+        if isinstance(self.stream, TrainStream):
             epoch = self.epoch_fn() if self.epoch_fn is not None else None
-            self.dataset.set_epoch(self._epochs_started if epoch is None else epoch)
+            self.stream.set_epoch(self._epochs_started if epoch is None else epoch)
         self._epochs_started += 1
         n = 0
         if self.num_batches == 0:
