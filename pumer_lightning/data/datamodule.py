@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,10 @@ class VLDataModule(pl.LightningDataModule):
             normalisation to float32 happens in :meth:`on_after_batch_transfer`, on the training device. When the
             loaders are iterated without a trainer, they normalise in the main process instead, so consumers
             always see float32 ``pixel_values``.
+        worker_start_method: how loader workers start. Default: ``fork`` on Linux (workers start in
+            milliseconds), the platform default elsewhere. Processes launched by ``spawn`` (Lightning's
+            ``ddp_spawn``, ``torch.multiprocessing.spawn``) would otherwise start their workers with ``spawn``
+            too, and every worker would re-import torch, Lightning and transformers.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class VLDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         pad_multiple: int = 32,
         uint8_transfer: bool = True,
+        worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
     ):
         super().__init__()
         check_task(task)
@@ -130,6 +136,9 @@ class VLDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
         self.pad_multiple = pad_multiple
+        if worker_start_method is None and sys.platform == "linux":
+            worker_start_method = "fork"
+        self.worker_start_method = worker_start_method
         augment = RandAugment(2, 9) if randaugment else None
         output = "uint8" if uint8_transfer else "float"
         mean, std = tuple(image_mean), tuple(image_std)
@@ -333,6 +342,7 @@ class VLDataModule(pl.LightningDataModule):
             epoch_fn=self._current_epoch,
             on_skipped=self._on_skipped(meta.split),
             postprocess=self._postprocess(),
+            multiprocessing_context=self.worker_start_method,
         )
 
     def eval_dataloader(self, split: str, images_only: bool | None = None) -> StreamLoader:
@@ -364,6 +374,7 @@ class VLDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             on_skipped=self._on_skipped(split),
             postprocess=self._postprocess(),
+            multiprocessing_context=self.worker_start_method,
         )
 
     def val_dataloader(self) -> StreamLoader | list:
