@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .experiments import DEFAULT_KEEP_SWEEP, EXPERIMENTS
+from .experiments import DEFAULT_KEEP_SWEEP, EXPERIMENTS, get_experiment
 from .runner import QUICK_SETTINGS, Options, run_bench
 
 EPILOG = f"""
@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
     p.add_argument(
         "--compile", action="store_true", help="time torch.compile(fullgraph=True, dynamic=False) models"
     )
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (with --compile)")
+    p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode (with --compile; reduce-overhead = CUDA graphs)",
+    )
     p.add_argument(
         "--profile", action="store_true", help="add a torch.profiler op breakdown (baseline, pumer)"
     )
@@ -94,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         precision=a.precision,
         threads=a.threads,
         compile=a.compile,
+        compile_backend=a.compile_backend,
+        compile_mode=a.compile_mode,
         profile=a.profile,
         out_dir=a.out,
         name=a.name,
@@ -107,6 +115,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         options.warmup = 0
         if options.rounds is None:
             options.rounds = 3
+    for name in a.exp:
+        try:
+            get_experiment(name, tiny=a.tiny)
+        except ValueError as err:
+            p.error(str(err))
     for b in options.batch_sizes:
         if b < 1:
             p.error(f"--batch must be positive, got {b}")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from . import report
 from .experiments import (
     ABLATIONS,
     DEFAULT_KEEP_SWEEP,
@@ -74,6 +75,8 @@ class Options:
     precision: str = "auto"
     threads: int | None = None
     compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
     profile: bool = False
     out_dir: Path = Path("results/bench")
     name: str | None = None
@@ -135,7 +138,9 @@ def _eager_runner(model: TaskModel, setting: Setting, inputs: Inputs) -> Callabl
     return run
 
 
-def _compiled_runner(model: TaskModel, setting: Setting, inputs: Inputs) -> Callable:
+def _compiled_runner(
+    model: TaskModel, setting: Setting, inputs: Inputs, backend: str = "inductor", mode: str | None = None
+) -> Callable:
     """``torch.compile(fullgraph=True, dynamic=False)`` of the task forward with this setting's reducer.
 
     Each setting gets a shallow copy of the backbone (parameters shared) holding its own schedule, so the
@@ -152,7 +157,7 @@ def _compiled_runner(model: TaskModel, setting: Setting, inputs: Inputs) -> Call
         ]
         return head(torch.cat([o.pooled for o in outs], dim=-1)), [o.trace for o in outs]
 
-    compiled = torch.compile(forward, fullgraph=True, dynamic=False)
+    compiled = torch.compile(forward, fullgraph=True, dynamic=False, backend=backend, mode=mode)
     return lambda: compiled(*inputs.args())
 
 
@@ -188,10 +193,11 @@ def _probe(
     with torch.inference_mode(), autocast(device, precision):
         if tracker is not None:
             with tracker, count_flops() as flops:
-                _, traces = run()
+                logits, traces = run()
         else:
             with count_flops() as flops:
-                _, traces = run()
+                logits, traces = run()
+    finite = bool(torch.isfinite(logits).all())
     synchronize(device)
     probe_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -223,6 +229,7 @@ def _probe(
         "tokens_per_layer": {"image": observed[0], "text": observed[1]},
         "tokens_planned": {"image": list(expected[0]), "text": list(expected[1])},
         "tokens_match_plan": observed == (list(expected[0]), list(expected[1])) and per_pass_equal,
+        "outputs_finite": finite,
         "probe_s": probe_s,
     }
 
@@ -289,7 +296,10 @@ def measure_batch(
     eager = {s.name: _eager_runner(model, s, inputs) for s in settings}
     if options.compile:
         _raise_recompile_limits(n * exp.images_per_example)
-        runners = {s.name: _compiled_runner(model, s, inputs) for s in settings}
+        runners = {
+            s.name: _compiled_runner(model, s, inputs, options.compile_backend, options.compile_mode)
+            for s in settings
+        }
     else:
         runners = eager
 
@@ -413,6 +423,7 @@ def measure_batch(
             "tokens_per_layer": p["tokens_per_layer"],
             "tokens_planned": p["tokens_planned"],
             "tokens_match_plan": p["tokens_match_plan"],
+            "outputs_finite": p["outputs_finite"],
             "reducer_time_share": _median(shares) if shares else None,
             "reducer_seconds_per_batch": (
                 _median([x for x in reducer_s[s.name] if x is not None]) if shares else None
@@ -420,6 +431,8 @@ def measure_batch(
         }
         if options.compile:
             entry["compile_seconds"] = compile_s[s.name]
+        if not p["outputs_finite"]:
+            print(f"WARNING: {exp.name}/{s.name}: non-finite logits ({precision})", file=sys.stderr)
         results.append(entry)
 
     memory_method = (
@@ -457,6 +470,24 @@ def measure_batch(
             "autocast": precision != "fp32",
             "inference_mode": True,
             "compiled": options.compile,
+            "compile": (
+                {
+                    "fullgraph": True,
+                    "dynamic": False,
+                    "backend": options.compile_backend,
+                    "mode": options.compile_mode,
+                }
+                if options.compile
+                else None
+            ),
+            "tf32": (
+                {
+                    "matmul": torch.backends.cuda.matmul.allow_tf32,
+                    "cudnn": torch.backends.cudnn.allow_tf32,
+                }
+                if device.type == "cuda"
+                else None
+            ),
             "threads": torch.get_num_threads(),
             "warmup_rounds": options.warmup,
             "rounds": rounds,
@@ -485,10 +516,16 @@ def _fmt_times(times: dict[str, list[float]], index: int) -> str:
 # ---- entry point ------------------------------------------------------------------------------------------------
 def run_bench(exp_names: list[str], options: Options) -> list[dict]:
     """Run the bench for every experiment and batch size; writes JSON, Markdown and PNG; returns the results."""
-    from . import report
-
+    threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
+    try:
+        return _run_bench(exp_names, options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(exp_names: list[str], options: Options) -> list[dict]:
     device, precision = resolve_device(options)
     exps = [get_experiment(name, tiny=options.tiny) for name in exp_names]
     if options.name and (len(exps) > 1 or len(options.batch_sizes) > 1):

@@ -1,0 +1,192 @@
+"""The bench on the tiny presets: every experiment writes a JSON that holds the contract, plus table and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pumer_lightning.bench import EXPERIMENTS, REQUIRED_FIELDS, Options, get_experiment, run_bench
+from pumer_lightning.bench.experiments import ABLATIONS
+from pumer_lightning.bench.report import readme_table
+from pumer_lightning.models import build_backbone
+
+ROOT = Path(__file__).resolve().parents[2]
+FULL_SETTINGS_EXP = (
+    "meter_nlvr2"  # measured with every setting; the others with baseline, pumer, random_prune
+)
+
+
+def _options(out: Path, **kw) -> Options:
+    # one thread: tiny models gain nothing from two, and spinning threads suffer on a shared machine
+    base = dict(out_dir=out, rounds=2, warmup=0, verbose=False, plot=False, tiny=True, threads=1)
+    base.update(kw)
+    return Options(**base)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    """Run every tiny experiment once (in-process) and load what it wrote."""
+    out = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    loaded = {}
+    for name in EXPERIMENTS:
+        full = name == FULL_SETTINGS_EXP
+        opts = _options(
+            out,
+            settings=None if full else ["pumer", "random_prune"],
+            rounds=2 if full else 1,
+            keep_sweep=(0.5, 0.9) if full else (),
+            plot=full,
+        )
+        (result,) = run_bench([name], opts)
+        path = out / f"{result['name']}.json"
+        loaded[name] = (json.loads(path.read_text()), path)
+    return loaded
+
+
+def _by_name(result: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in result["settings"]}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_json_contract(results, name):
+    data, path = results[name]
+    assert path.name == f"tiny_{name}_cpu_b8.json"
+    assert path.with_suffix(".md").exists()
+    assert data["exp"] == f"tiny_{name}" and data["tiny"] is True and data["batch_size"] == 8
+    assert isinstance(data["settings"], list) and len(data["settings"]) >= 3
+    for s in data["settings"]:
+        missing = [f for f in REQUIRED_FIELDS if f not in s]
+        assert not missing, f"{s.get('name')}: missing {missing}"
+        assert s["examples_per_s"] > 0 and math.isfinite(s["examples_per_s"])
+        assert s["examples_per_s_min"] <= s["examples_per_s"] <= s["examples_per_s_max"]
+        assert s["flops_per_example"] > 0 and s["flops_ratio"] > 0
+        assert s["peak_mem_bytes"] > s["activation_peak_bytes"] > 0
+        assert set(s["tokens_per_layer"]) == {"image", "text"}
+        assert s["tokens_match_plan"] is True
+        assert s["flops_uncounted_ops"] == []
+        assert 0.0 <= s["reducer_time_share"] < 1.0
+        assert (
+            len(s["examples_per_s_rounds"])
+            == data["protocol"]["rounds"]
+            == (2 if name == FULL_SETTINGS_EXP else 1)
+        )
+    hw, sw = data["hardware"], data["software"]
+    assert hw["device"] == "cpu" and hw["torch_threads"] == data["protocol"]["threads"] == 1
+    assert sw["torch"] == torch.__version__ and sw["transformers"]
+    assert data["protocol"]["inference_mode"] is True and data["protocol"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_ratios_are_taken_against_the_baseline(results, name):
+    data, _ = results[name]
+    settings = _by_name(data)
+    base = settings["baseline"]
+    assert base["speedup"] == 1.0 and base["flops_ratio"] == 1.0 and base["reducer_time_share"] == 0.0
+    for s in data["settings"]:
+        assert s["speedup"] == pytest.approx(s["examples_per_s"] / base["examples_per_s"], rel=1e-9)
+        assert s["flops_ratio"] == pytest.approx(base["flops_per_example"] / s["flops_per_example"], rel=1e-9)
+        assert s["bound_attainment"] == pytest.approx(s["speedup"] / s["flops_ratio"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_reduced_settings_follow_the_plan_and_cost_less(results, name):
+    data, _ = results[name]
+    exp = get_experiment(name, tiny=True)
+    settings = _by_name(data)
+    n_image, n_text, depth = data["inputs"]["image_tokens"], exp.text_len, data["inputs"]["num_layers"]
+    image, text = exp.released.tokens_per_layer(n_image, n_text, depth)
+    assert settings["pumer"]["tokens_per_layer"] == {"image": image, "text": text}
+    assert settings["baseline"]["tokens_per_layer"]["image"] == [n_image] * depth
+    # random pruning removes exactly as many tokens as the released setting
+    assert settings["random_prune"]["tokens_per_layer"] == settings["pumer"]["tokens_per_layer"]
+    for s in ("pumer", "random_prune"):
+        assert settings[s]["flops_per_example"] < settings["baseline"]["flops_per_example"]
+        assert settings[s]["reducer_time_share"] > 0.0
+
+
+def test_inputs_are_shaped_like_the_task(results):
+    for name, (data, _) in results.items():
+        inputs = data["inputs"]
+        assert inputs["text_len"] == (32 if "vqa2" in name else 40)
+        assert inputs["images_per_example"] == (2 if "nlvr2" in name else 1)
+        lengths = inputs["text_real_lengths"]
+        assert max(lengths) == inputs["text_len"] and len(set(lengths)) > 1
+
+
+def test_nlvr2_counts_both_image_passes(results):
+    """Two backbone passes per NLVR2 example: its FLOPs are about twice the single-image task's."""
+    for family in ("vilt", "meter"):
+        nlvr2 = _by_name(results[f"{family}_nlvr2"][0])["baseline"]["flops_per_example"]
+        ve = _by_name(results[f"{family}_snli_ve"][0])["baseline"]["flops_per_example"]
+        assert 1.9 < nlvr2 / ve < 2.1
+
+
+def test_full_setting_list_sweep_table_and_plot(results):
+    data, path = results[FULL_SETTINGS_EXP]
+    settings = _by_name(data)
+    released_keep = settings["pumer"]["schedule"]["keep_ratio"]
+    assert {"baseline", "pumer", *ABLATIONS} <= set(settings)
+    sweep = {s["schedule"]["keep_ratio"] for s in data["settings"] if s["kind"] == "sweep"}
+    assert sweep == {0.5, 0.9} - {released_keep}
+    assert settings["prune_only"]["schedule"]["merge_ratio"] == 0.0
+    assert settings["merge_only"]["schedule"]["keep_ratio"] == 1.0
+    assert settings["no_text_merge"]["tokens_per_layer"]["text"] == [40] * data["inputs"]["num_layers"]
+    assert path.with_suffix(".png").stat().st_size > 10_000
+    table = path.with_suffix(".md").read_text()
+    for name in settings:
+        assert f"`{name}`" in table
+    rendered = readme_table([results[n][0] for n in ("vilt_nlvr2", "meter_nlvr2")], ["baseline", "pumer"])
+    assert rendered.count("`pumer`") == 2 and "tiny_vilt_nlvr2 b8" in rendered
+
+
+def test_memory_counts_weights_and_grows_with_batch(tmp_path):
+    (b1, b4) = run_bench(
+        ["vilt_vqa2"], _options(tmp_path, settings=["pumer"], keep_sweep=(), batch_sizes=[1, 4], rounds=1)
+    )
+    weights = sum(p.numel() * p.element_size() for p in build_backbone("vilt_tiny").parameters())
+    for result in (b1, b4):
+        for s in result["settings"]:
+            assert s["peak_mem_bytes"] - s["activation_peak_bytes"] > weights
+    base1, base4 = _by_name(b1)["baseline"], _by_name(b4)["baseline"]
+    assert 3.0 < base4["activation_peak_bytes"] / base1["activation_peak_bytes"] < 4.5
+    assert base4["flops_per_example"] == pytest.approx(base1["flops_per_example"], rel=1e-6)
+    sweep = json.loads((tmp_path / "tiny_vilt_vqa2_cpu_batch_sweep.json").read_text())
+    assert sweep["batch_sizes"] == [1, 4] and set(sweep["settings"]) == {"baseline", "pumer"}
+
+
+def test_command_line_entry_point(tmp_path):
+    """`python -m pumer_lightning.bench EXP EXP --quick` as `make bench` calls it."""
+    cmd = [
+        sys.executable, "-m", "pumer_lightning.bench", "tiny_vilt_vqa2", "tiny_meter_snli_ve",
+        "--quick", "--rounds", "1", "--out", str(tmp_path), "--no-plot", "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "timing 1 interleaved rounds" in proc.stdout
+    for name in ("tiny_vilt_vqa2_cpu_b8", "tiny_meter_snli_ve_cpu_b8"):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert [s["name"] for s in data["settings"]] == ["baseline", "pumer"]
+        assert data["command"].startswith("python -m pumer_lightning.bench tiny_vilt_vqa2 tiny_meter_snli_ve")
+    bad = subprocess.run(
+        [sys.executable, "-m", "pumer_lightning.bench", "vilt_nope"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "unknown bench experiment 'vilt_nope'" in bad.stderr
+
+
+def test_profile_breaks_time_down_by_op(tmp_path):
+    (result,) = run_bench(
+        ["vilt_vqa2"], _options(tmp_path, settings=["pumer"], keep_sweep=(), rounds=1, profile=True)
+    )
+    assert set(result["profile"]) == {"baseline", "pumer"}
+    for prof in result["profile"].values():
+        shares = [op["share"] for op in prof["ops"]]
+        assert prof["total_s"] > 0 and 0 < sum(shares) <= 1 + 1e-9 and shares == sorted(shares, reverse=True)
+        assert any("addmm" in op["op"] or "linear" in op["op"] for op in prof["ops"])
+    assert "Where the time goes" in (tmp_path / f"{result['name']}.md").read_text()
