@@ -137,3 +137,23 @@ def test_training_streams_through_bad_data(corrupt, tokenizer_dir):
     seen = [k for b in loader for k in b["keys"]]
     assert len(seen) == 4 * len(loader) and set(seen) <= set(arrive)
     assert dm.skipped_total > 0 and all(k.startswith("val/") for k in dm.skipped)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_simulated_ranks_split_bad_data_exactly_once(corrupt, tokenizer_dir, world):
+    """Ranks built by hand in one process: 2 shards over 3 ranks forces the record-level split."""
+    from pumer_lightning.data.collate import Collator
+    from pumer_lightning.data.schema import read_split_meta
+    from pumer_lightning.data.stream import EvalStream, RecordParser, StreamLoader
+    from pumer_lightning.data.transforms import ImageTransform
+
+    root, arrive, want = corrupt
+    meta = read_split_meta(root / "val")
+    keys, skipped = [], Counter()
+    for rank in range(world):
+        stream = EvalStream(split_dir=root / "val", meta=meta, parser=RecordParser("snli_ve", True, meta.labels),
+                            transform=ImageTransform(16), collator=Collator("snli_ve", tokenizer_dir),
+                            batch_size=3, rank=rank, world_size=world)  # fmt: skip
+        keys += [k for b in StreamLoader(stream, on_skipped=skipped.update) for k in b["keys"]]
+    assert Counter(keys) == Counter(arrive)
+    assert {f"val/{k}": v for k, v in skipped.items()} == want  # the truncated shard is reported once

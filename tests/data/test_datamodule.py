@@ -167,3 +167,24 @@ def test_lightning_fit_uses_the_datamodule(tiny_shapes):
     assert Counter(model.val_keys).most_common(1)[0][1] == 2 and len(set(model.val_keys)) == 45
     assert model.epoch_keys[:15] != model.epoch_keys[15:]
     assert dm.skipped == {}
+
+
+def test_lightning_cli_builds_the_datamodule_from_yaml(tiny_shapes, tmp_path, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    monkeypatch.setattr("sys.argv", ["pumer_lightning"])
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(
+        f"data:\n  task: vqa2\n  data_dir: {tiny_shapes / 'vqa2'}\n  tokenizer: {tiny_shapes / 'tokenizer'}\n"
+        "  image_size: 32\n  image_mean: [0.48145466, 0.4578275, 0.40821073]\n  resize: square_bicubic\n"
+        "  train_split: [train, val]\n  max_text_len: 16\n"
+    )
+    args = ["--config", str(cfg), "--data.batch_size=5"]
+    cli = LightningCLI(_Recorder, VLDataModule, run=False, args=args, seed_everything_default=False)
+    dm = cli.datamodule
+    assert (dm.task, dm.batch_size, dm.max_text_len, dm.train_splits) == ("vqa2", 5, 16, ["train", "val"])
+    assert (
+        dm.eval_transform.mean == (0.48145466, 0.4578275, 0.40821073)
+        and dm.eval_transform.resize == "square_bicubic"
+    )
+    assert dm.num_train_samples == 165

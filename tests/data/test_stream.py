@@ -82,3 +82,37 @@ def test_split_and_task_errors_name_the_file(uneven, tokenizer_dir, tmp_path):
         _dm(root, tokenizer_dir, val_split="missing_split").setup("validate")
     with pytest.raises(FileNotFoundError, match="tokenizer directory"):
         _dm(root, tmp_path / "no_tok").setup("fit")
+
+
+@pytest.mark.parametrize(("world", "workers"), [(3, 0), (2, 1), (6, 0)])
+def test_simulated_ranks_get_equal_train_batches(uneven, tokenizer_dir, world, workers):
+    """Ranks built by hand in one process: 5 uneven shards over 2, 3 or 6 ranks (6 > 5: record split)."""
+    from pumer_lightning.data.collate import Collator
+    from pumer_lightning.data.schema import read_split_meta
+    from pumer_lightning.data.stream import RecordParser, StreamLoader, TrainStream
+    from pumer_lightning.data.transforms import ImageTransform
+
+    root, keys = uneven
+    meta = read_split_meta(root / "train")
+    steps = max(1, 37 // (2 * world))
+    per_rank = []
+    for rank in range(world):
+        stream = TrainStream(split_dir=root / "train", meta=meta, parser=RecordParser("nlvr2", True, meta.labels),
+                             transform=ImageTransform(16), collator=Collator("nlvr2", tokenizer_dir), batch_size=2,
+                             rank=rank, world_size=world, shuffle_buffer=4)  # fmt: skip
+        batches = list(StreamLoader(stream, num_batches=steps, num_workers=workers))
+        assert len(batches) == steps and all(len(b["keys"]) == 2 for b in batches)
+        per_rank.append({k for b in batches for k in b["keys"]})
+    assert set().union(*per_rank) <= set(keys["train"])
+    assert per_rank[0] != per_rank[1]  # ranks read different shards / records
+
+
+def test_a_split_with_no_usable_example_fails_loudly(tmp_path, tokenizer_dir):
+    from data_helpers import record, write_split
+
+    recs = [record(f"r{i}", [{"text_id": f"r{i}", "label": True}], [b"junk", b"junk"]) for i in range(3)]
+    write_split(tmp_path / "train", "nlvr2", recs, [3])
+    dm = _dm(tmp_path, tokenizer_dir, num_workers=0, batch_size=2, val_split=None)
+    with pytest.raises(RuntimeError, match="no usable example"):
+        next(iter(dm.train_dataloader()))
+    assert dm.skipped == {}  # counts travel with batches; none was produced
