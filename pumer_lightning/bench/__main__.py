@@ -53,7 +53,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
     p.add_argument("--budget", type=float, default=150.0, help="seconds of timed rounds per experiment")
     p.add_argument("--min-rounds", type=int, default=3)
     p.add_argument("--max-rounds", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=1, help="plain warm-up rounds after the probe forward")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="plain warm-up rounds after the probe forward (default: 1 on CUDA, with --compile or when a round "
+        "is under 30 s; else 0, the probe having run every setting once)",
+    )
+    p.add_argument(
+        "--train-memory",
+        action="store_true",
+        help="also measure the peak memory of a training step (forward + backward) per setting",
+    )
     p.add_argument(
         "--min-sample",
         type=float,
@@ -95,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         min_rounds=a.min_rounds,
         max_rounds=a.max_rounds,
         warmup=a.warmup,
+        train_memory=a.train_memory,
         min_sample_s=a.min_sample,
         device=a.device,
         precision=a.precision,

@@ -93,6 +93,14 @@ def markdown(result: dict) -> str:
             f"| {s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f}) "
             f"| {_pct(s['reducer_time_share'])} |"
         )
+    if "train_peak_mem_bytes" in result["settings"][0]:
+        lines += ["", f"Training-step memory: {result['protocol']['train_memory_method']}", ""]
+        lines += ["| setting | peak MiB | activations + gradients MiB | vs baseline |", "|---|---|---|---|"]
+        for s in result["settings"]:
+            lines.append(
+                f"| `{s['name']}` | {s['train_peak_mem_bytes'] / MIB:.0f} "
+                f"| {s['train_activation_peak_bytes'] / MIB:.0f} | {s['train_activation_mem_ratio']:.2f}× |"
+            )
     lines += ["", "Tokens entering each layer (image / text; the image count includes the image CLS):", ""]
     lines += ["| setting | image tokens | text tokens | matches plan() |", "|---|---|---|---|"]
     for s in result["settings"]:

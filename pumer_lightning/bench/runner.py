@@ -6,7 +6,9 @@ For each experiment and batch size:
    `FlopCounterMode` (+ the CPU SDPA formula), peak memory (CPU: `TensorMemoryTracker`; CUDA: a separate
    plain forward under ``max_memory_allocated``), and the tokens entering every layer from the backbone's trace,
    checked against `ReducerSchedule.tokens_per_layer` (what `plan()` predicts).
-2. **Warm-up**: ``warmup`` plain rounds over all settings; their times size the timed rounds.
+2. **Warm-up**: ``warmup`` plain rounds over all settings (default: one on CUDA, with ``--compile``, or when a
+   round is short; none when a CPU round takes over 30 s, as the probe forward already warmed every setting);
+   the warm-up (else the probe) times size the timed rounds.
 3. **Timed rounds**: every round times each setting once (``inner`` forwards per sample when one forward is
    shorter than ``min_sample_s``, as on a GPU), in an order rotated by one each round so that no setting always
    runs first or after the same neighbour. Timing is wall clock around synchronised forwards under
@@ -69,7 +71,8 @@ class Options:
     budget_s: float = 150.0
     min_rounds: int = 3
     max_rounds: int = 20
-    warmup: int = 1
+    warmup: int | None = None
+    train_memory: bool = False
     min_sample_s: float | None = None
     device: str = "auto"
     precision: str = "auto"
@@ -234,6 +237,37 @@ def _probe(
     }
 
 
+def _train_memory(
+    model: TaskModel, run: Callable, inputs: Inputs, device: torch.device, precision: str
+) -> dict:
+    """Peak memory of one training step without optimiser state: forward with autograd, backward of the summed
+    logits, parameter gradients allocated (the setting the paper's memory figures resemble: its harness kept the
+    autograd graph, PUMER.md B15)."""
+    static = [*model.parameters(), *model.buffers(), *inputs.tensors()]
+    model.zero_grad(set_to_none=True)
+    tracker = TensorMemoryTracker(static) if device.type == "cpu" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with torch.enable_grad():
+        if tracker is not None:
+            with tracker:
+                with autocast(device, precision):
+                    logits, _ = run()
+                logits.float().sum().backward()
+        else:
+            with autocast(device, precision):
+                logits, _ = run()
+            logits.float().sum().backward()
+    synchronize(device)
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_mem_bytes": int(peak), "activation_peak_bytes": int(peak - before)}
+    return {"peak_mem_bytes": tracker.peak_bytes, "activation_peak_bytes": tracker.peak_new_bytes}
+
+
 def _time_sample(
     run: Callable, inner: int, device: torch.device, precision: str, timer: ReducerTimer | None
 ) -> tuple[float, float | None]:
@@ -252,29 +286,48 @@ def _time_sample(
 
 
 def _group_modules(by_module: dict[str, int], total: int) -> dict[str, int]:
-    """FLOPs by part of the model (towers, blocks, head), from the innermost modules `FlopCounterMode` saw.
+    """FLOPs by part of the model (towers, blocks, head), from `FlopCounterMode`'s per-module counts.
 
-    FLOPs of functional calls made outside any submodule's ``forward`` (attention computed in a block's own
-    code, the reducer's scoring matmul) are not attributed to a part; they are listed as ``unattributed``.
+    Every module's own FLOPs (its count minus those of the nearest counted modules below it) go to the part its
+    name falls in. Modules only count while their ``forward`` runs, so work a backbone does in its own code
+    outside any submodule call (ViLT's attention, METER's text-layer attention, the reducer's scores) lands in
+    ``backbone (own code)``.
     """
-    leaves = [n for n in by_module if not any(other.startswith(n + ".") for other in by_module)]
+    names = [n for n in by_module if n != "Global"]
+    present = set(names)
+
+    def parent(name: str) -> str | None:
+        pieces = name.split(".")
+        for cut in range(len(pieces) - 1, 0, -1):
+            candidate = ".".join(pieces[:cut])
+            if candidate in present:
+                return candidate
+        return None
+
+    own = dict(by_module)
+    for name in names:
+        up = parent(name)
+        if up is not None:
+            own[up] -= by_module[name]
     parts: dict[str, int] = {}
-    for name in leaves:
+    for name in names:
         rel = name.split(".")[1:]  # drop the root (the task model's class name)
-        if not rel or by_module[name] == 0:
-            continue
-        if rel[0] != "backbone" or len(rel) < 2:
+        if not rel:
+            key = "other"
+        elif rel[0] != "backbone":
             key = rel[0]
+        elif len(rel) == 1:
+            key = "backbone (own code)"
         elif rel[1] == "encoder" and len(rel) >= 4:
             key = f"block.{rel[3]}"
         elif rel[1].startswith("cross_modal_") and rel[1].endswith("_layers") and len(rel) >= 3:
             key = f"{rel[1].removeprefix('cross_modal_')}.{rel[2]}"
         else:
             key = rel[1]
-        parts[key] = parts.get(key, 0) + by_module[name]
-    parts = dict(sorted(parts.items(), key=lambda kv: _natural_key(kv[0])))
-    parts["unattributed"] = total - sum(parts.values())
-    return parts
+        parts[key] = parts.get(key, 0) + own[name]
+    roots = sum(by_module[n] for n in names if parent(n) is None)
+    parts["other"] = parts.get("other", 0) + total - roots
+    return {k: v for k, v in sorted(parts.items(), key=lambda kv: _natural_key(kv[0])) if v}
 
 
 def _natural_key(name: str) -> list:
@@ -323,6 +376,13 @@ def measure_batch(
                 file=sys.stderr,
             )
 
+    train_mem = {}
+    if options.train_memory:
+        log(options, f"[{exp.name} b{batch_size}] training-step memory (forward + backward, fp32 gradients)")
+        for s in settings:
+            train_mem[s.name] = _train_memory(model, eager[s.name], inputs, device, precision)
+            log(options, f"  {s.name:>14}: peak {train_mem[s.name]['peak_mem_bytes'] / 2**20:8.1f} MiB")
+
     if options.compile:
         log(options, f"[{exp.name} b{batch_size}] compiling {n} settings (fullgraph=True, dynamic=False)")
         compile_s = {}
@@ -336,14 +396,18 @@ def measure_batch(
     min_sample_s = options.min_sample_s
     if min_sample_s is None:
         min_sample_s = 0.05 if device.type == "cuda" else 0.0
+    warmup = options.warmup
+    if warmup is None:
+        probe_round = sum(p["probe_s"] for p in probes.values())
+        warmup = 1 if device.type == "cuda" or options.compile or probe_round <= 30.0 else 0
     warm = {s.name: [] for s in settings}
-    for r in range(options.warmup):
+    for r in range(warmup):
         for s in settings:
             t, _ = _time_sample(runners[s.name], 1, device, precision, None)
             warm[s.name].append(t)
         log(
             options,
-            f"[{exp.name} b{batch_size}] warm-up round {r + 1}/{options.warmup}: " + _fmt_times(warm, -1),
+            f"[{exp.name} b{batch_size}] warm-up round {r + 1}/{warmup}: " + _fmt_times(warm, -1),
         )
     ref = {s.name: (min(warm[s.name]) if warm[s.name] else probes[s.name]["probe_s"]) for s in settings}
     inner = {name: max(1, math.ceil(min_sample_s / max(t, 1e-9))) for name, t in ref.items()}
@@ -354,8 +418,8 @@ def measure_batch(
         rounds = int(min(options.max_rounds, max(options.min_rounds, options.budget_s // max(round_s, 1e-9))))
     log(
         options,
-        f"[{exp.name} b{batch_size}] timing {rounds} interleaved rounds (~{round_s:.1f} s each, "
-        f"{torch.get_num_threads()} threads, {device.type} {precision})",
+        f"[{exp.name} b{batch_size}] timing {rounds} interleaved rounds (~{round_s:.1f} s each, about "
+        f"{rounds * round_s:.0f} s; {torch.get_num_threads()} threads, {device.type} {precision})",
     )
 
     timers_on = not options.compile
@@ -429,6 +493,13 @@ def measure_batch(
                 _median([x for x in reducer_s[s.name] if x is not None]) if shares else None
             ),
         }
+        if options.train_memory:
+            tm, base_tm = train_mem[s.name], train_mem[base]
+            entry["train_peak_mem_bytes"] = tm["peak_mem_bytes"]
+            entry["train_activation_peak_bytes"] = tm["activation_peak_bytes"]
+            entry["train_activation_mem_ratio"] = (
+                tm["activation_peak_bytes"] / base_tm["activation_peak_bytes"]
+            )
         if options.compile:
             entry["compile_seconds"] = compile_s[s.name]
         if not p["outputs_finite"]:
@@ -489,13 +560,19 @@ def measure_batch(
                 else None
             ),
             "threads": torch.get_num_threads(),
-            "warmup_rounds": options.warmup,
+            "warmup_rounds": warmup,
             "rounds": rounds,
             "order": "all settings once per round, order rotated by one setting each round",
             "min_sample_s": min_sample_s,
             "timer": "time.perf_counter around synchronised forwards",
             "flops_method": "torch.utils.flop_counter.FlopCounterMode + CPU SDPA formula, one forward of the batch",
             "memory_method": memory_method,
+            "train_memory_method": (
+                "forward with autograd + backward of the summed logits, parameter gradients included, no "
+                "optimiser state; same instrument as memory_method"
+                if options.train_memory
+                else None
+            ),
             "reducer_time_method": (
                 "not measured: the compiled graph fuses the reducer with the layers"
                 if options.compile

@@ -190,3 +190,23 @@ def test_profile_breaks_time_down_by_op(tmp_path):
         assert prof["total_s"] > 0 and 0 < sum(shares) <= 1 + 1e-9 and shares == sorted(shares, reverse=True)
         assert any("addmm" in op["op"] or "linear" in op["op"] for op in prof["ops"])
     assert "Where the time goes" in (tmp_path / f"{result['name']}.md").read_text()
+
+
+def test_training_step_memory(tmp_path):
+    """With autograd kept, activations of every layer stay alive, so reduced layers save memory."""
+    (result,) = run_bench(
+        ["vilt_nlvr2"], _options(tmp_path, settings=["pumer"], keep_sweep=(), rounds=1, train_memory=True)
+    )
+    settings = _by_name(result)
+    grads = sum(
+        p.numel() * p.element_size() for p in build_backbone("vilt_tiny", num_token_types=3).parameters()
+    )
+    for s in settings.values():
+        assert s["train_peak_mem_bytes"] > s["peak_mem_bytes"]
+        assert s["train_activation_peak_bytes"] > grads  # parameter gradients are part of a training step
+    assert (
+        settings["pumer"]["train_activation_mem_ratio"]
+        < 1.0
+        == settings["baseline"]["train_activation_mem_ratio"]
+    )
+    assert "Training-step memory" in (tmp_path / f"{result['name']}.md").read_text()

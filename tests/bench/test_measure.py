@@ -192,3 +192,19 @@ def test_nlvr2_model_runs_two_backbone_passes():
     with torch.inference_mode():
         logits, traces = model(*inputs.args())
     assert logits.shape == (2, 2) and len(traces) == 2
+
+
+def test_flops_by_part_add_up_to_the_total():
+    from pumer_lightning.bench.runner import _group_modules
+
+    exp = get_experiment("meter_nlvr2", tiny=True)
+    model = build_model(exp)
+    model.backbone.reducer = exp.released
+    inputs = make_inputs(exp, model.backbone, 2)
+    with torch.inference_mode(), count_flops() as flops:
+        model(*inputs.args())
+    parts = _group_modules(flops["by_module"], flops["total"])
+    assert sum(parts.values()) == flops["total"]
+    assert {"vit_model", "text_transformer", "head", "image_layers.0", "text_layers.2"} <= set(parts)
+    # reduced blocks cost less than the unreduced first one
+    assert parts["image_layers.2"] < parts["image_layers.0"]
