@@ -431,50 +431,58 @@ def _answer_pool(answer: str) -> list[str]:
 
 
 def vqa_record(rng: random.Random, world: World, types: tuple[str, ...], first: int, n: int):
-    scene = sample_scene(rng, world)
-    entries = []
-    for j in range(n):
-        index = first + j
-        stype = types[index % len(types)]
-        yes = (index // len(types)) % 2 == 0
-        q = _vqa_question(rng, scene, stype, yes)
-        if q is None:  # the scene has no unique colour / shape: ask an existence question instead
-            q = _vqa_question(rng, scene, "exist", yes)
-        question, answer, qtype = q
-        # Ten annotators: mostly the right answer, sometimes a plausible wrong one, as in VQAv2.
-        raw = [answer if rng.random() < 0.85 else rng.choice(_answer_pool(answer)) for _ in range(10)]
-        entries.append(
-            {
-                "text": question,
-                "answers": raw,
-                "label": soft_scores(raw, set(VQA_ANSWERS)),
-                "answer": answer,
-                "statement_type": qtype,
-            }
-        )
-    return [scene], entries
+    """One scene with ``n`` questions; types cycle over ``types``, yes/no answers alternate."""
+    for _ in range(100):
+        scene = sample_scene(rng, world)
+        entries = []
+        for j in range(n):
+            index = first + j
+            yes = (index // len(types)) % 2 == 0
+            wanted = types[index % len(types)]
+            # A scene without a unique colour cannot support "what shape is the red object?": ask the next
+            # allowed type instead, and draw a new scene if none fits.
+            order = [wanted] + [t for t in types if t != wanted]
+            q = next((q for t in order if (q := _vqa_question(rng, scene, t, yes)) is not None), None)
+            if q is None:
+                break
+            question, answer, qtype = q
+            # Ten annotators: mostly the right answer, sometimes a plausible wrong one, as in VQAv2.
+            raw = [answer if rng.random() < 0.85 else rng.choice(_answer_pool(answer)) for _ in range(10)]
+            entries.append(
+                {
+                    "text": question,
+                    "answers": raw,
+                    "label": soft_scores(raw, set(VQA_ANSWERS)),
+                    "answer": answer,
+                    "statement_type": qtype,
+                }
+            )
+        else:
+            return [scene], entries
+    raise RuntimeError(f"no scene supports the VQA question types {types}")
 
 
 def snli_ve_record(rng: random.Random, world: World, types: tuple[str, ...], first: int):
-    scene = sample_scene(rng, world)
+    """One scene with three hypotheses: a true and a false statement of one type, and a neutral one."""
     stype = types[first % len(types)]
-    entries = []
-    for label in SNLI_VE_LABELS:
-        if label == "neutral":
-            o = rng.choice(scene)
-            entries.append(
-                {
-                    "text": f"the {o.name()} is {rng.choice(PROPERTIES)}",
-                    "label": label,
-                    "statement_type": "neutral",
-                }
-            )
-            continue
-        made = _true_or_false_statement(rng, scene, stype, label == "entailment")
-        if made is None:
-            made = _true_or_false_statement(rng, scene, "exist", label == "entailment")
-        assert made is not None
-        entries.append({"text": made[0], "label": label, "statement_type": made[1]})
+    for _ in range(100):
+        scene = sample_scene(rng, world)
+        true = _true_or_false_statement(rng, scene, stype, True)
+        false = _true_or_false_statement(rng, scene, stype, False)
+        if true is not None and false is not None:  # e.g. "there is no triangle" needs a scene without one
+            break
+    else:
+        raise RuntimeError(f"no scene supports SNLI-VE statements of type {stype!r}")
+    o = rng.choice(scene)
+    entries = [
+        {"text": true[0], "label": "entailment", "statement_type": stype},
+        {
+            "text": f"the {o.name()} is {rng.choice(PROPERTIES)}",
+            "label": "neutral",
+            "statement_type": "neutral",
+        },
+        {"text": false[0], "label": "contradiction", "statement_type": stype},
+    ]
     rng.shuffle(entries)
     return [scene], entries
 

@@ -227,3 +227,17 @@ def test_cli_rejects_bad_arguments(tmp_path):
         main(["--out", str(tmp_path), "--image-size", "100", "--patch-size", "32"])
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--tasks", "nlvr2,captioning"])
+
+
+def test_statement_types_can_be_restricted(tmp_path):
+    spec = ShapesSpec(seed=0, num_train=24, num_val=0, num_test=0, tasks=("nlvr2", "snli_ve"), types=("shape", "color"),
+                      world=World(image_size=32, patch_size=8))  # fmt: skip
+    root = generate(spec, tmp_path / "s", workers=1, progress=False)
+    assert read_split_meta(root / "nlvr2" / "train").extra["statement_types"] == {"shape": 12, "color": 12}
+    assert set(read_split_meta(root / "snli_ve" / "train").extra["statement_types"]) == {
+        "shape",
+        "color",
+        "neutral",
+    }
+    with pytest.raises(ValueError, match="no statement type"):
+        ShapesSpec(tasks=("vqa2",), types=("both",)).task_types("vqa2")
