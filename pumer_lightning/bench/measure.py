@@ -156,8 +156,9 @@ class ReducerTimer:
     Call `start` before a timed sample and `elapsed` after the device is synchronised.
     """
 
-    def __init__(self, backbone: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, backbone: torch.nn.Module, device: torch.device, label: str | None = None) -> None:
         self.backbone = backbone
+        self.label = label  # also open a `torch.profiler.record_function` range of this name per call
         self.cuda = device.type == "cuda"
         self.module = sys.modules[type(backbone).__module__]
         self.available = hasattr(self.module, "reduce") and hasattr(backbone, "_reduction_inputs")
@@ -168,6 +169,12 @@ class ReducerTimer:
 
     def _wrap(self, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
+            if self.label is not None:
+                with torch.profiler.record_function(self.label):
+                    return measured(*args, **kwargs)
+            return measured(*args, **kwargs)
+
+        def measured(*args, **kwargs):
             self.calls += 1
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -124,7 +124,11 @@ def markdown(result: dict) -> str:
         lines += ["", "Where the time goes (torch.profiler self time, top ops):", ""]
         for name, prof in result["profile"].items():
             top = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"][:8])
-            lines.append(f"- `{name}` ({prof['total_s']:.3f} s profiled): {top}")
+            ranges = ", ".join(f"{k} {100 * v['share']:.1f}%" for k, v in prof.get("ranges", {}).items())
+            lines.append(
+                f"- `{name}` ({prof['total_s']:.3f} s profiled): {top}"
+                + (f"; ranges: {ranges}" if ranges else "")
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -56,6 +56,8 @@ from .measure import (
 )
 
 SCHEMA = "pumer-lightning/bench/1"
+RANGE_PREFIX = "pumer."
+RANGE = "pumer.reducer"  # the profiler range the bench opens around each reducer call
 QUICK_SETTINGS = ("baseline", "pumer")
 
 
@@ -657,19 +659,31 @@ def profile_settings(
         if s.name not in ("baseline", "pumer"):
             continue
         run = _eager_runner(model, s, inputs)
-        with torch.inference_mode(), autocast(device, precision):
+        with torch.inference_mode(), autocast(device, precision), ReducerTimer(model.backbone, device, RANGE):
             run()  # warm
             synchronize(device)
             with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
                 run()
                 synchronize(device)
-        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        events = [(e.key, getattr(e, attr) / 1e6, e.count) for e in prof.key_averages()]
+                wall = time.perf_counter() - t0
+        device_side = device.type == "cuda"
+        self_attr = "self_device_time_total" if device_side else "self_cpu_time_total"
+        incl_attr = "device_time_total" if device_side else "cpu_time_total"
+        averages = prof.key_averages()
+        ranges = {e.key: getattr(e, incl_attr) / 1e6 for e in averages if e.key.startswith(RANGE_PREFIX)}
+        events = [(e.key, getattr(e, self_attr) / 1e6, e.count) for e in averages if e.key not in ranges]
         total = sum(t for _, t, _ in events) or 1.0
         events.sort(key=lambda e: -e[1])
+        # ranges include the Python time between their ops: on CPU they are shares of the forward's wall time
+        range_total = total if device_side else wall
         out[s.name] = {
             "total_s": total,
+            "wall_s": wall,
             "ops": [{"op": k, "self_s": t, "share": t / total, "calls": c} for k, t, c in events[:25]],
+            # inclusive time of `record_function` ranges named pumer.* (the reducer calls, and any the
+            # backbones open)
+            "ranges": {k: {"s": t, "share": t / range_total} for k, t in sorted(ranges.items())},
         }
         log(
             options,

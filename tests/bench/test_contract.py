@@ -189,6 +189,8 @@ def test_profile_breaks_time_down_by_op(tmp_path):
         shares = [op["share"] for op in prof["ops"]]
         assert prof["total_s"] > 0 and 0 < sum(shares) <= 1 + 1e-9 and shares == sorted(shares, reverse=True)
         assert any("addmm" in op["op"] or "linear" in op["op"] for op in prof["ops"])
+    assert 0 < result["profile"]["pumer"]["ranges"]["pumer.reducer"]["share"] < 1
+    assert "pumer.reducer" not in result["profile"]["baseline"]["ranges"]
     assert "Where the time goes" in (tmp_path / f"{result['name']}.md").read_text()
 
 
