@@ -73,10 +73,11 @@ class VLDataModule(pl.LightningDataModule):
         persistent_workers: keep loader workers alive between epochs.
         pin_memory: pin batches in page-locked memory (for GPU training).
         pad_multiple: with ``resize="shorter_side"``, image sides are multiples of this (the patch size).
-        uint8_transfer: workers send raw uint8 pixels (4x less inter-process and host-to-device traffic) and
-            normalisation to float32 happens in :meth:`on_after_batch_transfer`, on the training device. When the
-            loaders are iterated without a trainer, they normalise in the main process instead, so consumers
-            always see float32 ``pixel_values``.
+        uint8_transfer: workers send raw uint8 pixels (4x less inter-process and host-to-device traffic).
+            The loaders a trainer requests through ``train/val/test/predict_dataloader`` keep them uint8 and
+            :meth:`on_after_batch_transfer` normalises them to float32 on the training device; every other
+            loader (no trainer attached, or :meth:`eval_dataloader` called by hand) normalises in the main
+            process. Either way, model code sees float32 ``pixel_values``.
         worker_start_method: how loader workers start. Default: ``fork`` on Linux (workers start in
             milliseconds), the platform default elsewhere. Processes launched by ``spawn`` (Lightning's
             ``ddp_spawn``, ``torch.multiprocessing.spawn``) would otherwise start their workers with ``spawn``
@@ -287,9 +288,10 @@ class VLDataModule(pl.LightningDataModule):
             batch["pixel_values"] = self.eval_transform.normalize(batch["pixel_values"])
         return batch
 
-    def _postprocess(self) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-        # Under a trainer, on_after_batch_transfer normalises on the device; standalone, the loader does.
-        return self.normalize_batch if self._trainer_or_none() is None else None
+    def _postprocess(self, for_trainer: bool) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        # Loaders that a trainer requested through the *_dataloader hooks leave uint8 pixels for
+        # on_after_batch_transfer to normalise on the device; every other loader normalises itself.
+        return None if for_trainer and self._trainer_or_none() is not None else self.normalize_batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return self.normalize_batch(batch)
@@ -311,6 +313,7 @@ class VLDataModule(pl.LightningDataModule):
         load_tokenizer(self.tokenizer_dir)
 
     def train_dataloader(self) -> StreamLoader:
+        """The training loader: exactly :meth:`steps_per_epoch` shuffled batches per epoch on every rank."""
         meta = self._train_meta()
         rank, world = _dist_info(self._trainer_or_none())
         stream = TrainStream(
@@ -341,7 +344,7 @@ class VLDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             epoch_fn=self._current_epoch,
             on_skipped=self._on_skipped(meta.split),
-            postprocess=self._postprocess(),
+            postprocess=self._postprocess(for_trainer=True),
             multiprocessing_context=self.worker_start_method,
         )
 
@@ -349,8 +352,12 @@ class VLDataModule(pl.LightningDataModule):
         """An exact, unshuffled pass over ``split`` (any split directory under ``data_dir``).
 
         ``images_only`` (default: True for retrieval) yields one example per image with no text, for retrieval
-        evaluation; pair it with :meth:`retrieval_texts`.
+        evaluation; pair it with :meth:`retrieval_texts`. Batches always hold float32 ``pixel_values``, also
+        when iterated by hand inside a LightningModule.
         """
+        return self._eval_loader(split, images_only, for_trainer=False)
+
+    def _eval_loader(self, split: str, images_only: bool | None, for_trainer: bool) -> StreamLoader:
         meta = self.split_meta(split)
         if images_only is None:
             images_only = self.task == "retrieval"
@@ -373,18 +380,22 @@ class VLDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
             on_skipped=self._on_skipped(split),
-            postprocess=self._postprocess(),
+            postprocess=self._postprocess(for_trainer),
             multiprocessing_context=self.worker_start_method,
         )
 
     def val_dataloader(self) -> StreamLoader | list:
-        return [] if self.val_split is None else self.eval_dataloader(self.val_split)
+        return [] if self.val_split is None else self._eval_loader(self.val_split, None, for_trainer=True)
 
     def test_dataloader(self) -> StreamLoader | list:
-        return [] if self.test_split is None else self.eval_dataloader(self.test_split)
+        return [] if self.test_split is None else self._eval_loader(self.test_split, None, for_trainer=True)
 
     def predict_dataloader(self) -> StreamLoader | list:
-        return [] if self.predict_split is None else self.eval_dataloader(self.predict_split)
+        return (
+            []
+            if self.predict_split is None
+            else self._eval_loader(self.predict_split, None, for_trainer=True)
+        )
 
     # ------------------------------------------------------------------------------------------ retrieval
     def retrieval_texts(self, split: str | None = None) -> RetrievalTexts:

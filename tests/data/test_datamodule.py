@@ -151,6 +151,11 @@ class _Recorder(pl.LightningModule):
         self.val_keys += batch["keys"]
         self.dtypes.add(batch["pixel_values"].dtype)
 
+    def on_train_end(self):
+        # a loader iterated by hand inside the module (as retrieval re-ranking does) is normalised too
+        batch = next(iter(self.trainer.datamodule.eval_dataloader("val")))
+        self.dtypes.add(batch["pixel_values"].dtype)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -164,6 +169,7 @@ def test_lightning_fit_uses_the_datamodule(tiny_shapes):
     assert model.train_batches == 2 * dm.steps_per_epoch() == 2 * 15
     assert trainer.num_training_batches == 15 and trainer.estimated_stepping_batches == 30
     assert model.dtypes == {torch.float32}  # uint8 from the workers, normalised after the device transfer
+    assert dm.val_dataloader().postprocess is None  # what the trainer gets: normalised on the device
     assert Counter(model.val_keys).most_common(1)[0][1] == 2 and len(set(model.val_keys)) == 45
     assert model.epoch_keys[:15] != model.epoch_keys[15:]
     assert dm.skipped == {}
