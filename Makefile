@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format clean overhead exp bench
+.PHONY: help install test test-all lint format clean overhead exp bench shapes data loader-bench
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +43,18 @@ overhead: $(STAMP) ## time one reduction step against one ViLT-B layer on CPU
 
 exp: $(STAMP) ## run an experiment end to end: fit, then test the best checkpoint (EXP=name ARGS="--overrides")
 	$(BIN)/python -m pumer_lightning.exp $(EXP) $(ARGS)
+
+DATASET ?= nlvr2
+SRC ?= data/raw/$(DATASET)
+shapes: $(STAMP) ## synthetic shapes world (4 tasks) + tokenizer under data/shapes
+	$(BIN)/python -m pumer_lightning.data.shapes --out data/shapes --num-train 2000 --num-val 500 --num-test 500 --seed 0 --tasks nlvr2,vqa2,snli_ve,retrieval --image-size 384
+
+data: $(STAMP) ## convert official files to shards: make data DATASET=nlvr2|vqa2|snli_ve|flickr30k|coco SRC=dir
+	$(BIN)/python -m pumer_lightning.data.prepare $(DATASET) --src $(SRC) --out data/$(DATASET)
+
+loader-bench: $(STAMP) ## data loader throughput (examples/s per worker) at 384 px, on the shapes NLVR2 shards
+	@test -d data/shapes/nlvr2 || $(MAKE) shapes
+	$(BIN)/python -m pumer_lightning.data.throughput --data-dir data/shapes/nlvr2 --image-size 384 --workers 1,2
 
 # `make bench` alone measures the two NLVR2 settings the README quotes; EXP=name (or a list) picks others
 BENCH_EXP = $(if $(filter command line environment,$(origin EXP)),$(EXP),vilt_nlvr2 meter_nlvr2)
