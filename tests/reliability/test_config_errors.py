@@ -1,0 +1,111 @@
+"""Config, data-location and schedule errors stop at once, naming the file or field, before any training.
+
+The reducer fields and checkpoint key lists are covered where they live (tests/reduce, tests/models); here the
+data directory cases go through `VLDataModule.setup` (what Lightning calls before the first step) and extreme
+schedules through a real forward.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pumer_lightning.data import VLDataModule
+from pumer_lightning.models import build_backbone
+from pumer_lightning.reduce import ReducerSchedule
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> tuple[Path, Path]:
+    """A small SNLI-VE shapes world (several training shards) and its tokenizer."""
+    from pumer_lightning.data.shapes import ShapesSpec, World, generate
+
+    spec = ShapesSpec(
+        seed=5, num_train=60, num_val=8, num_test=8, world=World(image_size=32, patch_size=8), shard_size=8,
+        tasks=("snli_ve",),
+    )  # fmt: skip
+    root = generate(spec, tmp_path_factory.mktemp("shapes") / "shapes", workers=1, progress=False)
+    return root / "snli_ve", root / "tokenizer"
+
+
+def _setup(data_dir: Path, tokenizer: Path) -> VLDataModule:
+    dm = VLDataModule(task="snli_ve", data_dir=data_dir, tokenizer=tokenizer, image_size=32, batch_size=4,
+                      num_workers=0)  # fmt: skip
+    dm.setup("fit")
+    return dm
+
+
+def _copy(shapes, tmp_path) -> Path:
+    return Path(shutil.copytree(shapes[0], tmp_path / "snli_ve"))
+
+
+def test_intact_copy_sets_up(shapes, tmp_path):
+    """The control for the cases below: the same copy, untouched, sets up and yields a batch."""
+    dm = _setup(_copy(shapes, tmp_path), shapes[1])
+    assert next(iter(dm.train_dataloader()))["labels"].shape == (4,)
+
+
+def test_data_dir_that_does_not_exist(shapes, tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"data_dir {tmp_path / 'nowhere'} does not exist.*prepare"):
+        _setup(tmp_path / "nowhere", shapes[1])
+
+
+def test_data_dir_without_splits(shapes, tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"split directory {tmp_path / 'train'} does not exist"):
+        _setup(tmp_path, shapes[1])
+
+
+def test_split_with_shards_but_no_meta(shapes, tmp_path):
+    data_dir = _copy(shapes, tmp_path)
+    (data_dir / "train" / "meta.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train/meta.json is missing: .* is not a converted split"):
+        _setup(data_dir, shapes[1])
+
+
+def test_meta_listing_shards_missing_on_disk(shapes, tmp_path):
+    """Shared storage not mounted, or only meta.json copied: the missing shard files are named at setup."""
+    data_dir = _copy(shapes, tmp_path)
+    tars = sorted((data_dir / "train").glob("*.tar"))
+    assert len(tars) >= 2
+    for tar in tars[1:]:
+        tar.unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing on disk: {tars[1].name}"):
+        _setup(data_dir, shapes[1])
+
+
+def test_meta_listing_no_nonempty_shard(shapes, tmp_path):
+    data_dir = _copy(shapes, tmp_path)
+    meta_path = data_dir / "train" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for shard in meta["shards"]:
+        shard["records"] = shard["samples"] = 0
+    meta_path.write_text(json.dumps(meta))
+    dm = _setup(data_dir, shapes[1])
+    with pytest.raises(ValueError, match="train: meta.json lists no non-empty shard"):
+        dm.train_dataloader()
+
+
+@pytest.mark.parametrize("preset", ["vilt_tiny", "meter_tiny"])
+def test_extreme_ratios_never_leave_fewer_than_one_token(preset):
+    """keep_ratio near 0 and the largest merge ratios at every layer, on a text of [CLS] only: the counting
+    rules keep the image CLS plus one token and the text CLS, and the forward stays finite."""
+    model = build_backbone(preset).eval()
+    model.reducer = ReducerSchedule(
+        layers=list(range(model.num_layers)), keep_ratio=1e-6, merge_ratio=0.5, text_merge_ratio=0.5
+    )
+    size = model.image_size
+    pixels = torch.randn(2, 3, size, size)
+    for length in (1, 2, 5):
+        ids = torch.full((2, length), 5)
+        mask = torch.ones(2, length, dtype=torch.long)
+        with torch.no_grad():
+            out = model(pixels, ids, mask)
+        assert out.image_states.shape[1] == 2, "image CLS + one token must survive"
+        assert out.text_states.shape[1] >= 1 and (out.text_mask[:, 0] == 1).all()
+        assert torch.isfinite(out.pooled).all()
+        plan = model.reducer.plan(model.num_image_tokens, length)
+        assert all(step.image_out >= 2 and step.text_out >= 1 for step in plan)
