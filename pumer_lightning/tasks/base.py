@@ -228,9 +228,9 @@ class VLTask(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: BackboneSpec | None = None,
-        reducer: ReducerSchedule | None = None,
-        optim: OptimConfig | None = None,
+        backbone: BackboneSpec = BackboneSpec(),  # noqa: B008 (never mutated)
+        reducer: ReducerSchedule = ReducerSchedule(),  # noqa: B008
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
         distill: DistillConfig | None = None,
         predictions_dir: str | None = None,
     ) -> None:

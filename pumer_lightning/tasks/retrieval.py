@@ -78,9 +78,9 @@ class RetrievalTask(VLTask):
         itm_weight: float = 0.5,
         pair_batch: int = 256,
         rerank: RerankConfig | None = None,
-        backbone: BackboneSpec | None = None,
-        reducer: ReducerSchedule | None = None,
-        optim: OptimConfig | None = None,
+        backbone: BackboneSpec = BackboneSpec(),  # noqa: B008 (never mutated)
+        reducer: ReducerSchedule = ReducerSchedule(),  # noqa: B008
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
         distill: DistillConfig | None = None,
         predictions_dir: str | None = None,
     ) -> None:

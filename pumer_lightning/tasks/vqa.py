@@ -35,9 +35,9 @@ class VQATask(VLTask):
     def __init__(
         self,
         num_answers: int = 3129,
-        backbone: BackboneSpec | None = None,
-        reducer: ReducerSchedule | None = None,
-        optim: OptimConfig | None = None,
+        backbone: BackboneSpec = BackboneSpec(),  # noqa: B008 (never mutated)
+        reducer: ReducerSchedule = ReducerSchedule(),  # noqa: B008
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
         distill: DistillConfig | None = None,
         predictions_dir: str | None = None,
     ) -> None:

@@ -1,0 +1,27 @@
+"""Fixtures: the session's small shapes world (helpers live in tests/tasks/pumer_test_utils.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
+
+from pumer_test_utils import shapes_session_root  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    return shapes_session_root(tmp_path_factory)
+
+
+def pytest_collection_modifyitems(config, items):
+    """LightningCLI warns that pytest's own argv is present when a test passes args=; that is expected here."""
+    here = str(__import__("pathlib").Path(__file__).parent)
+    for item in items:
+        if str(item.path).startswith(here):
+            item.add_marker(pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"))
+            item.add_marker(pytest.mark.filterwarnings("ignore:.*LeafSpec.*"))
+            item.add_marker(pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode"))

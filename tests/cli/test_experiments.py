@@ -1,0 +1,132 @@
+"""Every experiment YAML parses, carries the released PuMer setting, and instantiates with a tiny backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pumer_test_utils import BASE, EXPERIMENTS, TASK_CLASS
+
+from pumer_lightning.cli import PumerCLI, missing_inputs
+from pumer_lightning.reduce.released import RELEASED
+
+REAL = sorted(
+    p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "base" and not p.stem.startswith("shapes")
+)
+ALL = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "base")
+TASK_OF = {"vqa2": "vqa2", "nlvr2": "nlvr2", "snli_ve": "snli_ve", "flickr30k": "retrieval"}
+
+
+def test_the_experiment_grid_is_complete():
+    expected = {f"{t}_{b}" for t in ("vqa2", "nlvr2", "snli_ve", "flickr30k") for b in ("vilt", "meter")}
+    assert expected <= set(REAL)
+    assert {"shapes_vilt", "shapes_meter"} <= set(ALL)
+
+
+def _parse(name: str, *extra: str):
+    cli = PumerCLI(args=["-c", str(BASE), "-c", str(EXPERIMENTS / f"{name}.yaml"), *extra], run=False)
+    return cli
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_experiment_holds_the_released_setting(name):
+    """The YAML's reducer equals PuMer's released checkpoint setting, in real block ids (PUMER.md §2)."""
+    raw = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
+    task, family = name.rsplit("_", 1)
+    model = raw["model"]
+    assert model["class_path"] == TASK_CLASS[TASK_OF[task]]
+    reducer = model["init_args"]["reducer"]
+    key = f"{family}_{task}"
+    if key in RELEASED:  # retrieval has no released setting
+        schedule = RELEASED[key].schedule
+        assert reducer["layers"] == schedule.layers
+        assert reducer["keep_ratio"] == pytest.approx(schedule.keep_ratio)
+        assert reducer["merge_ratio"] == pytest.approx(schedule.merge_ratio)
+        assert reducer["text_merge_ratio"] == pytest.approx(schedule.text_merge_ratio)
+    preset = model["init_args"]["backbone"]["preset"]
+    assert preset.startswith(family)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_experiment_instantiates_with_a_tiny_backbone(name, shapes, tmp_path):
+    raw = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
+    task = raw["data"]["task"]
+    family = name.rsplit("_", 1)[1]
+    extra = [
+        f"--data_root={tmp_path}",
+        f"--model.backbone.preset={family}_tiny",
+        "--model.backbone.checkpoint=null",
+        f"--model.backbone.tokenizer={shapes / 'tokenizer'}",
+        "--model.reducer.layers=[1,2]",
+        f"--data.data_dir={shapes / task}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+    cli = _parse(name, *extra)
+    model, dm = cli.model, cli.datamodule
+    assert type(model).__name__ == TASK_CLASS[task].rsplit(".", 1)[1]
+    assert model.backbone.family == family and dm.task == task
+    # the experiment's own ratios survive the substitution of the backbone
+    reducer = raw["model"]["init_args"]["reducer"]
+    assert model.schedule.keep_ratio == pytest.approx(reducer["keep_ratio"])
+    assert model.schedule.merge_ratio == pytest.approx(reducer["merge_ratio"])
+    # linked from the backbone: image geometry and normalisation of the tiny preset's family
+    expected_mean = (0.48145466, 0.4578275, 0.40821073) if family == "meter" else (0.5, 0.5, 0.5)
+    assert tuple(dm.hparams.image_mean) == pytest.approx(expected_mean)
+    assert dm.hparams.image_size == 96
+    assert dm.hparams.tokenizer == str(shapes / "tokenizer")
+    # the recipe's knobs are the paper's
+    assert model.optim.betas == pytest.approx((0.9, 0.98)) and model.optim.warmup_ratio == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_missing_real_inputs_stop_at_once_naming_the_command(name, tmp_path):
+    with pytest.raises(SystemExit, match="cannot start") as info:
+        _parse(name, f"--data_root={tmp_path / 'empty'}")
+    message = str(info.value)
+    assert "python -m pumer_lightning.data.prepare" in message
+    assert "python -m pumer_lightning.models.convert" in message
+    assert str(tmp_path / "empty") in message
+
+
+def test_missing_inputs_lists_every_problem(tmp_path):
+    config = {
+        "data": {"task": "nlvr2", "data_dir": str(tmp_path / "nlvr2")},
+        "model": {
+            "init_args": {
+                "backbone": {
+                    "preset": "meter_b16_288",
+                    "tokenizer": str(tmp_path / "tok"),
+                    "checkpoint": str(tmp_path / "ck"),
+                },
+                "distill": {"teacher": str(tmp_path / "t.ckpt")},
+            }
+        },
+    }
+    problems = missing_inputs(config)
+    assert len(problems) == 4
+    assert any("roberta-base" in p for p in problems)
+    assert any("convert meter" in p for p in problems)
+    assert any("--model.reducer.layers=[]" in p for p in problems)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_print_config_and_baseline_override(name, capsys):
+    with pytest.raises(SystemExit):
+        PumerCLI(args=["fit", "-c", str(BASE), "-c", str(EXPERIMENTS / f"{name}.yaml"),
+                       "--model.reducer.layers=[]", "--print_config"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["reducer"]["layers"] == []
+    assert printed["exp_name"] == name
+    # linked settings are not repeated in the config
+    assert "image_size" not in printed["data"] and "tokenizer" not in printed["data"]
+
+
+def test_interpolation_sees_command_line_overrides(capsys):
+    with pytest.raises(SystemExit):
+        PumerCLI(args=["fit", "-c", str(BASE), "-c", str(EXPERIMENTS / "nlvr2_vilt.yaml"),
+                       "--data_root=/mnt/elsewhere", "--print_config"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["data_dir"] == str(Path("/mnt/elsewhere") / "nlvr2")
+    assert printed["model"]["init_args"]["backbone"]["checkpoint"].startswith("/mnt/elsewhere/")
