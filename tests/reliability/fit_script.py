@@ -62,9 +62,10 @@ class Progress(pl.Callback):
     """Writes the global step after every training batch (the resume test waits for it) and can slow steps."""
 
     def __init__(self, path: Path, sleep: float):
-        self.path, self.sleep = path, sleep
+        self.path, self.sleep, self.batches = path, sleep, 0
 
     def on_train_batch_end(self, trainer, *args) -> None:
+        self.batches += 1
         if trainer.is_global_zero:
             self.path.write_text(str(trainer.global_step))
         if self.sleep:
@@ -122,7 +123,7 @@ def main() -> None:
                 save_last=True,
             ),  # fmt: skip
             OnExceptionCheckpoint(dirpath=ckpt_dir, filename="preempted"),
-            Progress(args.root / "progress.txt", args.step_sleep),
+            progress := Progress(args.root / "progress.txt", args.step_sleep),
             count := CountVal(),
         ],
     )
@@ -136,7 +137,7 @@ def main() -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         result = {"global_step": trainer.global_step, "world_size": trainer.world_size, "metrics": metrics,
                   "val_samples": getattr(count, "total", None), "val_prob_sum": getattr(count, "prob_sum", None),
-                  "val_keys": getattr(count, "all_keys", None),
+                  "val_keys": getattr(count, "all_keys", None), "batches_run": progress.batches,
                   "checkpoints": sorted(p.name for p in ckpt_dir.glob("*.ckpt"))}  # fmt: skip
         (args.root / f"{args.mode}-result.json").write_text(json.dumps(result))
 
