@@ -218,7 +218,7 @@ def write_result(result: dict, out_dir: Path, plot: bool = True) -> list[Path]:
 def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> list[Path]:
     """Throughput and speedup against batch size, one line per setting (``<exp>_..._batch_sweep.*``)."""
     first = results[0]
-    stem = Path(out_dir) / (first["name"].rsplit("_b", 1)[0] + "_batch_sweep")
+    stem = Path(out_dir) / (first["name"].replace(f"_b{first['batch_size']}", "", 1) + "_batch_sweep")
     batches = [r["batch_size"] for r in results]
     names = [s["name"] for s in first["settings"]]
     table = {
