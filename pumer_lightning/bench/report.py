@@ -1,13 +1,10 @@
 """Bench outputs: JSON, a Markdown table, a PNG plot, and the README table.
 
-    python -m pumer_lightning.bench.report results/bench/vilt_nlvr2_cpu_b8.json results/bench/meter_nlvr2_cpu_b8.json
-
-prints the README's results table (one block per JSON, with the command and the machine it ran on).
+The README table is printed by ``python -m pumer_lightning.bench.table <json files>``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -316,15 +313,3 @@ def load(paths: list[str | Path]) -> list[dict]:
             raise ValueError(f"{p} is not a bench result (no top-level 'settings' list)")
         out.append(data)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Render the README results table from bench JSON files.")
-    parser.add_argument("json", nargs="+", help="results/bench/<name>.json files")
-    parser.add_argument("--settings", nargs="+", help="only these settings (default: all)")
-    args = parser.parse_args(argv)
-    print(readme_table(load(args.json), args.settings), end="")
-
-
-if __name__ == "__main__":
-    main()

@@ -212,3 +212,13 @@ def test_training_step_memory(tmp_path):
         == settings["baseline"]["train_activation_mem_ratio"]
     )
     assert "Training-step memory" in (tmp_path / f"{result['name']}.md").read_text()
+
+
+def test_readme_table_command(results, capsys):
+    from pumer_lightning.bench.table import main
+
+    main([str(results[name][1]) for name in ("vilt_vqa2", "meter_vqa2")] + ["--settings", "pumer"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| tiny_")]
+    assert len(rows) == 2 and all("`pumer`" in r for r in rows)
+    assert "tiny_meter_vqa2 b8" in out and "threads" in out
