@@ -71,7 +71,7 @@ class Options:
     keep_sweep: tuple[float, ...] = DEFAULT_KEEP_SWEEP
     tiny: bool = False
     rounds: int | None = None
-    budget_s: float = 150.0
+    budget_s: float = 120.0
     min_rounds: int = 3
     max_rounds: int = 20
     warmup: int | None = None
