@@ -7,16 +7,13 @@ sure that the CLI surfaces them instead of failing later or hiding them.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import script_env
+from reliability_helpers import REPO, cli_fit_args, script_env
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +42,7 @@ def checkpoints(shapes_snli, tmp_path_factory) -> dict[str, Path]:
 
 
 def _fit(shapes, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable, "-m", "pumer_lightning", "fit",
-        "-c", str(REPO / "experiments" / "base.yaml"), "-c", str(REPO / "experiments" / "shapes_vilt.yaml"),
-        f"--data_root={out}", "--shapes=null",
-        f"--model.backbone.tokenizer={shapes[1]}", f"--data.data_dir={shapes[0]}",
-        "--data.batch_size=8", "--data.eval_batch_size=8", "--data.num_workers=0", "--trainer.max_epochs=1",
-        "--trainer.accelerator=cpu", f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false", *overrides,
-    ]  # fmt: skip
+    args = [*cli_fit_args(shapes, out), *overrides]
     proc = subprocess.run(args, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0, f"the run should have stopped:\n{proc.stderr[-2000:]}"
     assert not list(out.rglob("*.ckpt")), "a checkpoint was written: training started before the error"
@@ -114,15 +103,7 @@ def test_good_checkpoint_trains(shapes_snli, checkpoints, tmp_path):
     """The control: the same command with a fitting checkpoint gets through setup into training."""
     args = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
     out = tmp_path
-    proc = subprocess.run(
-        [sys.executable, "-m", "pumer_lightning", "fit",
-         "-c", str(REPO / "experiments" / "base.yaml"), "-c", str(REPO / "experiments" / "shapes_vilt.yaml"),
-         f"--data_root={out}", "--shapes=null", f"--model.backbone.tokenizer={shapes_snli[1]}",
-         f"--data.data_dir={shapes_snli[0]}", "--data.batch_size=8", "--data.eval_batch_size=8",
-         "--data.num_workers=0", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
-         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-         "--trainer.enable_progress_bar=false", f"--model.backbone.checkpoint={checkpoints['good']}", *args],
-        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = subprocess.run([*cli_fit_args(shapes_snli, out), f"--model.backbone.checkpoint={checkpoints['good']}",
+                           *args], cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(out.rglob("*.ckpt")), "the control run wrote no checkpoint"

@@ -11,32 +11,22 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import script_env
+from reliability_helpers import REPO, cli_fit_args, script_env
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 9  # 72 shapes examples, batch 8
 EPOCHS = 2
 
 
 def _cmd(shapes, out: Path, callbacks: list | None, *extra: str) -> list[str]:
-    args = [
-        sys.executable, "-m", "pumer_lightning", "fit",
-        "-c", str(REPO / "experiments" / "base.yaml"), "-c", str(REPO / "experiments" / "shapes_vilt.yaml"),
-        f"--data_root={out}", "--shapes=null",
-        f"--model.backbone.tokenizer={shapes[1]}", f"--data.data_dir={shapes[0]}",
-        "--data.batch_size=8", "--data.eval_batch_size=8", "--data.num_workers=0",
-        f"--trainer.max_epochs={EPOCHS}", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+    args = cli_fit_args(shapes, out, epochs=EPOCHS)
     if callbacks is not None:
         args.append(f"--trainer.callbacks={json.dumps(callbacks)}")
     return args + list(extra)
@@ -70,7 +60,8 @@ def _stop_mid_epoch(cmd: list[str], progress: Path, at_step: int = 3) -> str:
         while not (
             progress.is_file() and progress.read_text() and int(progress.read_text().split()[0]) >= at_step
         ):
-            assert proc.poll() is None, f"the run ended early:\n{proc.stderr.read()[-3000:]}"
+            if proc.poll() is not None:
+                raise RuntimeError(f"the run ended before step {at_step}:\n{proc.stderr.read()[-3000:]}")
             assert time.monotonic() - start < 240, f"no step {at_step} within 240 s"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
@@ -116,11 +107,17 @@ def test_cli_sigterm_saves_and_ckpt_path_last_resumes(shapes_snli, tmp_path):
     "skips when resuming mid-epoch -> AttributeError: 'TokenStatsCallback' object has no attribute '_seen'",
 )
 def test_cli_resume_mid_epoch_with_the_shipped_callbacks(shapes_snli, tmp_path):
-    _sigterm_then_resume(shapes_snli, tmp_path, shipped=True)
+    try:
+        _sigterm_then_resume(shapes_snli, tmp_path, shipped=True)
+    except AssertionError as err:
+        if "no attribute '_seen'" not in str(err):
+            raise RuntimeError(f"failed for another reason than the xfail's: {err}") from err
+        raise
 
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="experiments/base.yaml has no callback that saves on SIGTERM (e.g. OnExceptionCheckpoint with a fixed "
     "dirpath), so a preempted run loses its epoch",
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_script
+from reliability_helpers import run_script
 
 pytestmark = pytest.mark.slow
 

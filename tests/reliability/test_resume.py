@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_script, script_cmd, script_env
+from reliability_helpers import run_script, script_cmd, script_env
 
 pytestmark = pytest.mark.slow
 
