@@ -135,7 +135,7 @@ def summary(result: dict) -> str:
     for s in result["settings"]:
         out.append(
             f"  {s['name']:>14}: {s['examples_per_s']:8.3g} ex/s  speedup {s['speedup']:5.2f}x "
-            f"(paired {s['paired_speedup_median']:.2f}x)  FLOPs ratio {_fmt(s['flops_ratio'], '5.2f', 'x')}  "
+            f"(paired {s['paired_speedup_median']:.2f}x, best {s['speedup_best']:.2f}x)  FLOPs ratio {_fmt(s['flops_ratio'], '5.2f', 'x')}  "
             f"attained {_pct(s['bound_attainment']):>6}  peak {s['peak_mem_bytes'] / MIB:7.0f} MiB  "
             f"reducer {_pct(s['reducer_time_share'])}"
         )

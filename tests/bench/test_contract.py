@@ -93,6 +93,8 @@ def test_ratios_are_taken_against_the_baseline(results, name):
         assert s["speedup"] == pytest.approx(s["examples_per_s"] / base["examples_per_s"], rel=1e-9)
         assert s["flops_ratio"] == pytest.approx(base["flops_per_example"] / s["flops_per_example"], rel=1e-9)
         assert s["bound_attainment"] == pytest.approx(s["speedup"] / s["flops_ratio"], rel=1e-9)
+        best = s["examples_per_s_max"] / base["examples_per_s_max"]
+        assert s["speedup_best"] == pytest.approx(best, rel=1e-9)
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
