@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from pumer_lightning.tasks import VLTask
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch 2.13 deprecates a pytree check Lightning 2.6 still uses; it says nothing about this project
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 #: The experiment files shipped with the project (``experiments/<name>.yaml``).
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -97,6 +100,9 @@ class ShapesData:
         image_size: image side in pixels.
         patch_size: grid cell side (set it to the backbone's patch size: one object per patch token).
         object_cells: object side in grid cells.
+        min_objects: fewest objects per scene.
+        max_objects: most objects per scene.
+        noise: standard deviation of the background pixel noise.
         types: statement types to generate (None: all of each task's types).
         seed: generation seed.
         workers: generator processes (default: CPU count, at most 8).
@@ -110,26 +116,44 @@ class ShapesData:
     image_size: int = 384
     patch_size: int = 32
     object_cells: int = 1
+    min_objects: int = 3
+    max_objects: int = 6
+    noise: float = 8.0
     types: list[str] | None = None
     seed: int = 0
     workers: int | None = None
 
-    def ensure(self) -> Path:
-        from pumer_lightning.data import ensure_shapes
+    def spec(self):
+        """The generator's `ShapesSpec` for these settings."""
+        from pumer_lightning.data.shapes import ShapesSpec, World
 
-        return ensure_shapes(
-            self.root,
-            num_train=self.num_train,
-            num_val=self.num_val,
-            num_test=self.num_test,
-            seed=self.seed,
-            tasks=tuple(self.tasks),
+        world = World(
             image_size=self.image_size,
             patch_size=self.patch_size,
             object_cells=self.object_cells,
-            types=tuple(self.types) if self.types else None,
-            workers=self.workers,
+            min_objects=self.min_objects,
+            max_objects=self.max_objects,
+            noise=self.noise,
         )
+        return ShapesSpec(
+            seed=self.seed,
+            num_train=self.num_train,
+            num_val=self.num_val,
+            num_test=self.num_test,
+            tasks=tuple(self.tasks),
+            world=world,
+            types=tuple(self.types) if self.types else None,
+        )
+
+    def ensure(self) -> Path:
+        """Generate the data under ``root`` unless the same data are already there; returns ``root``."""
+        from pumer_lightning.data.shapes import generate, is_current
+
+        spec = self.spec()
+        if is_current(self.root, spec):
+            return Path(self.root)
+        print(f"generating the shapes world in {self.root} (once; later runs reuse it)", flush=True)
+        return generate(spec, self.root, workers=self.workers)
 
 
 _PREPARE = {"nlvr2": "nlvr2", "vqa2": "vqa2", "snli_ve": "snli_ve", "retrieval": "flickr30k|coco"}
@@ -164,6 +188,8 @@ def missing_inputs(config: Any) -> list[str]:
             f"AutoTokenizer.from_pretrained('{source}').save_pretrained('{tokenizer}')\""
         )
     checkpoint = backbone.get("checkpoint")
+    if checkpoint in ("None", "null"):  # see BackboneSpec.__post_init__
+        checkpoint = None
     if checkpoint and not Path(checkpoint).exists():
         problems.append(
             f"model.backbone.checkpoint {checkpoint} does not exist; convert the original {family} weights with: "

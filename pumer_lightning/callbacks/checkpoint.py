@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from .hparams import MAIN_METRIC
 
@@ -39,3 +40,22 @@ class TaskCheckpoint(ModelCheckpoint):
                 raise ValueError(f"TaskCheckpoint: no main metric for task {task!r}; pass monitor=")
             self.monitor = f"val/{MAIN_METRIC[task]}"
         super().setup(trainer, pl_module, stage)
+
+
+class PreemptionCheckpoint(OnExceptionCheckpoint):
+    """Saves ``interrupted.ckpt`` when a run stops on an exception or SIGTERM (a preempted or cancelled job), in
+    the run's checkpoint directory unless ``dirpath`` is given; ``--ckpt_path=last`` resumes from it. The file
+    is removed when the run ends normally.
+
+    Args:
+        dirpath: where to save; default ``<log_dir>/checkpoints`` (next to TaskCheckpoint's files).
+        filename: file name without the extension.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted") -> None:
+        super().__init__(dirpath if dirpath is not None else ".", filename)
+        self._resolve = dirpath is None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._resolve:
+            self.dirpath = str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -12,10 +14,34 @@ from lightning.pytorch.utilities import rank_zero_only
 MAIN_METRIC: dict[str, str] = {"vqa2": "vqa_score", "nlvr2": "acc", "snli_ve": "acc", "retrieval": "ir_r1"}
 
 
+def flatten_params(params: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts / dataclasses / namespaces -> ``{"reducer/keep_ratio": 0.7, ...}`` with TensorBoard-safe
+    values (numbers, strings, booleans; lists and None as strings; tensors as numbers or strings)."""
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = dataclasses.asdict(params)
+    elif hasattr(params, "as_dict"):
+        params = params.as_dict()
+    elif hasattr(params, "__dict__") and not isinstance(params, (dict, str, int, float, bool)):
+        params = vars(params)
+    out: dict[str, Any] = {}
+    for key, value in dict(params).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+            out.update(flatten_params(value, f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[name] = value.item()
+        else:
+            out[name] = str(value)
+    return out
+
+
 class HParamsCallback(pl.Callback):
     """Registers the hyper-parameters (model and data init arguments, nested ones flattened as
     ``reducer/keep_ratio``) with the metric columns of the HParams tab; the values arrive as those metrics are
-    logged during the run (Lightning's own hparams logging should be off: ``enable_autolog_hparams: false``).
+    logged during the run, so the tab shows each run's final metrics next to its settings. No placeholder
+    scalars are written. (Lightning's own hparams logging should be off: ``enable_autolog_hparams: false``.)
 
     Args:
         metrics: metric tags shown as columns; default: the task's main metric on val and test, GFLOPs per
@@ -46,9 +72,16 @@ class HParamsCallback(pl.Callback):
         dm = getattr(trainer, "datamodule", None)
         if dm is not None and getattr(dm, "hparams", None):
             params.update({f"data/{k}": v for k, v in dict(dm.hparams).items()})
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = flatten_params(params)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and id(logger) not in self._done:
-                logger.log_hyperparams(params, {name: float("nan") for name in self.columns(pl_module)})
+                # the metric values only declare the columns; the real values are the run's own scalars
+                exp, ssi, sei = hparams(flat, {name: 0.0 for name in self.columns(pl_module)})
+                writer = logger.experiment._get_file_writer()
+                for summary in (exp, ssi, sei):
+                    writer.add_summary(summary)
                 self._done.add(id(logger))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -148,6 +148,9 @@ class TokenStatsCallback(pl.Callback):
         self.layer_time = layer_time
         self.skip_first = skip_first
         self._t0: float | None = None
+        self._seen = (
+            0  # training steps of this epoch (set here too: a mid-epoch resume skips the epoch start)
+        )
         self._train: dict[str, float] = defaultdict(float)
         self._eval: dict[str, Any] = {}
         self._flop_mode: FlopCounterMode | None = None
@@ -209,17 +212,15 @@ class TokenStatsCallback(pl.Callback):
         if acc["steps"] >= self.window:
             self._flush_train(pl_module)
 
-    def _flush_train(self, pl_module: pl.LightningModule) -> None:
+    def _flush_train(self, pl_module: pl.LightningModule, on_step: bool = True) -> None:
         acc = self._train
         if acc["steps"] and acc["time"] > 0:
-            self._log(
-                pl_module, "throughput/train_samples_per_sec", acc["examples"] / acc["time"], on_step=True
-            )
-            self._log(pl_module, "throughput/train_tokens_per_sec", acc["tokens"] / acc["time"], on_step=True)
+            self._log(pl_module, "throughput/train_samples_per_sec", acc["examples"] / acc["time"], on_step)
+            self._log(pl_module, "throughput/train_tokens_per_sec", acc["tokens"] / acc["time"], on_step)
         self._train = defaultdict(float)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush_train(pl_module)
+        self._flush_train(pl_module, on_step=False)  # the epoch's partial window
         self._log_skipped(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------ evaluation

@@ -61,6 +61,14 @@ class BackboneSpec:
     vocab_size: int | None = None
     attn_impl: Literal["sdpa", "eager"] = "sdpa"
 
+    def __post_init__(self) -> None:
+        # jsonargparse 4.53 hands ``--model.backbone.checkpoint=null`` to a dataclass inside a subclass's init_args
+        # as the string "None"; read it as intended.
+        if self.checkpoint in ("None", "null", ""):
+            self.checkpoint = None
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"--model.backbone.vocab_size must be >= 1, got {self.vocab_size}")
+
     @property
     def family(self) -> Literal["vilt", "meter"]:
         return preset_family(self.preset)
@@ -415,8 +423,8 @@ class VLTask(pl.LightningModule):
                 self.log("train/loss_task", loss, batch_size=bs)
                 self.log("train/loss_distill", kd, batch_size=bs)
                 loss = self.distill.task_weight * loss + self.distill.weight * kd
-            self.log(f"{stage}/loss", loss, batch_size=bs, prog_bar=stage == "train", on_epoch=True,
-                     on_step=stage == "train")  # fmt: skip
+            train = stage == "train"  # per step in training, per epoch in evaluation
+            self.log(f"{stage}/loss", loss, batch_size=bs, prog_bar=train, on_step=train, on_epoch=not train)
             self.update_metrics(stage, logits, batch)
         if stage in ("test", "predict"):
             self._predictions.extend(self.prediction_rows(logits, batch))

@@ -39,9 +39,7 @@ def test_text_groups_follow_the_text_map():
 def test_layer_time_and_pictures_for_every_layer(preset, shapes, tmp_path):
     stats = TokenStatsCallback(layer_time=True, flops=False)
     vis = TokenVisCallback(num_examples=2, save_png=True)
-    cli = PumerCLI(
-        args=["fit", *run_args("snli_ve", preset, shapes, tmp_path, "--trainer.fast_dev_run=1")], run=False
-    )
+    cli = PumerCLI(args=run_args("snli_ve", preset, shapes, tmp_path, "--trainer.fast_dev_run=1"), run=False)
     cli.trainer.callbacks.extend([stats, vis])
     cli.trainer.validate(cli.model, datamodule=cli.datamodule)
     times = [stats.last[f"val/time/layer_{i:02d}_ms"] for i in range(cli.model.backbone.num_layers)]
@@ -59,10 +57,7 @@ def test_layer_time_and_pictures_for_every_layer(preset, shapes, tmp_path):
 
 def test_visualisation_is_skipped_without_reduction(shapes, tmp_path):
     cli = PumerCLI(
-        args=[
-            "fit",
-            *run_args("snli_ve", "vilt_tiny", shapes, tmp_path, "--trainer.fast_dev_run=1", layers="[]"),
-        ],
+        args=run_args("snli_ve", "vilt_tiny", shapes, tmp_path, "--trainer.fast_dev_run=1", layers="[]"),
         run=False,
     )
     vis = TokenVisCallback()
@@ -75,9 +70,7 @@ def test_flops_per_example_shrink_with_reduction(shapes, tmp_path):
     gflops = {}
     for layers in ("[]", "[1,2]"):
         stats = TokenStatsCallback()
-        cli = PumerCLI(
-            args=["fit", *run_args("snli_ve", "vilt_tiny", shapes, tmp_path, layers=layers)], run=False
-        )
+        cli = PumerCLI(args=run_args("snli_ve", "vilt_tiny", shapes, tmp_path, layers=layers), run=False)
         trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[stats], limit_val_batches=1,
                              enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
         trainer.validate(cli.model, datamodule=cli.datamodule)
