@@ -7,10 +7,12 @@
   combination that works with jsonargparse 4.53: ECOSYSTEM.md §1.5), e.g. ``${data_root}`` in YAML;
 * a top-level ``data_root`` (default ``data``) and ``exp_name`` that the YAML files interpolate;
 * settings that follow from the backbone linked instead of repeated: ``data.tokenizer``, ``data.image_size``,
-  ``data.image_mean``, ``data.image_std`` and ``data.resize`` come from ``model.backbone``, and the text
-  vocabulary size from the tokenizer;
+  ``data.image_mean``, ``data.image_std`` and ``data.resize`` come from ``model.backbone`` (the text vocabulary
+  size follows the backbone's tokenizer inside the model);
 * the resolved configuration saved as ``config.yaml`` in every run's log directory (also under
-  ``fast_dev_run``, which Lightning's own callback skips).
+  ``fast_dev_run``, which Lightning's own callback skips);
+* ``validate/test/predict --ckpt_path X`` evaluates X's weights under the configuration given on the command
+  line, so a reducer override at test time takes effect (training-free PuMer on a fine-tuned model).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # torch 2.13 deprecates a pytree check Lightning 2.6 still uses; it says nothing about this project
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# With PreemptionCheckpoint (an OnExceptionCheckpoint) in the callbacks, Lightning turns every fit into
+# fit(ckpt_path="last") and says so twice; a fresh run's version directory has nothing to resume, so both
+# messages are noise. An explicit --ckpt_path still resumes as documented.
+warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
+warnings.filterwarnings(
+    "ignore", message=r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint'
+)
 
 #: The experiment files shipped with the project (``experiments/<name>.yaml``).
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -74,15 +83,9 @@ def _preset(backbone: Any) -> str:
     return backbone["preset"] if isinstance(backbone, dict) else backbone.preset
 
 
-def _tokenizer(backbone: Any) -> str:
-    return backbone["tokenizer"] if isinstance(backbone, dict) else backbone.tokenizer
-
-
-def tokenizer_vocab_size(data: VLDataModule) -> int:
-    """Rows the text embedding needs for the data's tokenizer (``len(tokenizer)``, added tokens included)."""
-    from pumer_lightning.data import load_tokenizer
-
-    return len(load_tokenizer(data.tokenizer_dir))
+def model_tokenizer(model: Any) -> str | None:
+    """The tokenizer directory of an instantiated task module (``model.backbone.tokenizer``)."""
+    return model.spec.tokenizer
 
 
 @dataclass
@@ -259,14 +262,23 @@ class PumerCLI(LightningCLI):
             help="generate the shapes world first (demo runs)",
         )
         backbone = "model.init_args.backbone"
-        parser.link_arguments(backbone, "data.tokenizer", compute_fn=_tokenizer)
+        # the tokenizer path may hold ${data_root}-style interpolations, so it is linked once resolved, from the
+        # instantiated model (a parse-time link would copy the unresolved relative interpolation)
+        parser.link_arguments("model", "data.tokenizer", compute_fn=model_tokenizer, apply_on="instantiate")
         parser.link_arguments(backbone, "data.image_size", compute_fn=_image_size)
         parser.link_arguments(backbone, "data.image_mean", compute_fn=_image_mean)
         parser.link_arguments(backbone, "data.image_std", compute_fn=_image_std)
         parser.link_arguments(backbone, "data.resize", compute_fn=_resize)
-        parser.link_arguments(
-            "data", f"{backbone}.vocab_size", compute_fn=tokenizer_vocab_size, apply_on="instantiate"
-        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the command line's model configuration when ``--ckpt_path`` is given.
+
+        LightningCLI would re-parse the checkpoint's saved hyper-parameters over the command line, so
+        ``test --ckpt_path X --model.reducer.keep_ratio=0.5`` would silently evaluate the training schedule (the
+        official code's B20) and relative interpolations copied by links would break. Here the configuration
+        files and overrides define the model and the checkpoint supplies the weights, loaded strictly: a
+        checkpoint of another architecture fails with the mismatching keys.
+        """
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

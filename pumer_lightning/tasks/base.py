@@ -49,15 +49,15 @@ class BackboneSpec:
         checkpoint: weights to start from: a checkpoint converted by ``python -m pumer_lightning.models.convert``
             (directory or ``.pt``) or a local HF ViLT directory. None: random initialisation.
         tokenizer: local tokenizer directory the text embeddings were trained with (BERT for ViLT, RoBERTa for
-            METER; the shapes tokenizer for the demo). Linked to ``data.tokenizer``.
-        vocab_size: rows of the text embedding; filled in from the tokenizer by the CLI. With a checkpoint it
-            must equal the checkpoint's table (a mismatch is an error, not a silent resize).
+            METER; the shapes tokenizer for the demo). The CLI links it to ``data.tokenizer``.
+        vocab_size: rows of the text embedding. None: the tokenizer's size for a random initialisation, the
+            checkpoint's table otherwise; a tokenizer with more tokens than the table is an error.
         attn_impl: ``sdpa`` (fused attention kernels) or ``eager`` (explicit softmax).
     """
 
     preset: str = "vilt_tiny"
     checkpoint: str | None = None
-    tokenizer: str = "data/shapes/tokenizer"
+    tokenizer: str | None = None
     vocab_size: int | None = None
     attn_impl: Literal["sdpa", "eager"] = "sdpa"
 
@@ -66,6 +66,8 @@ class BackboneSpec:
         # as the string "None"; read it as intended.
         if self.checkpoint in ("None", "null", ""):
             self.checkpoint = None
+        if self.tokenizer in ("None", "null", ""):
+            self.tokenizer = None
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"--model.backbone.vocab_size must be >= 1, got {self.vocab_size}")
 
@@ -193,6 +195,14 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Ba
 _CROSS_MODAL = re.compile(r"(^|\.)cross_modal")
 
 
+def _text_embedding_rows(backbone: nn.Module) -> int | None:
+    """Rows of the backbone's word-embedding table (ViLT and METER layouts)."""
+    for name, module in backbone.named_modules():
+        if name.endswith("word_embeddings") and isinstance(module, nn.Embedding):
+            return module.num_embeddings
+    return None
+
+
 def no_decay_names(module: nn.Module) -> set[str]:
     """Parameter names exempt from weight decay: every bias and every weight of a normalisation layer."""
     names = set()
@@ -269,14 +279,34 @@ class VLTask(pl.LightningModule):
                 f"{spec.checkpoint}"
                 + (" (or point it at a local HF ViLT directory)" if family == "vilt" else "")
             )
-        return build_backbone(
+        tokens = self._tokenizer_size()
+        vocab = spec.vocab_size if spec.vocab_size is not None or spec.checkpoint else tokens
+        backbone = build_backbone(
             spec.preset,
             spec.checkpoint,
             num_token_types=self.num_token_types,
-            vocab_size=spec.vocab_size,
+            vocab_size=vocab,
             reducer=reducer,
             attn_impl=spec.attn_impl,
         )
+        rows = _text_embedding_rows(backbone)
+        if tokens is not None and rows is not None and tokens > rows:
+            raise ValueError(
+                f"--model.backbone.tokenizer {spec.tokenizer} has {tokens} tokens but the {spec.preset} text "
+                f"embedding has {rows} rows{' (from ' + spec.checkpoint + ')' if spec.checkpoint else ''}; use the "
+                "tokenizer the weights were trained with"
+            )
+        return backbone
+
+    def _tokenizer_size(self) -> int | None:
+        """``len(tokenizer)`` of ``backbone.tokenizer`` (None when no tokenizer is given)."""
+        if self.spec.tokenizer is None:
+            return None
+        if not hasattr(self, "_tokens"):
+            from pumer_lightning.data import load_tokenizer
+
+            self._tokens = len(load_tokenizer(self.spec.tokenizer))
+        return self._tokens
 
     def build_head(self) -> nn.Module:
         return build_head(self.task_name, self.backbone.hidden_size, width=self.backbone.head_width)

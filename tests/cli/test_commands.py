@@ -1,0 +1,34 @@
+"""The CLI as a user types it: interpolated paths, the shapes section, fit then test --ckpt_path with overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pumer_test_utils import BASE, DEMO
+
+from pumer_lightning.cli import PumerCLI
+
+SMALL = ("--shapes.num_train=96", "--shapes.num_val=24", "--shapes.num_test=24", "--shapes.workers=1")
+
+
+def test_demo_config_generates_its_data_fits_and_tests_a_checkpoint_with_another_schedule(tmp_path):
+    common = ["-c", str(BASE), "-c", str(DEMO), f"--data_root={tmp_path}", *SMALL,
+              f"--trainer.default_root_dir={tmp_path}/runs", f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
+              "--data.num_workers=0", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    fit = PumerCLI(args=["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"])
+    # the shapes section generated the data under ${data_root}; the tokenizer path was interpolated and linked
+    spec = json.loads((tmp_path / "shapes_demo" / "shapes.json").read_text())
+    assert spec["num_train"] == 96 and spec["world"]["max_objects"] == 3
+    assert fit.datamodule.tokenizer_dir == tmp_path / "shapes_demo" / "tokenizer"
+    assert fit.model.backbone.image_size == 96 and fit.datamodule.hparams.image_size == 96
+    best = fit.trainer.checkpoint_callback.best_model_path
+    assert Path(best).is_file()
+    # test the trained weights with a harsher schedule: the command line wins over the checkpoint's hparams
+    test = PumerCLI(args=["test", *common, f"--ckpt_path={best}", "--model.reducer.keep_ratio=0.4"])
+    assert test.model.backbone.reducer.keep_ratio == pytest.approx(0.4)
+    image = [float(test.trainer.callback_metrics[f"test/tokens/image/layer_{i:02d}"]) for i in range(4)]
+    expected, _ = test.model.backbone.reducer.tokens_per_layer(37, 8, 4)
+    assert image == pytest.approx(expected) and image[-1] < 9  # 9 with the trained keep_ratio 0.7
+    assert (Path(test.trainer.log_dir) / "config.yaml").read_text().count("keep_ratio: 0.4") == 1
