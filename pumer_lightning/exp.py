@@ -202,7 +202,7 @@ def summary_text(
     ]
     by_type = sorted(k for k in test if "_by_type/" in k)
     if by_type:
-        lines += ["| statement type | test accuracy |", "|---|---|"]
+        lines += [f"| statement type | test {main} |", "|---|---|"]
         lines += [f"| {k.split('/')[-1]} | {_fmt(test[k])} |" for k in by_type]
         lines.append("")
     layers = sorted(k for k in test if k.startswith("test/tokens/image/layer_"))
