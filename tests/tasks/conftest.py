@@ -30,5 +30,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"))
             item.add_marker(pytest.mark.filterwarnings("ignore:.*LeafSpec.*"))
             item.add_marker(pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode"))
-            item.add_marker(pytest.mark.filterwarnings("ignore:.*ckpt_path=None.* was called without a model"))
+            item.add_marker(
+                pytest.mark.filterwarnings("ignore:.*ckpt_path=None.* was called without a model")
+            )
             item.add_marker(pytest.mark.filterwarnings("ignore:.*is set, but there is no last checkpoint"))
