@@ -32,3 +32,32 @@ def test_demo_config_generates_its_data_fits_and_tests_a_checkpoint_with_another
     expected, _ = test.model.backbone.reducer.tokens_per_layer(37, 8, 4)
     assert image == pytest.approx(expected) and image[-1] < 9  # 9 with the trained keep_ratio 0.7
     assert (Path(test.trainer.log_dir) / "config.yaml").read_text().count("keep_ratio: 0.4") == 1
+
+
+def test_make_exp_driver_prints_the_summary(tmp_path, capsys):
+    from pumer_lightning.exp import run
+
+    text = run([
+        "shapes_vilt", "--timing-batches=1", "--timing-rounds=1", f"--data_root={tmp_path}", *SMALL,
+        f"--trainer.default_root_dir={tmp_path}/runs", f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
+        "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--data.num_workers=0",
+        "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    assert "## make exp shapes_vilt: summary" in text
+    assert "| test |" in text and "| image | 37.0 | 37.0 | 19.0 | 9.0 |" in text
+    assert "Measured speed-up:" in text and "FLOP ratio" in text
+    assert "| reducers off |" in text and "| random pruning |" in text
+    assert "What this demo shows" in text and "What it does not show" in text
+    written = list((tmp_path / "runs" / "shapes_vilt").glob("version_*/summary.md"))
+    assert written and written[0].read_text().strip() == text.strip()
+    assert "summary:" in capsys.readouterr().out
+    # the control runs wrote their predictions inside the run, not into the working directory
+    assert list((tmp_path / "runs").rglob("controls/*/vqa2_test_answers.json"))
+    assert not Path("predictions").exists()
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    from pumer_lightning.exp import run
+
+    with pytest.raises(SystemExit, match="Available: .*nlvr2_vilt.*shapes_vilt"):
+        run(["no_such_experiment"])
