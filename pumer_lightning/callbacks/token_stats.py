@@ -7,7 +7,7 @@ Tags (``XX`` = zero-padded layer index; ``<stage>`` = ``val`` or ``test``):
 | ``tokens/image/layer_XX``, ``tokens/text/layer_XX`` | training steps | mean tokens entering layer XX per backbone pass |
 | ``<stage>/tokens/image/layer_XX``, ``<stage>/tokens/text/layer_XX`` | epoch end | the same over the epoch |
 | ``tokens/per_pass``, ``<stage>/tokens/per_pass`` | as above | tokens summed over layers (image + text) |
-| ``<stage>/gflops_per_example`` | epoch end | measured forward GFLOPs per example (first batch) |
+| ``<stage>/gflops_per_example`` | epoch end | forward GFLOPs per example counted on the first batch (matmuls and attention) |
 | ``throughput/train_samples_per_sec``, ``throughput/train_tokens_per_sec`` | every ``window`` steps | |
 | ``throughput/<stage>_samples_per_sec``, ``throughput/<stage>_tokens_per_sec`` | epoch end | |
 | ``<stage>/time/layer_XX_ms`` | epoch end, with ``layer_time=True`` | forward time of layer XX per batch |
@@ -51,6 +51,16 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
         "forward time per layer (ms)": ["Multiline", [r"^(val|test)/time/layer_\d+_ms$"]],
     },
 }
+
+
+def flop_counter() -> FlopCounterMode:
+    """`FlopCounterMode` that also counts the CPU fused attention kernel (torch 2.13 has no formula for it;
+    the bench's `SDPA_FLOP_MAPPING` adds torch's own SDPA formula)."""
+    try:
+        from pumer_lightning.bench.measure import SDPA_FLOP_MAPPING
+    except ImportError:  # the bench package is optional for the callbacks
+        SDPA_FLOP_MAPPING = {}
+    return FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
 
 
 def tensorboard_writer(trainer: pl.Trainer):
@@ -231,7 +241,7 @@ class TokenStatsCallback(pl.Callback):
 
     def _eval_batch_start(self, pl_module: pl.LightningModule, batch_idx: int, dataloader_idx: int) -> None:
         if self.flops and batch_idx == 0 and dataloader_idx == 0:
-            self._flop_mode = FlopCounterMode(display=False)
+            self._flop_mode = flop_counter()
             self._flop_mode.__enter__()
         self._sync(pl_module)
         self._t0 = time.perf_counter()

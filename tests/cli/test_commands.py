@@ -38,7 +38,7 @@ def test_make_exp_driver_prints_the_summary(tmp_path, capsys):
     from pumer_lightning.exp import run
 
     text = run([
-        "shapes_vilt", "--timing-batches=1", "--timing-rounds=1", f"--data_root={tmp_path}", *SMALL,
+        "shapes_vilt", "--timing-batches=1", "--timing-rounds=1", "--full-size=none", f"--data_root={tmp_path}", *SMALL,
         f"--trainer.default_root_dir={tmp_path}/runs", f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
         "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--data.num_workers=0",
         "--trainer.enable_progress_bar=false",
@@ -61,3 +61,13 @@ def test_unknown_experiment_lists_the_available_ones():
 
     with pytest.raises(SystemExit, match="Available: .*nlvr2_vilt.*shapes_vilt"):
         run(["no_such_experiment"])
+
+
+@pytest.mark.slow
+def test_full_size_timing_of_the_released_vilt_setting():
+    from pumer_lightning.exp import time_full_size
+
+    out = time_full_size("vilt_vqa2", batch_size=2, rounds=1)
+    assert out["preset"] == "vilt_b32" and out["schedule"].layers == [2, 5, 8]
+    assert out["image_tokens"][0] == 145 and out["image_tokens"][-1] == 31
+    assert out["reduced_per_sec"] > 0 and out["unreduced_per_sec"] > 0
