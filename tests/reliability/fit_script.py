@@ -1,4 +1,4 @@
-"""A tiny SNLI-VE shapes fit/validate run as its own process (what test_ddp.py and test_resume.py launch).
+"""A tiny SNLI-VE shapes fit/validate run as its own process (what test_fit_ddp.py and test_resume.py launch).
 
 It builds the same objects the CLI builds (task module, `VLDataModule`, Trainer with checkpointing) so that the
 tests exercise real process launching, gloo collectives, real SIGTERM and Lightning's checkpoint resolution.
