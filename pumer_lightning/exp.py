@@ -414,14 +414,12 @@ def run(argv: list[str] | None = None) -> str:
     if bench_name and bench_name != "none":
         full = time_full_size(bench_name, batch_size=batch_size)
     text = summary_text(args.name, cli, val, test, timing, controls, time.perf_counter() - start, full)
+    log_dir = Path(trainer.log_dir or ".")  # every rank: a collective under DDP
     if trainer.is_global_zero:
         print("\n" + text + "\n", flush=True)
-        log_dir = Path(trainer.log_dir or ".")
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "summary.md").write_text(text + "\n")
-        print(
-            f"summary: {log_dir / 'summary.md'}; dashboard: tensorboard --logdir {Path(trainer.log_dir or '.').parent}"
-        )
+        print(f"summary: {log_dir / 'summary.md'}; dashboard: tensorboard --logdir {log_dir.parent}")
     return text
 
 

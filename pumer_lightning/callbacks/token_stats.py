@@ -13,6 +13,9 @@ Tags (``XX`` = zero-padded layer index; ``<stage>`` = ``val`` or ``test``):
 | ``<stage>/time/layer_XX_ms`` | epoch end, with ``layer_time=True`` | forward time of layer XX per batch |
 | ``data/skipped/<split>/<reason>`` | epoch end | examples the data pipeline dropped |
 
+Under DDP every value is the logging rank's own (rank 0's reaches TensorBoard): no collective runs, so ranks
+that saw different batches or skip reasons cannot deadlock each other. Throughput is therefore per rank.
+
 "Tokens" are the padded counts the backbone computes on: image tokens (image CLS included) and text tokens
 (the batch's padded length), per image-text pass (NLVR2 runs two passes per example). Samples/s counts task
 examples per second of step time (forward, backward and optimiser step in training; forward in evaluation);
@@ -176,7 +179,7 @@ class TokenStatsCallback(pl.Callback):
     def _log(self, pl_module: pl.LightningModule, name: str, value: float, on_step: bool) -> None:
         self.last[name] = float(value)
         pl_module.log(
-            name, float(value), on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=not on_step
+            name, float(value), on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=False
         )
 
     def _log_layers(
@@ -341,4 +344,4 @@ class TokenStatsCallback(pl.Callback):
         if not isinstance(skipped, dict):
             return
         for key, count in sorted(skipped.items()):
-            pl_module.log(f"data/skipped/{key}", float(count), reduce_fx="sum", sync_dist=True, batch_size=1)
+            pl_module.log(f"data/skipped/{key}", float(count), batch_size=1, sync_dist=False)

@@ -164,10 +164,14 @@ class TokenVisCallback(pl.Callback):
             return
         if trainer.current_epoch % self.every_n_epochs and not trainer.is_last_batch:
             return
-        self.draw(trainer, pl_module)
+        log_dir = trainer.log_dir  # on every rank: under DDP it is a broadcast
+        self.draw(trainer, pl_module, log_dir)
 
     @rank_zero_only
-    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[np.ndarray]:
+    def draw(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_dir: str | None = None
+    ) -> list[np.ndarray]:
+        """Draw the fixed examples (rank 0; pass ``log_dir`` read on every rank for the PNG files)."""
         backbone = pl_module.backbone
         schedule = backbone.reducer
         if schedule is None or not schedule.is_active:
@@ -210,7 +214,7 @@ class TokenVisCallback(pl.Callback):
             pl_module.train(was_training)
         writer = tensorboard_writer(trainer)
         step = trainer.global_step
-        out_dir = Path(trainer.log_dir) / "token_vis" if trainer.log_dir else None
+        out_dir = Path(log_dir) / "token_vis" if log_dir else None
         drawn = []
         for b, image_index, (picture, markdown) in pictures:
             name = f"example_{b}" + (f"_image{image_index}" if pixels.shape[1] > 1 else "")

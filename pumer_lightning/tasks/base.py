@@ -397,6 +397,11 @@ class VLTask(pl.LightningModule):
         """Log (and reset) the epoch-level metrics of ``stage``."""
         raise NotImplementedError
 
+    def has_updates(self, metric: Any) -> bool:
+        """Whether to compute ``metric`` now. Under DDP every rank computes (``compute`` is a collective), even
+        one that saw no batch of the split; alone, a metric without updates is skipped."""
+        return bool(metric.update_count) or self.trainer.world_size > 1
+
     def prediction_rows(self, logits: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
         return []
 
@@ -454,7 +459,10 @@ class VLTask(pl.LightningModule):
                 self.log("train/loss_distill", kd, batch_size=bs)
                 loss = self.distill.task_weight * loss + self.distill.weight * kd
             train = stage == "train"  # per step in training, per epoch in evaluation
-            self.log(f"{stage}/loss", loss, batch_size=bs, prog_bar=train, on_step=train, on_epoch=not train)
+            self.log(
+                f"{stage}/loss", loss, batch_size=bs, prog_bar=train, on_step=train, on_epoch=not train,
+                sync_dist=not train,  # evaluation: the mean over every rank's examples
+            )  # fmt: skip
             self.update_metrics(stage, logits, batch)
         if stage in ("test", "predict"):
             self._predictions.extend(self.prediction_rows(logits, batch))
@@ -512,15 +520,19 @@ class VLTask(pl.LightningModule):
             return
         if stage == "test":
             for name, value in self.prediction_metrics(rows).items():
-                self.log(f"test/{name}", value)
+                self.log(f"test/{name}", value, sync_dist=True)  # same value on every rank
+        directory = self.output_dir("predictions")  # on every rank: log_dir is a broadcast under DDP
         if not self.trainer.is_global_zero:
             return
-        directory = Path(self.predictions_dir or Path(self.trainer.log_dir or ".") / "predictions")
         directory.mkdir(parents=True, exist_ok=True)
         path = self.write_predictions(rows, directory, stage)
         if path is not None:
             log.info("%s predictions: %s", stage, path)
             self.predictions_path = path
+
+    def output_dir(self, name: str) -> Path:
+        """``predictions_dir`` or ``<log_dir>/<name>``. Call it on every rank (``trainer.log_dir`` is a collective)."""
+        return Path(self.predictions_dir or Path(self.trainer.log_dir or ".") / name)
 
     def prediction_metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """Metrics that need every prediction of the split at once (NLVR2 consistency); all ranks see all rows."""

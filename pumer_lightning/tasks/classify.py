@@ -51,13 +51,13 @@ class ClassificationTask(VLTask):
 
     def log_epoch_metrics(self, stage: str) -> None:
         acc = self.accuracy[stage_key(stage)]
-        if acc.update_count:
-            self.log(f"{stage}/acc", acc.compute(), prog_bar=stage == "val")
+        if self.has_updates(acc):
+            self.log(f"{stage}/acc", acc.compute(), prog_bar=stage == "val", sync_dist=True)
         acc.reset()
         by_type = self.accuracy_by_type[stage_key(stage)]
-        if by_type.update_count:
+        if self.has_updates(by_type):
             for name, value in by_type.compute().items():
-                self.log(f"{stage}/acc_by_type/{group_tag(name)}", value)
+                self.log(f"{stage}/acc_by_type/{group_tag(name)}", value, sync_dist=True)
         by_type.reset()
 
     def label_names(self) -> list[str]:

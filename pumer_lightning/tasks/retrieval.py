@@ -292,7 +292,7 @@ class RetrievalTask(VLTask):
             metrics = recall_at_k(scores, row_ids, col_ids)
         self.last_scores[stage] = {"image_ids": row_ids, "scores": scores}
         for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "ir_r1" and stage == "val")
+            self.log(f"{stage}/{name}", value, prog_bar=name == "ir_r1" and stage == "val", sync_dist=True)
         return metrics
 
     def on_validation_epoch_end(self) -> None:
@@ -300,19 +300,21 @@ class RetrievalTask(VLTask):
 
     def on_test_epoch_end(self) -> None:
         metrics = self._finish_eval("test")
+        directory = self.output_dir("predictions")  # every rank: log_dir is a collective under DDP
         if metrics and self.trainer.is_global_zero:
-            self._write_ranks("test")
+            self._write_ranks("test", directory)
 
     def on_predict_epoch_end(self) -> None:
         self._gather_and_write("predict")
 
     def _gather_and_write(self, stage: str) -> None:
         row_ids, scores = self._gather(stage)
+        directory = self.output_dir("predictions")
         if row_ids.numel() and self.trainer.is_global_zero:
             self.last_scores[stage] = {"image_ids": row_ids, "scores": scores}
-            self._write_ranks(stage)
+            self._write_ranks(stage, directory)
 
-    def _write_ranks(self, stage: str, k: int = 10) -> Path:
+    def _write_ranks(self, stage: str, directory: Path, k: int = 10) -> Path:
         """``retrieval_<stage>_ranks.json``: each image's top-k caption ids and each caption's top-k image ids."""
         data = self.last_scores[stage]
         row_ids, scores = data["image_ids"], data["scores"]
@@ -327,7 +329,6 @@ class RetrievalTask(VLTask):
                 texts.text_ids[c]: [int(row_ids[r]) for r in rows] for c, rows in enumerate(top_images)
             },
         }
-        directory = Path(self.predictions_dir or Path(self.trainer.log_dir or ".") / "predictions")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"retrieval_{stage}_ranks.json"
         path.write_text(json.dumps(out))

@@ -85,13 +85,13 @@ class VQATask(VLTask):
 
     def log_epoch_metrics(self, stage: str) -> None:
         metric = self.vqa_score[stage_key(stage)]
-        if metric.update_count:
-            self.log(f"{stage}/vqa_score", metric.compute(), prog_bar=stage == "val")
+        if self.has_updates(metric):
+            self.log(f"{stage}/vqa_score", metric.compute(), prog_bar=stage == "val", sync_dist=True)
         metric.reset()
         by_type = self.score_by_type[stage_key(stage)]
-        if by_type.update_count:
+        if self.has_updates(by_type):
             for name, value in by_type.compute().items():
-                self.log(f"{stage}/vqa_score_by_type/{group_tag(name)}", value)
+                self.log(f"{stage}/vqa_score_by_type/{group_tag(name)}", value, sync_dist=True)
         by_type.reset()
 
     def prediction_rows(self, logits: Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
