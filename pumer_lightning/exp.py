@@ -137,7 +137,7 @@ FULL_SIZE = {"vilt": ("vilt_vqa2", 4), "meter": ("meter_vqa2", 2)}  # (bench exp
 
 
 @torch.inference_mode()
-def time_full_size(bench_name: str, batch_size: int = 4, rounds: int = 3) -> dict[str, Any]:
+def time_full_size(bench_name: str, batch_size: int = 4, rounds: int = 5) -> dict[str, Any]:
     """The same reducer code at full size: a randomly initialised backbone of the bench experiment
     ``bench_name`` (e.g. ViLT-B/32 at 384 px) with its released PuMer schedule against no reduction, on one
     batch of task-shaped random inputs, interleaved rounds, median (forward of the backbone, every image)."""
