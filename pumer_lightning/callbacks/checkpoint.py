@@ -59,3 +59,10 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._resolve:
             self.dirpath = str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+
+    def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        # a run that stops before its first optimiser step (a config, data or checkpoint error found while
+        # setting up) has nothing to preserve: writing a checkpoint would only make `--ckpt_path last` resume it
+        if trainer.global_step == 0:
+            return
+        super().on_exception(trainer, *args, **kwargs)
