@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
 
-from pumer_test_utils import shapes_session_root  # noqa: E402
+from pumer_test_utils import mark_expected_lightning_warnings, shapes_session_root  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,14 +18,4 @@ def shapes(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """LightningCLI warns that pytest's own argv is present when a test passes args=; that is expected here."""
-    here = str(__import__("pathlib").Path(__file__).parent)
-    for item in items:
-        if str(item.path).startswith(here):
-            item.add_marker(pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"))
-            item.add_marker(pytest.mark.filterwarnings("ignore:.*LeafSpec.*"))
-            item.add_marker(pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode"))
-            item.add_marker(
-                pytest.mark.filterwarnings("ignore:.*ckpt_path=None.* was called without a model")
-            )
-            item.add_marker(pytest.mark.filterwarnings("ignore:.*is set, but there is no last checkpoint"))
+    mark_expected_lightning_warnings(items, Path(__file__).parent)

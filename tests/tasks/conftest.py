@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from pumer_test_utils import shapes_session_root
+from pumer_test_utils import mark_expected_lightning_warnings, shapes_session_root
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
@@ -23,14 +24,4 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
-    """LightningCLI warns that pytest's own argv is present when a test passes args=; that is expected here."""
-    here = str(__import__("pathlib").Path(__file__).parent)
-    for item in items:
-        if str(item.path).startswith(here):
-            item.add_marker(pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"))
-            item.add_marker(pytest.mark.filterwarnings("ignore:.*LeafSpec.*"))
-            item.add_marker(pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode"))
-            item.add_marker(
-                pytest.mark.filterwarnings("ignore:.*ckpt_path=None.* was called without a model")
-            )
-            item.add_marker(pytest.mark.filterwarnings("ignore:.*is set, but there is no last checkpoint"))
+    mark_expected_lightning_warnings(items, Path(__file__).parent)

@@ -79,3 +79,22 @@ def run_args(
     if task == "retrieval":
         args += ["--model.init_args.num_negatives=3", "--model.init_args.pair_batch=64"]
     return args + list(extra)
+
+
+EXPECTED_LIGHTNING_WARNINGS = (
+    "ignore:LightningCLI's args parameter",  # pytest's own argv is present when a test passes args=
+    "ignore:.*LeafSpec.*",
+    "ignore:Found .* module\\(s\\) in eval mode",
+    "ignore:.*ckpt_path=None.* was called without a model",
+    "ignore:.*is set, but there is no last checkpoint",
+)
+
+
+def mark_expected_lightning_warnings(items, folder) -> None:
+    """Filter the Lightning warnings these tests trigger on purpose, for the tests under ``folder``."""
+    import pytest
+
+    for item in items:
+        if str(item.path).startswith(str(folder)):
+            for spec in EXPECTED_LIGHTNING_WARNINGS:
+                item.add_marker(pytest.mark.filterwarnings(spec))
