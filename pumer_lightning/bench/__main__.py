@@ -15,7 +15,7 @@ experiments: {", ".join(EXPERIMENTS)} (full size; tiny_<name> or --tiny for the 
 settings: baseline, pumer (released), prune_only, merge_only, no_text_merge, random_prune, keep_<ratio>
 
 outputs: <out>/<name>.json (top-level "settings" list), <name>.md (table), <name>.png (plots);
-<name> defaults to <exp>_<device>[-<precision>]_b<batch>[_compiled].
+<name> defaults to <exp>_<device>[-<precision>]_b<batch>[_compiled][_graphed].
 
 examples:
   python -m pumer_lightning.bench vilt_nlvr2 meter_nlvr2
@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         help="torch.compile mode (with --compile; reduce-overhead = CUDA graphs)",
     )
     p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA only: capture each setting's forward as a CUDA graph and time replays (no launch overhead; "
+        "the reducer share is not measured)",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="add a torch.profiler op breakdown (baseline, pumer)"
     )
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="output directory")
@@ -113,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         compile=a.compile,
         compile_backend=a.compile_backend,
         compile_mode=a.compile_mode,
+        cuda_graph=a.cuda_graph,
         profile=a.profile,
         out_dir=a.out,
         name=a.name,

@@ -59,6 +59,7 @@ def protocol_line(result: dict) -> str:
         f"{min(result['inputs']['text_real_lengths'])}-{max(result['inputs']['text_real_lengths'])}); "
         f"probe + {pr['warmup_rounds']} warm-up round(s) + {pr['rounds']} interleaved timed rounds; "
         f"torch.inference_mode{'; torch.compile(fullgraph=True)' if pr['compiled'] else ''}"
+        f"{'; CUDA graph replay' if pr.get('cuda_graph') else ''}"
     )
 
 

@@ -83,6 +83,7 @@ class Options:
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str | None = None
+    cuda_graph: bool = False
     profile: bool = False
     out_dir: Path = Path("results/bench")
     name: str | None = None
@@ -112,9 +113,11 @@ def resolve_device(options: Options) -> tuple[torch.device, str]:
     return device, precision
 
 
-def default_name(exp: Experiment, device: torch.device, precision: str, batch: int, compiled: bool) -> str:
+def default_name(
+    exp: Experiment, device: torch.device, precision: str, batch: int, compiled: bool, graphed: bool = False
+) -> str:
     tag = device.type if precision == "fp32" else f"{device.type}-{precision}"
-    return f"{exp.name}_{tag}_b{batch}" + ("_compiled" if compiled else "")
+    return f"{exp.name}_{tag}_b{batch}" + ("_compiled" if compiled else "") + ("_graphed" if graphed else "")
 
 
 def select_settings(exp: Experiment, options: Options) -> list[Setting]:
@@ -165,6 +168,36 @@ def _compiled_runner(
 
     compiled = torch.compile(forward, fullgraph=True, dynamic=False, backend=backend, mode=mode)
     return lambda: compiled(*inputs.args())
+
+
+def _graphed_runner(run: Callable, device: torch.device, precision: str) -> Callable:
+    """The forward captured once as a CUDA graph and replayed: no Python or kernel-launch cost per call.
+
+    Every shape in a reduced forward is static (the counts come from the schedule, never from the data), so one
+    capture per setting holds the whole forward, the reducer's top-k, matching and merging included. Warm-up runs
+    on a side stream first, as capture requires; autocast's weight cache is off while capturing (cached casts
+    made inside a capture would point into the graph's private pool).
+    """
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def amp():
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode(), amp():
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), amp(), torch.cuda.graph(graph):
+        out = run()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def _raise_recompile_limits(n: int) -> None:
@@ -358,6 +391,8 @@ def measure_batch(
         }
     else:
         runners = eager
+    if options.cuda_graph and device.type != "cuda":
+        raise ValueError("--cuda-graph needs a CUDA device")
 
     log(options, f"[{exp.name} b{batch_size}] probe: FLOPs, memory, tokens per layer ({n} settings)")
     probes = {}
@@ -396,6 +431,10 @@ def measure_batch(
             synchronize(device)
             compile_s[s.name] = time.perf_counter() - t0
 
+    if options.cuda_graph:
+        log(options, f"[{exp.name} b{batch_size}] capturing {n} settings as CUDA graphs")
+        runners = {s.name: _graphed_runner(runners[s.name], device, precision) for s in settings}
+
     min_sample_s = options.min_sample_s
     if min_sample_s is None:
         min_sample_s = 0.05 if device.type == "cuda" else 0.0
@@ -427,10 +466,12 @@ def measure_batch(
 
     times = {s.name: [] for s in settings}
     reducer_s = {s.name: [] for s in settings}
-    # compiled graphs hold the reducer fused in; patching the functions they traced would only force recompiles
+    # compiled graphs hold the reducer fused in (patching the functions they traced would only force
+    # recompiles), and a replayed CUDA graph runs no Python: the reducer share is measured in eager mode only
+    static = options.compile or options.cuda_graph
     timer = ReducerTimer(model.backbone, device)
-    with timer if not options.compile else contextlib.nullcontext():
-        timer_used = timer if (not options.compile and timer.available) else None
+    with timer if not static else contextlib.nullcontext():
+        timer_used = timer if (not static and timer.available) else None
         for r in range(rounds):
             order = settings[r % n :] + settings[: r % n]
             for s in order:
@@ -438,7 +479,7 @@ def measure_batch(
                 times[s.name].append(t)
                 reducer_s[s.name].append(red)
             log(options, f"  round {r + 1}/{rounds}: " + _fmt_times(times, -1))
-    if not options.compile and not timer.available:
+    if not static and not timer.available:
         print(
             "WARNING: the backbone has no _reduction_inputs/reduce to time; reducer_time_share is null",
             file=sys.stderr,
@@ -522,7 +563,8 @@ def measure_batch(
     backbone = model.backbone
     return {
         "schema": SCHEMA,
-        "name": options.name or default_name(exp, device, precision, batch_size, options.compile),
+        "name": options.name
+        or default_name(exp, device, precision, batch_size, options.compile, options.cuda_graph),
         "exp": exp.name,
         "preset": exp.preset,
         "family": exp.family,
@@ -547,6 +589,7 @@ def measure_batch(
             "autocast": precision != "fp32",
             "inference_mode": True,
             "compiled": options.compile,
+            "cuda_graph": options.cuda_graph,
             "compile": (
                 {
                     "fullgraph": True,
@@ -582,6 +625,8 @@ def measure_batch(
             "reducer_time_method": (
                 "not measured: the compiled graph fuses the reducer with the layers"
                 if options.compile
+                else "not measured: a replayed CUDA graph runs no Python to time"
+                if options.cuda_graph
                 else "backbone._reduction_inputs and reduce() wrapped with timers "
                 + ("(CUDA events)" if device.type == "cuda" else "(perf_counter)")
                 + " in the timed forwards; share = reducer time / forward time, median over rounds"
