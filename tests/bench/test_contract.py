@@ -224,3 +224,18 @@ def test_readme_table_command(results, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| tiny_")]
     assert len(rows) == 2 and all("`pumer`" in r for r in rows)
     assert "tiny_meter_vqa2 b8" in out and "threads" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal; the GPU path is timed by hand")
+def test_cuda_graph_mode_needs_a_gpu(tmp_path):
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        run_bench(["vilt_vqa2"], _options(tmp_path, settings=["pumer"], keep_sweep=(), cuda_graph=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graph_mode_times_replays(tmp_path):
+    (result,) = run_bench(
+        ["vilt_nlvr2"], _options(tmp_path, settings=["pumer"], keep_sweep=(), cuda_graph=True, threads=None)
+    )
+    assert result["protocol"]["cuda_graph"] and result["name"].endswith("_graphed")
+    assert all(s["reducer_time_share"] is None for s in result["settings"])
