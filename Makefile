@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format clean overhead exp bench shapes data loader-bench
+.PHONY: help install test test-all lint format clean overhead exp bench study shapes data loader-bench
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ loader-bench: $(STAMP) ## data loader throughput (examples/s per worker) at 384 
 BENCH_EXP = $(if $(filter command line environment,$(origin EXP)),$(EXP),vilt_nlvr2 meter_nlvr2)
 bench: $(STAMP) ## throughput, memory and FLOPs: baseline vs PuMer settings at full size (EXP=vilt_nlvr2 ...)
 	$(BIN)/python -m pumer_lightning.bench $(BENCH_EXP) $(ARGS)
+
+study: $(STAMP) ## does PuMer keep accuracy? controlled study on the shapes world (~45 min on 2 CPU cores; ARGS="--budget quick")
+	$(BIN)/python -m pumer_lightning.study $(ARGS)
 
 clean: ## remove caches and logs (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache lightning_logs tb_logs outputs

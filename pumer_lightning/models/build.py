@@ -33,6 +33,16 @@ _VILT_PRESETS: dict[str, dict[str, Any]] = {
         patch_size=16,
         vocab_size=1000,
     ),
+    # The accuracy study's model (make study): big enough to learn the shapes statements in CPU-minutes.
+    "vilt_small": dict(
+        hidden_size=96,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=384,
+        image_size=96,
+        patch_size=16,
+        vocab_size=1000,
+    ),
 }
 # METER-CLIP16-RoBERTa: 11-block CLIP ViT-B/16, RoBERTa-base, 6 co-attention blocks.
 _METER_PRESETS: dict[str, MeterConfig] = {

@@ -1,0 +1,703 @@
+"""``make study``: does PuMer keep accuracy? A controlled accuracy-vs-speed study on the shapes world.
+
+    python -m pumer_lightning.study [--budget default|quick|gpu] [--fresh] [--out results/study]
+
+Everything is generated and trained here, from nothing, on the synthetic shapes world (``pumer_lightning.data.shapes``):
+
+1. **Data**: shapes VQA (pre-training) and shapes NLVR2 (the study task: a true/false statement about an image
+   pair, e.g. "the left image contains a red circle"), statement types ``shape``, ``color``, ``exist``.
+2. **Pre-training** (cached): a small ViLT (``vilt_small``) learns shapes VQA, the stand-in for the
+   vision-language pre-training every PuMer model starts from. Trained from scratch on the NLVR2 statements a
+   model of this size stays at chance for thousands of steps (measured: 6000 steps at three learning rates, see
+   the README), because a balanced true/false label is a pure text-image interaction with no first-order signal.
+3. **Baseline** (cached): the unreduced model fine-tuned on NLVR2 from the pre-trained weights.
+4. **Training-free**: the baseline's weights evaluated with reducers switched on: PuMer, its parts, random and
+   image-CLS pruning at the same token budget, and a keep-ratio sweep.
+5. **Fine-tuning from the baseline for the same number of steps**: with the PuMer reducer on, with the reducers
+   off (the matched control), and with the reducer on plus distillation from the baseline.
+6. **Report**: test accuracy per statement type with standard errors, accuracy on the types the baseline
+   learned (decided on the validation split, before looking at test), paired differences with their standard
+   errors, FLOPs per example and measured throughput for every setting; ``<out>/shapes.json``, ``shapes.md``
+   and ``shapes.png`` (accuracy vs FLOPs).
+
+Checkpoints and data live under ``--work`` (default ``data/study``, git-ignored); a stage whose inputs did not
+change is loaded from its cache, so a second run only re-evaluates. ``--fresh`` retrains everything.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see exp.py: busy-waiting threads crawl on shared CPUs
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from pumer_lightning.reduce import ReducerSchedule  # noqa: E402
+
+TYPES: tuple[str, ...] = ("shape", "color", "exist")
+TASK_TEXT = {
+    "nlvr2": "shapes NLVR2 (an image pair and one true/false statement about it)",
+    "vqa2": "shapes VQA (one image, a question, ten simulated annotator answers)",
+}
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+@dataclass
+class Budget:
+    """Training steps of each stage (batch ``batch_size``) and the data sizes."""
+
+    pretrain_steps: int
+    baseline_steps: int
+    finetune_steps: int
+    num_train: int
+    num_val: int
+    num_test: int
+
+
+BUDGETS: dict[str, Budget] = {
+    # ~45 min on 2 CPU cores, data generation included
+    "default": Budget(
+        pretrain_steps=2500,
+        baseline_steps=3000,
+        finetune_steps=800,
+        num_train=60000,
+        num_val=600,
+        num_test=1800,
+    ),
+    # a smoke run of every stage (minutes; the figures mean little)
+    "quick": Budget(
+        pretrain_steps=60, baseline_steps=60, finetune_steps=20, num_train=2000, num_val=150, num_test=300
+    ),
+    # a GPU: longer training, a stronger baseline, a bigger test set
+    "gpu": Budget(
+        pretrain_steps=8000,
+        baseline_steps=10000,
+        finetune_steps=2500,
+        num_train=200000,
+        num_val=1500,
+        num_test=6000,
+    ),
+}
+
+
+@dataclass
+class StudyConfig:
+    """Everything that determines the study's models (the cache keys hash it)."""
+
+    budget: str = "default"
+    task: str = "nlvr2"
+    preset: str = "vilt_small"
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3  # pre-training, from scratch
+    baseline_lr: float = 2e-4  # NLVR2 fine-tuning of the pre-trained backbone (the head at 10x)
+    finetune_lr: float = 1e-4  # the runs that continue from the baseline (the head at 10x)
+    image_size: int = 96
+    patch_size: int = 16
+    min_objects: int = 1
+    max_objects: int = 4
+    max_text_len: int = 16
+    #: the PuMer setting fine-tuned and compared (block ids of the 4-block model)
+    reducer: dict[str, Any] = field(
+        default_factory=lambda: {
+            "layers": [1, 2],
+            "keep_ratio": 0.7,
+            "merge_ratio": 0.2,
+            "text_merge_ratio": 0.2,
+        }
+    )
+    keep_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    #: a type counts as learned when the baseline's validation accuracy on it exceeds chance (0.5) by this many
+    #: standard errors
+    learned_z: float = 3.0
+
+    @property
+    def steps(self) -> Budget:
+        return BUDGETS[self.budget]
+
+    def schedule(self, **changes: Any) -> ReducerSchedule:
+        return ReducerSchedule(**{**self.reducer, **changes})
+
+
+def _key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def log(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+class Study:
+    def __init__(
+        self, cfg: StudyConfig, work: Path, out: Path, fresh: bool, device: str, workers: int
+    ) -> None:
+        self.cfg, self.work, self.out, self.fresh, self.workers = cfg, work, out, fresh, workers
+        self.device = torch.device(device)
+        self.cache = work / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    # ---- data
+    def data(self) -> Path:
+        from pumer_lightning.cli import ShapesData
+
+        b, c = self.cfg.steps, self.cfg
+        root = self.work / f"shapes-{b.num_train}"
+        ShapesData(
+            root=str(root), tasks=["vqa2", "nlvr2"], num_train=b.num_train, num_val=b.num_val, num_test=b.num_test,
+            image_size=c.image_size, patch_size=c.patch_size, min_objects=c.min_objects,
+            max_objects=c.max_objects, types=list(TYPES), seed=c.seed,
+        ).ensure()  # fmt: skip
+        self.root = root
+        return root
+
+    def datamodule(self, task: str):
+        from pumer_lightning.cli import backbone_image_settings
+        from pumer_lightning.data import VLDataModule
+
+        img = backbone_image_settings(self.cfg.preset)
+        # finished stages leave loader iterators in reference cycles; collect them here, in this process, before
+        # new worker processes fork (a child that inherits one tries to shut down workers it does not own)
+        gc.collect()
+        dm = VLDataModule(
+            task=task, data_dir=str(self.root / task), tokenizer=str(self.root / "tokenizer"),
+            max_text_len=self.cfg.max_text_len, image_size=img["image_size"], image_mean=img["mean"],
+            image_std=img["std"], resize=img["resize"], batch_size=self.cfg.batch_size, eval_batch_size=300,
+            num_workers=self.workers, randaugment=False, seed=self.cfg.seed,
+            persistent_workers=self.workers > 0,
+        )  # fmt: skip
+        dm.setup(None)
+        return dm
+
+    def task(self, kind: str, schedule: ReducerSchedule | None, checkpoint: str | None, lr: float, **kw: Any):
+        """A task module; a new (random) head learns 10x faster than pre-trained weights, as in PuMer's recipe."""
+        from pumer_lightning.tasks import BackboneSpec, NLVR2Task, OptimConfig, VQATask
+
+        spec = BackboneSpec(self.cfg.preset, checkpoint=checkpoint, tokenizer=str(self.root / "tokenizer"))
+        optim = OptimConfig(
+            lr=lr, lr_mult_head=1.0 if checkpoint is None else 10.0, weight_decay=0.01, warmup_ratio=0.1
+        )
+        reducer = schedule if schedule is not None else ReducerSchedule(layers=[])
+        if kind == "vqa2":
+            from pumer_lightning.data.shapes import VQA_ANSWERS
+
+            return VQATask(backbone=spec, reducer=reducer, optim=optim, num_answers=len(VQA_ANSWERS), **kw)
+        return NLVR2Task(backbone=spec, reducer=reducer, optim=optim, **kw)
+
+    def fit(self, name: str, model, dm, steps: int):
+        import lightning.pytorch as pl
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        from pumer_lightning.callbacks import TokenStatsCallback
+
+        pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        trainer = pl.Trainer(
+            accelerator=self.device.type, devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0,
+            num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,
+            logger=TensorBoardLogger(str(self.work / "runs"), name=name, default_hp_metric=False),
+            callbacks=[TokenStatsCallback()], log_every_n_steps=50,
+            precision="bf16-mixed" if self.device.type == "cuda" else "32-true",
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
+        self.timings[name] = time.perf_counter() - t0
+        log(f"{name}: {steps} steps in {self.timings[name] / 60:.1f} min")
+        return trainer
+
+    # ---- stages
+    def train(self, name: str, kind: str, start: Path | None, schedule: ReducerSchedule | None, steps: int,
+              lr: float, init_state: Path | None = None, distill: Path | None = None,
+              path: Path | None = None) -> Path:  # fmt: skip
+        """Train one stage and save its Lightning checkpoint (cached under a hash of what determines it).
+
+        ``start``: a pre-trained backbone (converted format) or None (random initialisation); ``init_state``: a
+        Lightning checkpoint of the same task to continue from; ``distill``: the teacher's Lightning checkpoint.
+        """
+        from pumer_lightning.tasks import DistillConfig
+
+        c = self.cfg
+        sched = dataclasses.asdict(schedule) if schedule is not None else None
+        if path is None:  # start / init_state paths carry their own hashes
+            key = _key(
+                name, str(start), str(init_state), str(distill), sched, steps, lr, c.seed, c.batch_size
+            )
+            path = self.cache / f"{name}-{key}.ckpt"
+        if path.exists() and not self.fresh:
+            log(f"{name}: from cache {path}")
+            return path
+        dm = self.datamodule(kind)
+        kw = {"distill": DistillConfig(teacher=str(distill))} if distill is not None else {}
+        model = self.task(kind, schedule, str(start) if start else None, lr, **kw)
+        if init_state is not None:
+            state = torch.load(init_state, map_location="cpu", weights_only=False)["state_dict"]
+            model.load_state_dict(
+                {k: v for k, v in state.items() if not k.startswith("teacher.")}, strict=False
+            )
+            missing = [k for k in model.state_dict() if k not in state and not k.startswith("teacher.")]
+            if missing:
+                raise RuntimeError(f"{init_state} lacks {missing[:5]}")
+        origin = "random init" if start is None and init_state is None else "trained weights"
+        log(f"{name}: {steps} {kind} steps from {origin}, lr {lr:g}, reducer {_describe(schedule)}"
+            + (", distilled from the baseline" if distill else ""))  # fmt: skip
+        trainer = self.fit(name, model, dm, steps)
+        trainer.save_checkpoint(str(path), weights_only=True)
+        return path
+
+    def pretrained(self, need_ckpt: bool) -> tuple[Path | None, Path, float]:
+        """Shapes VQA trained from scratch: its Lightning checkpoint (None when cached without it and not needed),
+        its backbone exported in the converted-checkpoint format (the NLVR2 task loads it as it would load real
+        pre-trained weights), and its validation VQA score."""
+        from pumer_lightning.models import read_checkpoint, save_checkpoint
+
+        c, b = self.cfg, self.cfg.steps
+        pt = (
+            self.cache
+            / f"pretrain-{_key(c.preset, c.seed, c.batch_size, c.lr, b.pretrain_steps, str(self.root))}.pt"
+        )
+        ckpt = pt.with_suffix(".ckpt")
+        if pt.exists() and not self.fresh and (ckpt.exists() or not need_ckpt):
+            log(f"pre-trained backbone from cache: {pt}")
+            return (ckpt if ckpt.exists() else None), pt, float(read_checkpoint(pt).config["vqa_val_score"])
+        ckpt = self.train("pretrain", "vqa2", None, None, b.pretrain_steps, c.lr, path=ckpt)
+        model = self.load(ckpt, None, "vqa2")
+        dm = self.datamodule("vqa2")
+        scores, _ = predictions(model, [_to(x, self.device) for x in dm.eval_dataloader(dm.val_split)], None)
+        score = sum(scores) / len(scores)
+        log(f"pre-training: shapes VQA validation score {score:.3f}")
+        save_checkpoint(pt, model.backbone.cpu(), preset=c.preset, extra={"vqa_val_score": score})
+        return ckpt, pt, score
+
+    def load(self, ckpt: Path, start: Path | None, kind: str):
+        model = self.task(kind, None, str(start) if start else None, self.cfg.finetune_lr)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("teacher.")})
+        return model.to(self.device).eval()
+
+
+def _describe(schedule: ReducerSchedule | None) -> str:
+    if schedule is None or not schedule.is_active:
+        return "off"
+    return (
+        f"keep {schedule.keep_ratio:g} / merge {schedule.merge_ratio:g} / text {schedule.text_merge_ratio:g} "
+        f"@ {list(schedule.layers)} ({schedule.importance})"
+    )
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.inference_mode()
+def predictions(model, batches: list[dict[str, Any]], schedule: ReducerSchedule | None, seed: int = 0):
+    """Per-example scores and statement types of ``batches`` under ``schedule``.
+
+    The score is 1/0 for a right/wrong NLVR2 answer and the VQA score (soft, from ten annotators) of the
+    predicted answer for VQA; the mean is accuracy or VQA score.
+    """
+    own = model.backbone.reducer
+    model.backbone.reducer = schedule
+    torch.manual_seed(seed)  # random pruning draws its scores from the global generator
+    scores: list[float] = []
+    types: list[str] = []
+    try:
+        for batch in batches:
+            best = model(batch).argmax(-1)
+            labels = batch["labels"]
+            hit = labels.gather(1, best[:, None])[:, 0] if labels.dim() == 2 else (best == labels).float()
+            scores += hit.float().tolist()
+            types += [m["statement_type"] for m in batch["meta"]]
+    finally:
+        model.backbone.reducer = own
+    return scores, types
+
+
+def chance(batches: list[dict[str, Any]], num_classes: int) -> dict[str, float]:
+    """Per type, the score of always giving the type's best single answer (0.5 for balanced true/false)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for batch in batches:
+        labels = batch["labels"].cpu()
+        if labels.dim() == 1:
+            labels = torch.nn.functional.one_hot(labels, num_classes).float()
+        for row, m in zip(labels, batch["meta"]):
+            t = m["statement_type"]
+            sums[t] = sums.get(t, 0) + row
+            counts[t] = counts.get(t, 0) + 1
+    return {t: float((sums[t] / counts[t]).max()) for t in sums}
+
+
+def accuracy(correct: list[float], types: list[str], only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Mean score with its standard error (sample standard deviation / sqrt(n)), overall, per type and on
+    ``only``'s types."""
+
+    def stat(xs: list[float]) -> dict[str, float]:
+        n = len(xs)
+        if not n:
+            return {"acc": float("nan"), "se": float("nan"), "n": 0}
+        p = sum(xs) / n
+        var = sum((x - p) ** 2 for x in xs) / max(n - 1, 1)
+        return {"acc": p, "se": math.sqrt(var / n), "n": n}
+
+    out = {"all": stat(correct), "by_type": {}}
+    for t in sorted(set(types)):
+        out["by_type"][t] = stat([c for c, ty in zip(correct, types) if ty == t])
+    if only is not None:
+        out["learned"] = stat([c for c, ty in zip(correct, types) if ty in only])
+    return out
+
+
+def paired(a: list[float], b: list[float], types: list[str], only: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy difference a - b on the same examples (restricted to ``only``) with its paired standard error."""
+    pairs = [(x, y) for x, y, t in zip(a, b, types) if t in only]
+    n = len(pairs)
+    d = [x - y for x, y in pairs]
+    mean = sum(d) / n
+    var = sum((v - mean) ** 2 for v in d) / max(n - 1, 1)
+    return {"diff": mean, "se": math.sqrt(var / n), "n": n}
+
+
+@torch.inference_mode()
+def speed(model, batches: list[dict[str, Any]], settings: dict[str, ReducerSchedule | None], rounds: int = 5):
+    """FLOPs per example and examples/s of each setting: same weights, same batches, interleaved rounds, median."""
+    from pumer_lightning.callbacks.token_stats import flop_counter
+
+    own = model.backbone.reducer
+    device = next(model.parameters()).device
+    examples = sum(int(b["labels"].shape[0]) for b in batches)
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    flops: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
+    try:
+        for name, sched in settings.items():  # warm-up, FLOPs and token counts
+            model.backbone.reducer = sched
+            with flop_counter() as counter:
+                model(batches[0])
+            flops[name] = counter.get_total_flops() / int(batches[0]["labels"].shape[0])
+            n_image, n_text = model.backbone.num_image_tokens, int(batches[0]["input_ids"].shape[1])
+            plan = (sched or ReducerSchedule(layers=[])).tokens_per_layer(
+                n_image, n_text, model.backbone.num_layers
+            )
+            tokens[name] = list(plan[0])
+        names = list(settings)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                model.backbone.reducer = settings[name]
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                for b in batches:
+                    model(b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        model.backbone.reducer = own
+    return {
+        name: {
+            "gflops_per_example": flops[name] / 1e9,
+            "examples_per_s": examples / statistics.median(times[name]),
+            "image_tokens_per_layer": tokens[name],
+        }
+        for name in settings
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the study
+def run_study(
+    cfg: StudyConfig,
+    work: Path,
+    out: Path,
+    fresh: bool = False,
+    device: str = "cpu",
+    workers: int = 1,
+    timing_rounds: int = 5,
+) -> dict[str, Any]:
+    """Run (or load from the cache) every stage, evaluate every setting, write ``<out>/shapes*.{json,md,png}``."""
+    t_start = time.perf_counter()
+    st = Study(cfg, work, out, fresh, device, workers)
+    log(f"budget {cfg.budget}: {dataclasses.asdict(cfg.steps)}; device {device}")
+    st.data()
+    b, kind = cfg.steps, cfg.task
+    pre_ckpt, pre_backbone, pre_val = st.pretrained(need_ckpt=kind == "vqa2")
+    if kind == "nlvr2":
+        start: Path | None = pre_backbone
+        base_ckpt = st.train("baseline", kind, start, None, b.baseline_steps, cfg.baseline_lr)
+    else:  # the VQA model trained from scratch is the baseline itself
+        start, base_ckpt = None, pre_ckpt
+    pumer = cfg.schedule()
+    ft = {
+        "ft_pumer": st.train("ft_pumer", kind, start, pumer, b.finetune_steps, cfg.finetune_lr, base_ckpt),
+        "ft_control": st.train("ft_control", kind, start, None, b.finetune_steps, cfg.finetune_lr, base_ckpt),
+        "ft_pumer_distil": st.train(
+            "ft_pumer_distil",
+            kind,
+            start,
+            pumer,
+            b.finetune_steps,
+            cfg.finetune_lr,
+            base_ckpt,
+            distill=base_ckpt,
+        ),
+    }
+
+    dm = st.datamodule(kind)
+    val = [_to(x, st.device) for x in dm.eval_dataloader(dm.val_split)]
+    test = [_to(x, st.device) for x in dm.eval_dataloader(dm.test_split)]
+    base = st.load(base_ckpt, start, kind)
+
+    # which types did the baseline learn? decided on validation, before any test figure is looked at
+    floor = chance(val, num_classes=2)  # NLVR2 labels are class ids; VQA labels are already score vectors
+    vc, vt = predictions(base, val, None)
+    val_acc = accuracy(vc, vt)
+    for t, stat in val_acc["by_type"].items():
+        stat["chance"] = floor[t]
+    learned = tuple(
+        t for t, s in val_acc["by_type"].items() if s["acc"] - s["chance"] > cfg.learned_z * s["se"]
+    )
+    log(f"baseline validation score {val_acc['all']['acc']:.3f}; learned types: {learned or 'none'}")
+    only = learned or TYPES
+
+    # training-free settings on the baseline's weights
+    keep = pumer.keep_ratio
+    free: dict[str, tuple[str, ReducerSchedule | None]] = {
+        "baseline": ("no reduction", None),
+        "pumer": ("PuMer (text-informed prune + merge + text merge)", pumer),
+        "prune_only": ("text-informed pruning only", cfg.schedule(merge_ratio=0.0, text_merge_ratio=0.0)),
+        "merge_only": ("merging only (ToMe image + text)", cfg.schedule(keep_ratio=1.0)),
+        "random_prune": (f"random pruning at keep {keep:g} + merge", cfg.schedule(importance="random")),
+        "cls_prune": (
+            f"image-CLS-attention pruning at keep {keep:g} + merge",
+            cfg.schedule(importance="cls"),
+        ),
+    }
+    for k in cfg.keep_sweep:
+        if k != keep:
+            free[f"keep_{k:g}"] = (f"PuMer at keep {k:g}", cfg.schedule(keep_ratio=k))
+            free[f"random_keep_{k:g}"] = (
+                f"random pruning at keep {k:g}",
+                cfg.schedule(keep_ratio=k, importance="random"),
+            )
+    log(
+        f"evaluating {len(free)} training-free settings on {sum(len(x['labels']) for x in test)} test examples"
+    )
+    preds: dict[str, list[int]] = {}
+    types: list[str] = []
+    rows = []
+    for name, (desc, sched) in free.items():
+        preds[name], types = predictions(base, test, sched)
+        rows.append({"name": name, "stage": "training-free", "weights": "baseline", "description": desc,
+                     "schedule": _describe(sched), "eval_reducer": sched})  # fmt: skip
+    # fine-tuned models, each evaluated with the reducer it was trained with (and controls)
+    ft_eval = {
+        "ft_pumer": [("ft_pumer", pumer, "fine-tuned with PuMer on"),
+                     ("ft_pumer_eval_off", None, "fine-tuned with PuMer on, evaluated with reducers off"),
+                     ("ft_pumer_eval_random", cfg.schedule(importance="random"),
+                      "fine-tuned with PuMer on, evaluated with random pruning")],
+        "ft_control": [("ft_control", None, "fine-tuned with reducers off (matched control)")],
+        "ft_pumer_distil": [("ft_pumer_distil", pumer, "fine-tuned with PuMer on + distillation from the baseline")],
+    }  # fmt: skip
+    for key, evals in ft_eval.items():
+        model = st.load(ft[key], start, kind)
+        for name, sched, desc in evals:
+            preds[name], _ = predictions(model, test, sched)
+            rows.append({"name": name, "stage": "fine-tuned", "weights": key, "description": desc,
+                         "schedule": _describe(sched), "eval_reducer": sched})  # fmt: skip
+        del model
+
+    log("timing every setting (same weights, interleaved rounds)")
+    timing_batches = test[: max(1, min(len(test), 4))]
+    distinct = {r["name"]: r["eval_reducer"] for r in rows if r["stage"] == "training-free"}
+    speeds = speed(base, timing_batches, distinct, rounds=timing_rounds)
+    for r in rows:
+        sched = r.pop("eval_reducer")
+        key = r["name"] if r["stage"] == "training-free" else next(
+            (n for n, s in distinct.items() if s == sched), "baseline"
+        )  # fmt: skip
+        s = speeds[key]
+        r.update(accuracy(preds[r["name"]], types, only))
+        r.update(
+            gflops_per_example=s["gflops_per_example"],
+            flops_ratio=speeds["baseline"]["gflops_per_example"] / s["gflops_per_example"],
+            examples_per_s=s["examples_per_s"],
+            speedup=s["examples_per_s"] / speeds["baseline"]["examples_per_s"],
+            image_tokens_per_layer=s["image_tokens_per_layer"],
+        )
+
+    comparisons = {
+        "pumer_ft_minus_control_ft": paired(preds["ft_pumer"], preds["ft_control"], types, only),
+        "pumer_distil_ft_minus_control_ft": paired(
+            preds["ft_pumer_distil"], preds["ft_control"], types, only
+        ),
+        "pumer_free_minus_baseline": paired(preds["pumer"], preds["baseline"], types, only),
+        "random_free_minus_pumer_free": paired(preds["random_prune"], preds["pumer"], types, only),
+        "cls_free_minus_pumer_free": paired(preds["cls_prune"], preds["pumer"], types, only),
+    }
+    if "keep_0.5" in preds:
+        comparisons["random_keep0.5_minus_pumer_keep0.5"] = paired(
+            preds["random_keep_0.5"], preds["keep_0.5"], types, only
+        )
+        comparisons["random_keep0.5_minus_baseline"] = paired(
+            preds["random_keep_0.5"], preds["baseline"], types, only
+        )
+    result = {
+        "schema": "pumer-lightning/study/v1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m pumer_lightning.study " + " ".join(sys.argv[1:]),
+        "config": {**dataclasses.asdict(cfg), "steps": dataclasses.asdict(cfg.steps)},
+        "task": TASK_TEXT[cfg.task] + ", types " + ", ".join(TYPES),
+        "metric": "accuracy" if cfg.task == "nlvr2" else "VQA score",
+        "hardware": {
+            "device": str(st.device),
+            "name": torch.cuda.get_device_name(st.device)
+            if st.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+        "pretrain_vqa_val_score": pre_val,
+        "learned_rule": (
+            f"a type is learned when the baseline's validation score on it exceeds chance (always giving the type's "
+            f"best single answer: 0.5 for the balanced true/false statements) by more than {cfg.learned_z:g} "
+            "standard errors; decided on the validation split before any test figure"
+        ),
+        "validation": val_acc,
+        "learned_types": list(learned),
+        "settings": rows,
+        "comparisons": comparisons,
+        "train_seconds": st.timings,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "shapes" + ("" if cfg.task == "nlvr2" else f"_{cfg.task}")
+    stem += "" if cfg.budget == "default" else f"_{cfg.budget}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result) + "\n")
+    plot(result, out / f"{stem}.png")
+    log(f"wrote {out / stem}.json, .md, .png in {result['wall_seconds'] / 60:.1f} min")
+    print(markdown(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _pct(s: dict[str, float]) -> str:
+    return f"{100 * s['acc']:.1f} ± {100 * s['se']:.1f}"
+
+
+def _training_text(r: dict[str, Any]) -> str:
+    steps = r["config"]["steps"]
+    if r["config"]["task"] == "nlvr2":
+        text = (
+            f"Pre-trained on shapes VQA from scratch for {steps['pretrain_steps']} steps (validation VQA score "
+            f"{r['pretrain_vqa_val_score']:.3f}), then fine-tuned unreduced on NLVR2 for {steps['baseline_steps']} "
+            "steps: the baseline."
+        )
+    else:
+        text = f"Trained unreduced from scratch for {steps['pretrain_steps']} steps: the baseline."
+    return text + f" Every fine-tuning run continues from the baseline for {steps['finetune_steps']} steps."
+
+
+def markdown(r: dict[str, Any]) -> str:
+    learned = r["learned_types"]
+    types = sorted({t for row in r["settings"] for t in row["by_type"]})
+    cfg = r["config"]
+    lines = [
+        f"# PuMer accuracy study on the shapes world ({cfg['budget']} budget)",
+        "",
+        f"- Command: `{r['command']}`; {r['hardware']['device']} ({r['hardware']['name']}, "
+        f"{r['hardware']['threads']} threads), wall time {r['wall_seconds'] / 60:.1f} min",
+        f"- Task: {r['task']}; metric: {r['metric']}; model `{cfg['preset']}`. " + _training_text(r),
+        f"- Learned types: **{', '.join(learned) or 'none'}** ({r['learned_rule']}). Accuracy ± one standard error "
+        f"on {r['settings'][0]['all']['n']} test examples.",
+        "",
+        "| setting | weights | reducer at test | learned types % | all % | "
+        + " | ".join(f"{t} %" for t in types)
+        + " | GFLOPs/ex | FLOPs ratio | speedup |",
+        "|---|---|---|---|---|" + "---|" * len(types) + "---|---|---|",
+    ]
+    for row in r["settings"]:
+        lines.append(
+            f"| `{row['name']}` | {row['weights']} | {row['schedule']} | **{_pct(row['learned'])}** | {_pct(row['all'])} | "
+            + " | ".join(_pct(row["by_type"][t]) if t in row["by_type"] else "" for t in types)
+            + f" | {row['gflops_per_example']:.3f} | {row['flops_ratio']:.2f}× | {row['speedup']:.2f}× |"
+        )
+    lines += ["", "Paired differences on the learned types (same test examples; ± one standard error):", ""]
+    lines += ["| comparison | difference (points) |", "|---|---|"]
+    for name, c in r["comparisons"].items():
+        lines.append(f"| {name} | {100 * c['diff']:+.1f} ± {100 * c['se']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"training-free": "o", "fine-tuned": "s"}
+    for row in r["settings"]:
+        random = "random" in row["name"]
+        color = (
+            "tab:red" if random else ("tab:gray" if row["name"] in ("baseline", "ft_control") else "tab:blue")
+        )
+        ax.errorbar(row["gflops_per_example"], 100 * row["learned"]["acc"], yerr=100 * row["learned"]["se"],
+                    fmt=styles[row["stage"]], color=color, capsize=2)  # fmt: skip
+        ax.annotate(row["name"], (row["gflops_per_example"], 100 * row["learned"]["acc"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("GFLOPs per example")
+    ax.set_ylabel(f"test accuracy on learned types ({', '.join(r['learned_types']) or 'all'}) %")
+    ax.set_title("accuracy vs FLOPs (o training-free, s fine-tuned; red: random pruning)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pumer_lightning.study", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--budget", choices=sorted(BUDGETS), default="default", help="training budget (default ~45 CPU-min)"
+    )
+    p.add_argument(
+        "--work", type=Path, default=Path("data/study"), help="data, cached checkpoints, TensorBoard runs"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("results/study"), help="where the JSON, table and plot go"
+    )
+    p.add_argument("--fresh", action="store_true", help="retrain every stage even if cached")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--workers", type=int, default=1, help="data-loader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--task", choices=sorted(TASK_TEXT), default="nlvr2", help="the study task (default nlvr2)"
+    )
+    a = p.parse_args(argv)
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    run_study(
+        StudyConfig(budget=a.budget, seed=a.seed, task=a.task), a.work, a.out, a.fresh, device, a.workers
+    )
+
+
+if __name__ == "__main__":
+    main()
