@@ -156,6 +156,7 @@ class Study:
         self.cache = work / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self.cached_timings: dict[str, float | None] = {}
 
     # ---- data
     def data(self) -> Path:
@@ -244,6 +245,7 @@ class Study:
             path = self.cache / f"{name}-{key}.ckpt"
         if path.exists() and not self.fresh:
             log(f"{name}: from cache {path}")
+            self._cached_time(name, path)
             return path
         dm = self.datamodule(kind)
         kw = {"distill": DistillConfig(teacher=str(distill))} if distill is not None else {}
@@ -261,7 +263,17 @@ class Study:
             + (", distilled from the baseline" if distill else ""))  # fmt: skip
         trainer = self.fit(name, model, dm, steps)
         trainer.save_checkpoint(str(path), weights_only=True)
+        path.with_suffix(".json").write_text(
+            json.dumps({"train_seconds": self.timings[name], "steps": steps})
+        )
         return path
+
+    def _cached_time(self, name: str, path: Path) -> None:
+        """The training time a cached stage took when it was trained (kept beside its checkpoint)."""
+        try:
+            self.cached_timings[name] = json.loads(path.with_suffix(".json").read_text())["train_seconds"]
+        except (OSError, ValueError, KeyError):
+            self.cached_timings[name] = None
 
     def pretrained(self, need_ckpt: bool) -> tuple[Path | None, Path, float]:
         """Shapes VQA trained from scratch: its Lightning checkpoint (None when cached without it and not needed),
@@ -277,6 +289,7 @@ class Study:
         ckpt = pt.with_suffix(".ckpt")
         if pt.exists() and not self.fresh and (ckpt.exists() or not need_ckpt):
             log(f"pre-trained backbone from cache: {pt}")
+            self._cached_time("pretrain", ckpt)
             return (ckpt if ckpt.exists() else None), pt, float(read_checkpoint(pt).config["vqa_val_score"])
         ckpt = self.train("pretrain", "vqa2", None, None, b.pretrain_steps, c.lr, path=ckpt)
         model = self.load(ckpt, None, "vqa2")
@@ -485,6 +498,7 @@ def run_study(
         "pumer": ("PuMer (text-informed prune + merge + text merge)", pumer),
         "prune_only": ("text-informed pruning only", cfg.schedule(merge_ratio=0.0, text_merge_ratio=0.0)),
         "merge_only": ("merging only (ToMe image + text)", cfg.schedule(keep_ratio=1.0)),
+        "no_text_merge": ("PuMer without text merging", cfg.schedule(text_merge_ratio=0.0)),
         "random_prune": (f"random pruning at keep {keep:g} + merge", cfg.schedule(importance="random")),
         "cls_prune": (
             f"image-CLS-attention pruning at keep {keep:g} + merge",
@@ -563,7 +577,7 @@ def run_study(
     result = {
         "schema": "pumer-lightning/study/v1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m pumer_lightning.study " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m pumer_lightning.study", *sys.argv[1:]]),
         "config": {**dataclasses.asdict(cfg), "steps": dataclasses.asdict(cfg.steps)},
         "task": TASK_TEXT[cfg.task] + ", types " + ", ".join(TYPES),
         "metric": "accuracy" if cfg.task == "nlvr2" else "VQA score",
@@ -586,6 +600,7 @@ def run_study(
         "settings": rows,
         "comparisons": comparisons,
         "train_seconds": st.timings,
+        "cached_stages_train_seconds": st.cached_timings,
         "wall_seconds": time.perf_counter() - t_start,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -602,6 +617,13 @@ def run_study(
 # ---------------------------------------------------------------------------------------------- report
 def _pct(s: dict[str, float]) -> str:
     return f"{100 * s['acc']:.1f} ± {100 * s['se']:.1f}"
+
+
+def _stage_times(r: dict[str, Any]) -> str:
+    parts = [f"{k} {v / 60:.1f} min" for k, v in r["train_seconds"].items()]
+    for k, v in r.get("cached_stages_train_seconds", {}).items():
+        parts.append(f"{k} {'time not recorded' if v is None else f'{v / 60:.1f} min'} (cached)")
+    return f"; training time by stage: {', '.join(parts)}" if parts else ""
 
 
 def _training_text(r: dict[str, Any]) -> str:
@@ -625,7 +647,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"# PuMer accuracy study on the shapes world ({cfg['budget']} budget)",
         "",
         f"- Command: `{r['command']}`; {r['hardware']['device']} ({r['hardware']['name']}, "
-        f"{r['hardware']['threads']} threads), wall time {r['wall_seconds'] / 60:.1f} min",
+        f"{r['hardware']['threads']} threads), wall time {r['wall_seconds'] / 60:.1f} min" + _stage_times(r),
         f"- Task: {r['task']}; metric: {r['metric']}; model `{cfg['preset']}`. " + _training_text(r),
         f"- Learned types: **{', '.join(learned) or 'none'}** ({r['learned_rule']}). Accuracy ± one standard error "
         f"on {r['settings'][0]['all']['n']} test examples.",
@@ -661,13 +683,16 @@ def plot(r: dict[str, Any], path: Path) -> None:
         color = (
             "tab:red" if random else ("tab:gray" if row["name"] in ("baseline", "ft_control") else "tab:blue")
         )
+        color = "tab:orange" if "cls" in row["name"] else color
         ax.errorbar(row["gflops_per_example"], 100 * row["learned"]["acc"], yerr=100 * row["learned"]["se"],
                     fmt=styles[row["stage"]], color=color, capsize=2)  # fmt: skip
         ax.annotate(row["name"], (row["gflops_per_example"], 100 * row["learned"]["acc"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("GFLOPs per example")
     ax.set_ylabel(f"test accuracy on learned types ({', '.join(r['learned_types']) or 'all'}) %")
-    ax.set_title("accuracy vs FLOPs (o training-free, s fine-tuned; red: random pruning)")
+    ax.set_title(
+        "accuracy vs FLOPs (o training-free, s fine-tuned; red random, orange CLS pruning)", fontsize=10
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
