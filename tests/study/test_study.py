@@ -81,3 +81,19 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     # a second run finds every stage in the cache and trains nothing
     again = run_study(cfg, tmp_path / "work", out, workers=0, timing_rounds=1)
     assert again["train_seconds"] == {}
+
+
+def test_vqa_variant_scores_with_soft_labels(tmp_path, monkeypatch):
+    """``--task vqa2``: the VQA model trained from scratch is the baseline; scores are VQA scores and chance is the
+    best constant answer of each question type (not 0.5)."""
+    monkeypatch.setitem(
+        study.BUDGETS, "tiny", Budget(pretrain_steps=2, baseline_steps=2, finetune_steps=1, num_train=60,
+                                      num_val=30, num_test=30),
+    )  # fmt: skip
+    cfg = StudyConfig(budget="tiny", task="vqa2", preset="vilt_tiny", batch_size=16, keep_sweep=(0.5,))
+    result = run_study(cfg, tmp_path / "work", tmp_path / "out", workers=0, timing_rounds=1)
+    assert (tmp_path / "out" / "shapes_vqa2_tiny.json").exists()
+    assert result["metric"] == "VQA score" and result["pretrain_vqa_val_score"] is not None
+    chances = [s["chance"] for s in result["validation"]["by_type"].values()]
+    assert all(0.0 < c < 1.0 for c in chances) and any(c != 0.5 for c in chances)
+    assert "pretrain" in result["train_seconds"] and "baseline" not in result["train_seconds"]
