@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
     )
     p.add_argument("--rounds", type=int, help="timed rounds (default: as many as fit in --budget)")
     p.add_argument("--budget", type=float, default=120.0, help="seconds of timed rounds per experiment")
-    p.add_argument("--min-rounds", type=int, default=3)
+    p.add_argument("--min-rounds", type=int, default=5, help="fewest timed rounds, whatever the budget")
     p.add_argument("--max-rounds", type=int, default=20)
     p.add_argument(
         "--warmup",

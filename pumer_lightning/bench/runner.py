@@ -72,7 +72,7 @@ class Options:
     tiny: bool = False
     rounds: int | None = None
     budget_s: float = 120.0
-    min_rounds: int = 3
+    min_rounds: int = 5
     max_rounds: int = 20
     warmup: int | None = None
     train_memory: bool = False
