@@ -515,7 +515,7 @@ def run_study(
     log(
         f"evaluating {len(free)} training-free settings on {sum(len(x['labels']) for x in test)} test examples"
     )
-    preds: dict[str, list[int]] = {}
+    preds: dict[str, list[float]] = {}
     types: list[str] = []
     rows = []
     for name, (desc, sched) in free.items():
