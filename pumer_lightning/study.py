@@ -249,6 +249,11 @@ class Study:
             return path
         dm = self.datamodule(kind)
         kw = {"distill": DistillConfig(teacher=str(distill))} if distill is not None else {}
+        # seed before the model exists: its random initialisation (a new head, or everything from scratch) must
+        # not depend on what ran earlier in the process (torch's initial seed differs from process to process)
+        import lightning.pytorch as pl
+
+        pl.seed_everything(c.seed, workers=True, verbose=False)
         model = self.task(kind, schedule, str(start) if start else None, lr, **kw)
         if init_state is not None:
             state = torch.load(init_state, map_location="cpu", weights_only=False)["state_dict"]

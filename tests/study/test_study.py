@@ -97,3 +97,21 @@ def test_vqa_variant_scores_with_soft_labels(tmp_path, monkeypatch):
     chances = [s["chance"] for s in result["validation"]["by_type"].values()]
     assert all(0.0 < c < 1.0 for c in chances) and any(c != 0.5 for c in chances)
     assert "pretrain" in result["train_seconds"] and "baseline" not in result["train_seconds"]
+
+
+def test_a_stage_trains_to_the_same_weights_whatever_ran_before(tmp_path, monkeypatch):
+    """Seeded before the model is built: the same stage twice in one process gives identical weights, although
+    the global generator was used in between (the first study runs initialised their models unseeded)."""
+    monkeypatch.setitem(
+        study.BUDGETS, "tiny", Budget(pretrain_steps=2, baseline_steps=2, finetune_steps=1, num_train=60,
+                                      num_val=30, num_test=30),
+    )  # fmt: skip
+    st = study.Study(StudyConfig(budget="tiny", preset="vilt_tiny", batch_size=16), tmp_path, tmp_path, False,
+                     "cpu", 0)  # fmt: skip
+    st.data()
+    first = st.train("pretrain", "vqa2", None, None, 2, 1e-3, path=tmp_path / "a.ckpt")
+    torch.rand(1000)  # disturb the global generator
+    second = st.train("pretrain", "vqa2", None, None, 2, 1e-3, path=tmp_path / "b.ckpt")
+    a = torch.load(first, weights_only=False)["state_dict"]
+    b = torch.load(second, weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
