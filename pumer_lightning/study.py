@@ -48,6 +48,7 @@ from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from pumer_lightning.reduce import ReducerSchedule  # noqa: E402
@@ -148,10 +149,10 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- building blocks
 class Study:
-    def __init__(
-        self, cfg: StudyConfig, work: Path, out: Path, fresh: bool, device: str, workers: int
-    ) -> None:
-        self.cfg, self.work, self.out, self.fresh, self.workers = cfg, work, out, fresh, workers
+    """The stages of one study: data, cached training runs and model loading (``work`` holds them all)."""
+
+    def __init__(self, cfg: StudyConfig, work: Path, fresh: bool, device: str, workers: int) -> None:
+        self.cfg, self.work, self.fresh, self.workers = cfg, work, fresh, workers
         self.device = torch.device(device)
         self.cache = work / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -206,7 +207,6 @@ class Study:
         return NLVR2Task(backbone=spec, reducer=reducer, optim=optim, **kw)
 
     def fit(self, name: str, model, dm, steps: int):
-        import lightning.pytorch as pl
         from lightning.pytorch.loggers import TensorBoardLogger
 
         from pumer_lightning.callbacks import TokenStatsCallback
@@ -251,8 +251,6 @@ class Study:
         kw = {"distill": DistillConfig(teacher=str(distill))} if distill is not None else {}
         # seed before the model exists: its random initialisation (a new head, or everything from scratch) must
         # not depend on what ran earlier in the process (torch's initial seed differs from process to process)
-        import lightning.pytorch as pl
-
         pl.seed_everything(c.seed, workers=True, verbose=False)
         model = self.task(kind, schedule, str(start) if start else None, lr, **kw)
         if init_state is not None:
@@ -453,7 +451,7 @@ def run_study(
 ) -> dict[str, Any]:
     """Run (or load from the cache) every stage, evaluate every setting, write ``<out>/shapes*.{json,md,png}``."""
     t_start = time.perf_counter()
-    st = Study(cfg, work, out, fresh, device, workers)
+    st = Study(cfg, work, fresh, device, workers)
     log(f"budget {cfg.budget}: {dataclasses.asdict(cfg.steps)}; device {device}")
     st.data()
     b, kind = cfg.steps, cfg.task

@@ -106,7 +106,7 @@ def test_a_stage_trains_to_the_same_weights_whatever_ran_before(tmp_path, monkey
         study.BUDGETS, "tiny", Budget(pretrain_steps=2, baseline_steps=2, finetune_steps=1, num_train=60,
                                       num_val=30, num_test=30),
     )  # fmt: skip
-    st = study.Study(StudyConfig(budget="tiny", preset="vilt_tiny", batch_size=16), tmp_path, tmp_path, False,
+    st = study.Study(StudyConfig(budget="tiny", preset="vilt_tiny", batch_size=16), tmp_path, False,
                      "cpu", 0)  # fmt: skip
     st.data()
     first = st.train("pretrain", "vqa2", None, None, 2, 1e-3, path=tmp_path / "a.ckpt")
