@@ -4,7 +4,8 @@
 
 * any task module as ``model`` (``class_path: pumer_lightning.tasks.NLVR2Task``) and `VLDataModule` as ``data``;
 * OmegaConf interpolation that sees command-line overrides (parser mode ``omegaconf+`` with relative paths, the
-  combination that works with jsonargparse 4.53: ECOSYSTEM.md §1.5), e.g. ``${data_root}`` in YAML;
+  combination that works with jsonargparse 4.53: docs/cli.md#configuration-files-and-interpolation), e.g.
+  ``${data_root}`` in YAML;
 * a top-level ``data_root`` (default ``data``) and ``exp_name`` that the YAML files interpolate;
 * settings that follow from the backbone linked instead of repeated: ``data.tokenizer``, ``data.image_size``,
   ``data.image_mean``, ``data.image_std`` and ``data.resize`` come from ``model.backbone`` (the text vocabulary
@@ -275,7 +276,8 @@ class PumerCLI(LightningCLI):
 
         LightningCLI would re-parse the checkpoint's saved hyper-parameters over the command line, so
         ``test --ckpt_path X --model.reducer.keep_ratio=0.5`` would silently evaluate the training schedule (the
-        official code's B20) and relative interpolations copied by links would break. Here the configuration
+        official code's B20: docs/official_code_differences.md#b20) and relative interpolations copied by
+        links would break. Here the configuration
         files and overrides define the model and the checkpoint supplies the weights, loaded strictly: a
         checkpoint of another architecture fails with the mismatching keys.
         """

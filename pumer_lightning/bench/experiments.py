@@ -1,10 +1,10 @@
 """What the bench measures: the experiments (backbone x task x input shape), their inputs and reducer settings.
 
 An experiment fixes the backbone preset, the task head and the input shape of one of PuMer's released settings
-(PUMER.md §2): ViLT at 384 px; METER at 288 px for NLVR2 and 384 px for VQA and SNLI-VE; text padded to 40
-tokens (32 for VQA) with real attention masks of varied length; two images per example for NLVR2 (two backbone
-passes, one per image, and the head on the concatenated pooled features). Weights are random: speed, memory
-and FLOPs do not depend on them.
+(docs/experiments.md): ViLT at 384 px; METER at 288 px for NLVR2 and 384 px for VQA and SNLI-VE; text padded
+to 40 tokens (32 for VQA) with real attention masks of varied length; two images per example for NLVR2 (two
+backbone passes, one per image, and the head on the concatenated pooled features). Weights are random: speed,
+memory and FLOPs do not depend on them.
 
 A tiny variant of every experiment (``tiny_<exp>`` or ``--tiny``) runs the same code on the tiny presets in
 milliseconds, for tests and smoke runs.

@@ -278,7 +278,7 @@ def _train_memory(
 ) -> dict:
     """Peak memory of one training step without optimiser state: forward with autograd, backward of the summed
     logits, parameter gradients allocated (the setting the paper's memory figures resemble: its harness kept the
-    autograd graph, PUMER.md B15)."""
+    autograd graph, docs/official_code_differences.md#b15)."""
     static = [*model.parameters(), *model.buffers(), *inputs.tensors()]
     model.zero_grad(set_to_none=True)
     tracker = TensorMemoryTracker(static) if device.type == "cpu" else None

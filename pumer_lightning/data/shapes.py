@@ -11,7 +11,7 @@ Texts per task (``statement_type`` is stored with every text so studies can repo
 - ``nlvr2``: one statement about an image pair, true or false, labels exactly balanced per type. Types:
   ``shape`` and ``color`` (single attribute: the warm-up types a small model learns first), ``exist``
   (colour + shape, false cases are hard negatives whose colour and shape both occur), ``both``, ``count``
-  and ``rel`` (spatial relation; hard, see SHAPES.md).
+  and ``rel`` (spatial relation; hard, see docs/study.md#what-a-synthetic-task-can-show).
 - ``vqa2``: three questions per image (``shape``/``color`` of a unique object, ``exist`` yes/no, ``count``,
   ``rel`` yes/no), ten simulated annotator answers each, soft scores computed as for VQAv2.
 - ``snli_ve``: three hypotheses per image, one per label: a true statement (entailment), a false statement

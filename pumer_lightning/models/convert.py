@@ -4,7 +4,8 @@
     python -m pumer_lightning.models.convert meter meter_clip16_288_roberta_pretrain.ckpt out/meter_nlvr2 --task nlvr2
     python -m pumer_lightning.models.convert vilt vilt_200k_mlm_itm.ckpt out/vilt_irtr --task retrieval
 
-METER (PUMER.md §6.1): ``vit_model.visual.*`` (OpenAI CLIP naming, fused ``attn.in_proj_*``) becomes
+METER (docs/backbones.md#converting-original-checkpoints): ``vit_model.visual.*`` (OpenAI CLIP naming, fused
+``attn.in_proj_*``) becomes
 transformers' `CLIPVisionModel` naming with separate q/k/v; ``text_transformer.*``, ``cross_modal_*`` and
 ``token_type_embeddings`` keep their names. ViLT: timm's ``transformer.blocks.N.attn.qkv`` etc. become
 transformers' `ViltModel` naming.
@@ -93,7 +94,7 @@ def _split_qkv(weight: Tensor, prefix: str, names: tuple[str, str, str], suffix:
 
 
 def convert_meter_state(state: dict[str, Tensor]) -> Converted:
-    """Rename an original METER state dict (PUMER.md §6.1) into our METER backbone and head names."""
+    """Rename an original METER state dict (docs/backbones.md) into our METER backbone and head names."""
     out = Converted(backbone={}, heads={}, itm=None)
     for key, value in state.items():
         if key.startswith(_METER_UNUSED):

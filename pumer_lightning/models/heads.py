@@ -1,4 +1,4 @@
-"""Task heads on pooled backbone features (PUMER.md §4.1). Any head composes with any backbone.
+"""Task heads on pooled backbone features (docs/backbones.md#heads). Any head composes with any backbone.
 
 Classification heads are the originals' ``Linear -> LayerNorm -> GELU -> Linear`` stacks, as an `nn.Sequential`
 so that the parameter names (``0.weight``, ``1.weight``, ``3.weight``) match the original and HF checkpoints.

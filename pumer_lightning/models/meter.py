@@ -14,7 +14,7 @@ Parameter names follow the original METER (``cross_modal_text_layers.0.crossatte
 the two transformers towers under ``text_transformer.`` and ``vit_model.``.
 
 Co-attention runs in the original METER's **parallel** order: both layers of block b read the outputs of block
-b - 1 (PuMer's code made it sequential, PUMER.md B8). A reducer at block b:
+b - 1 (PuMer's code made it sequential, docs/official_code_differences.md#b8). A reducer at block b:
 
 1. text layer b runs self-attention and cross-attention (text queries over the image tokens of block b - 1);
 2. the cross-attention's text-query probabilities give the image importance, its image keys (head mean) the
@@ -51,7 +51,7 @@ from .base import Backbone, BackboneOutput, attention_bias, attention_dtype
 
 @dataclass(frozen=True)
 class MeterConfig:
-    """Architecture of a METER backbone. Defaults: METER-CLIP16-RoBERTa at 288 px (PUMER.md §6.2)."""
+    """Architecture of a METER backbone. Defaults: METER-CLIP16-RoBERTa at 288 px (docs/backbones.md)."""
 
     image_size: int = 288
     patch_size: int = 16
@@ -225,7 +225,7 @@ class MeterBackbone(Backbone):
     Args:
         config: the architecture.
         reducer: the reducer schedule; block ids are 0-based co-attention block indices (PuMer's doubled
-            "0246" is ``[0, 1, 2, 3]``, its "246" is ``[1, 2, 3]``; PUMER.md B10).
+            "0246" is ``[0, 1, 2, 3]``, its "246" is ``[1, 2, 3]``; docs/official_code_differences.md#b10).
         attn_impl: ``"sdpa"`` or ``"eager"`` (also applied to the RoBERTa and CLIP towers).
     """
 
@@ -380,7 +380,8 @@ class MeterBackbone(Backbone):
         scores = None
         if plan.n_prune:
             if importance == "text":
-                # text queries of the text layer's cross-attention over the image keys (pre-dropout, B7)
+                # text queries of the text layer's cross-attention over the image keys (pre-dropout:
+                # docs/official_code_differences.md#b7)
                 probs = attention_probs(parts.cross_queries, parts.cross_keys, None, image_log_size)
                 scores = text_importance(probs, text_mask)
             elif importance == "cls":

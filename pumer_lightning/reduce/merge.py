@@ -3,7 +3,7 @@
 Every merge is described by ``slot`` (B, N): the output position each input token goes to. Tokens that share a
 slot are averaged, weighted by their sizes; a slot equal to ``n_out`` means "drop" (used for padding). Surviving
 tokens keep their original relative order, which keeps the image CLS and the text CLS at position 0 and keeps
-text in reading order (official bug B13 scrambled it).
+text in reading order (official bug B13 scrambled it: docs/official_code_differences.md#b13).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def text_importance(probs: Tensor, text_mask: Tensor) -> Tensor:
 
     Args:
         probs: (B, H, Lt, Ni) attention probabilities of the text queries over the image keys.
-        text_mask: (B, Lt) 1 for real text tokens; padded query rows are excluded (official bug B5).
+        text_mask: (B, Lt) 1 for real text tokens; padded query rows are excluded
+            (official bug B5: docs/official_code_differences.md#b5).
     Returns:
         (B, Ni) fp32 scores: head mean, summed over real text rows, divided by the number of real rows.
     """

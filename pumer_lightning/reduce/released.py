@@ -1,6 +1,7 @@
-"""The released PuMer settings (csarron/PuMer checkpoints, PUMER.md §2) as schedules with real block ids.
+"""The released PuMer settings (csarron/PuMer checkpoints, docs/experiments.md) as schedules with real block
+ids.
 
-    python -m pumer_lightning.reduce.released      # prints the token-count table the README shows
+    python -m pumer_lightning.reduce.released      # prints the token-count table of docs/reducer.md
 
 Each entry carries the token counts of the task's inputs: image tokens including the image CLS (ViLT 384 px
 with 32 px patches: 145; METER 288 px with 16 px patches: 325; 384 px: 577) and the padded text length the

@@ -82,7 +82,7 @@ class BackboneSpec:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule (PuMer's recipe by default: PUMER.md §3.1).
+    """AdamW and the learning-rate schedule (PuMer's recipe by default: docs/experiments.md#training-recipe).
 
     Args:
         lr: base learning rate (the backbone group's).
@@ -121,7 +121,8 @@ class OptimConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation from a frozen, unreduced teacher of the same architecture (PUMER.md §1.7).
+    """Knowledge distillation from a frozen, unreduced teacher of the same architecture
+    (docs/official_code_differences.md#b16).
 
     Args:
         teacher: ``initial`` (a frozen copy of the student's starting weights, i.e. the backbone checkpoint and

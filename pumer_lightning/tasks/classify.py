@@ -33,7 +33,7 @@ class ClassificationTask(VLTask):
     num_classes: int = 2
 
     def build_metrics(self) -> None:
-        # micro average = plain accuracy (MulticlassAccuracy's default is macro: ECOSYSTEM.md §4)
+        # micro average = plain accuracy (MulticlassAccuracy's default is macro)
         self.accuracy = nn.ModuleDict(
             {stage_key(s): MulticlassAccuracy(num_classes=self.num_classes, average="micro") for s in STAGES}
         )

@@ -16,7 +16,8 @@ class NLVR2Task(ClassificationTask):
     """NLVR2 (and the shapes world's two-image statements).
 
     The backbone runs once per image with the same text, image 0 with modality type 1 and image 1 with type 2
-    (so it is built with three type rows); the head sees the two pooled vectors concatenated (PUMER.md §4.1).
+    (so it is built with three type rows); the head sees the two pooled vectors concatenated
+    (docs/backbones.md#heads).
     Accuracy is micro-averaged; ``test`` also reports consistency (every statement's examples right) and writes
     ``nlvr2_test_predictions.csv`` (``identifier,True|False``).
     """

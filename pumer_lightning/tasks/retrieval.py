@@ -1,6 +1,7 @@
 """Image-text retrieval (Flickr30k, COCO): rank loss over sampled negatives + ITM; R@1/5/10 both ways.
 
-Training (PUMER.md §4.1): every caption of the batch is scored against its own image and ``num_negatives``
+Training (docs/official_code_differences.md#b23): every caption of the batch is scored against its own image
+and ``num_negatives``
 captions of *other* images of the batch, drawn uniformly; the rank scores of the ``1 + K`` pairs go through a
 cross-entropy with the positive first, and an ITM head learns match / no match on the same pairs (weight
 ``itm_weight``). Distillation is a softmax KL over the same ``1 + K`` rank scores (the official code's KL over

@@ -22,7 +22,8 @@ class VQATask(VLTask):
 
     The loss is binary cross-entropy with logits against the soft answer scores, mean-reduced and multiplied by
     the number of answers, as the original ViLT and METER do (PuMer's code drops the factor, which shrinks the
-    task term about 3129x against distillation: PUMER.md B17). Distillation uses the same sigmoid/BCE form
+    task term about 3129x against distillation: docs/official_code_differences.md#b17). Distillation uses the
+    same sigmoid/BCE form
     with the teacher's sigmoid probabilities as soft targets (not a softmax over a multi-label output, B16).
 
     Args:
