@@ -31,7 +31,7 @@ def _parse(name: str, *extra: str):
 
 @pytest.mark.parametrize("name", REAL)
 def test_real_experiment_holds_the_released_setting(name):
-    """The YAML's reducer equals PuMer's released checkpoint setting, in real block ids (PUMER.md §2)."""
+    """The YAML's reducer equals PuMer's released checkpoint setting, in real block ids (docs/experiments.md)."""
     raw = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
     task, family = name.rsplit("_", 1)
     model = raw["model"]

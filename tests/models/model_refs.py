@@ -70,7 +70,7 @@ def _classifier(sd: dict, rnd: _Random, name: str, d_in: int, width: int, n_out:
 def original_meter_state(
     cfg: MeterConfig, heads: tuple[str, ...] = ("vqa",), num_answers: int = 11, seed: int = 0
 ) -> dict[str, Tensor]:
-    """Every key of an original METER-CLIP16-RoBERTa Lightning state dict (PUMER.md §6.1), random values."""
+    """Every key of an original METER-CLIP16-RoBERTa Lightning state dict (docs/backbones.md), random values."""
     rnd = _Random(seed)
     sd: dict[str, Tensor] = {}
     roberta = RobertaModel(cfg.roberta(), add_pooling_layer=True)

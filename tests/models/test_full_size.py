@@ -1,4 +1,4 @@
-"""Full-size presets build and run one CPU forward; the released PuMer schedules give PUMER.md's token counts."""
+"""Full-size presets build and run one CPU forward; the released PuMer schedules give the official token counts."""
 
 from __future__ import annotations
 
@@ -13,21 +13,21 @@ pytestmark = pytest.mark.slow
 
 # preset -> (released schedule, text length, image tokens entering each reduction, text tokens likewise)
 RELEASED = {
-    # ViLT-VQA, p.1 r.3 t.2 at blocks 2, 5, 8 (PUMER.md §1.4): 145 -> 87 -> 52 -> 31, text 32 -> 26 -> 21 -> 17
+    # ViLT-VQA, p.1 r.3 t.2 at blocks 2, 5, 8 (docs/reducer.md): 145 -> 87 -> 52 -> 31, text 32 -> 26 -> 21 -> 17
     "vilt_b32": (
         ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]),
         32,
         [145, 87, 52, 31],
         [32, 26, 21, 17],
     ),
-    # METER-NLVR2, p.3 r.5 t.2 at "246" = blocks 1-3 (PUMER.md §1.3): 325 -> 114 -> 41 -> 15
+    # METER-NLVR2, p.3 r.5 t.2 at "246" = blocks 1-3 (docs/reducer.md): 325 -> 114 -> 41 -> 15
     "meter_b16_288": (
         ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [2, 4, 6], doubled=True),
         40,
         [325, 114, 41, 15],
         [40, 32, 26, 21],
     ),
-    # METER-VQA, p.2 r.2 t.2 at "0246" = blocks 0-3 (PUMER.md §1.3): 577 -> 347 -> 209 -> 125 -> 75
+    # METER-VQA, p.2 r.2 t.2 at "0246" = blocks 0-3 (docs/reducer.md): 577 -> 347 -> 209 -> 125 -> 75
     "meter_b16_384": (
         ReducerSchedule.from_pumer(0.2, 0.2, 0.2, [0, 2, 4, 6], doubled=True),
         32,

@@ -1,4 +1,4 @@
-"""Task heads: the original dimensions (PUMER.md §4.1) and composition with any backbone."""
+"""Task heads: the original dimensions (docs/backbones.md#heads) and composition with any backbone."""
 
 from __future__ import annotations
 

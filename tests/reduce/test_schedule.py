@@ -8,7 +8,7 @@ def counts(plan: list[LayerPlan]) -> list[tuple[int, int, int, int, int]]:
     return [(p.layer, p.image_in, p.image_kept, p.image_out, p.text_in, p.text_out) for p in plan]
 
 
-# Token schedules of the released settings, computed by hand from the official code's rules (PUMER.md 1.3, 1.4).
+# Token schedules of the released settings, computed by hand from the official code's rules (docs/reducer.md).
 OFFICIAL_COUNTS = {
     "vilt_vqa2": [(2, 145, 131, 87, 32, 26), (5, 87, 78, 52, 26, 21), (8, 52, 47, 31, 21, 17)],
     "vilt_snli_ve": [(2, 145, 131, 87, 40, 32), (4, 87, 78, 52, 32, 26), (6, 52, 47, 31, 26, 21),
