@@ -56,7 +56,7 @@ loader-bench: $(STAMP) ## data loader throughput (examples/s per worker) at 384 
 	@test -d data/shapes/nlvr2 || $(MAKE) shapes
 	$(BIN)/python -m pumer_lightning.data.throughput --data-dir data/shapes/nlvr2 --image-size 384 --workers 1,2
 
-# `make bench` alone measures the two NLVR2 settings the README quotes; EXP=name (or a list) picks others
+# `make bench` alone measures the two NLVR2 settings the README and docs/bench.md quote; EXP=name (or a list) picks others
 BENCH_EXP = $(if $(filter command line environment,$(origin EXP)),$(EXP),vilt_nlvr2 meter_nlvr2)
 bench: $(STAMP) ## throughput, memory and FLOPs: baseline vs PuMer settings at full size (EXP=vilt_nlvr2 ...)
 	$(BIN)/python -m pumer_lightning.bench $(BENCH_EXP) $(ARGS)

@@ -9,7 +9,7 @@ Everything is generated and trained here, from nothing, on the synthetic shapes 
 2. **Pre-training** (cached): a small ViLT (``vilt_small``) learns shapes VQA, the stand-in for the
    vision-language pre-training every PuMer model starts from. Trained from scratch on the NLVR2 statements a
    model of this size stays at chance for thousands of steps (measured: 6000 steps at three learning rates, see
-   the README), because a balanced true/false label is a pure text-image interaction with no first-order signal.
+   docs/study.md#design), because a balanced true/false label is a pure text-image interaction with no first-order signal.
 3. **Baseline** (cached): the unreduced model fine-tuned on NLVR2 from the pre-trained weights.
 4. **Training-free**: the baseline's weights evaluated with reducers switched on: PuMer, its parts, random and
    image-CLS pruning at the same token budget, and a keep-ratio sweep.

@@ -3,7 +3,7 @@
     python -m pumer_lightning.bench vilt_nlvr2 meter_nlvr2            # full size, batch 8, every setting
     python -m pumer_lightning.bench vilt_vqa2 --quick                 # baseline vs released only
     python -m pumer_lightning.bench tiny_meter_vqa2 --rounds 3        # tiny preset (seconds)
-    python -m pumer_lightning.bench.table results/bench/*_b8.json    # the README table
+    python -m pumer_lightning.bench.table results/bench/*_b8.json    # one combined table
 
 See `runner` for the protocol, `measure` for how FLOPs, memory and reducer time are measured, `experiments`
 for the input shapes and settings, and `report` for the outputs.

@@ -1,6 +1,6 @@
-"""Bench outputs: JSON, a Markdown table, a PNG plot, and the README table.
+"""Bench outputs: JSON, a Markdown table, a PNG plot, and a combined table of several runs.
 
-The README table is printed by ``python -m pumer_lightning.bench.table <json files>``.
+The combined table (docs/bench.md) is printed by ``python -m pumer_lightning.bench.table <json files>``.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> 
 
 
 def readme_table(results: list[dict], settings: list[str] | None = None) -> str:
-    """The README's results table: one row per experiment and setting, then the command and machine."""
+    """The combined results table: one row per experiment and setting, then the command and machine."""
     lines = [
         "| experiment | setting | examples/s median [min–max] | speedup (paired) | GFLOPs/ex | FLOPs ratio "
         "| attained | peak memory MiB (activations) | reducer time | image tokens per layer |",

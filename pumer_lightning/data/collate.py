@@ -1,6 +1,6 @@
 """Examples and the collate function that turns a list of them into the batch dict every task consumes.
 
-Batch keys (see the README's data section):
+Batch keys (see docs/data.md):
 
 - ``pixel_values`` float32 ``(B, n_images, 3, H, W)``; ``n_images`` is 2 for NLVR2, else 1.
 - ``pixel_mask`` int64 ``(B, n_images, H, W)``: only with ``resize="shorter_side"``, where images differ in size
