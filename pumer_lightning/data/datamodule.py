@@ -148,6 +148,8 @@ class VLDataModule(pl.LightningDataModule):
         self._metas: dict[str, SplitMeta] = {}
         self._retrieval_texts: dict[str, RetrievalTexts] = {}
         self._skipped: Counter = Counter()
+        self._train_loader: StreamLoader | None = None
+        self._train_resume: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
     # ------------------------------------------------------------------------------------------ metadata
     def split_meta(self, split: str) -> SplitMeta:
@@ -282,6 +284,16 @@ class VLDataModule(pl.LightningDataModule):
         trainer = self._trainer_or_none()
         return int(trainer.current_epoch) if trainer is not None else None
 
+    def _consumed_batches(self) -> int | None:
+        """Training batches of the current epoch the trainer has finished (None outside ``fit``)."""
+        trainer = self._trainer_or_none()
+        if trainer is None or getattr(trainer.state, "fn", None) != "fit":
+            return None
+        try:
+            return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        except AttributeError:
+            return None
+
     def normalize_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Turn uint8 ``pixel_values`` into normalised float32 (no-op when they are float already)."""
         if isinstance(batch, dict) and "pixel_values" in batch:
@@ -315,6 +327,12 @@ class VLDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StreamLoader:
         """The training loader: exactly :meth:`steps_per_epoch` shuffled batches per epoch on every rank."""
         meta = self._train_meta()
+        if meta.num_samples <= 0:
+            where = self.data_dir / self.train_splits[0] if len(self.train_splits) == 1 else self.data_dir
+            raise ValueError(
+                f"{where}: meta.json lists no non-empty shard (num_samples {meta.num_samples}), so the length of a "
+                "training epoch is unknown; re-run the conversion to rewrite meta.json"
+            )
         rank, world = _dist_info(self._trainer_or_none())
         stream = TrainStream(
             split_dir=self.data_dir if len(self.train_splits) > 1 else self.data_dir / self.train_splits[0],
@@ -336,7 +354,7 @@ class VLDataModule(pl.LightningDataModule):
                 "share of records. Write more shards (prepare --shard-size) for efficient loading.",
                 self.data_dir, meta.split, len(stream.shards), n_slots,
             )  # fmt: skip
-        return StreamLoader(
+        loader = StreamLoader(
             stream,
             num_workers=self.num_workers,
             num_batches=self.steps_per_epoch(world),
@@ -346,7 +364,13 @@ class VLDataModule(pl.LightningDataModule):
             on_skipped=self._on_skipped(meta.split),
             postprocess=self._postprocess(for_trainer=True),
             multiprocessing_context=self.worker_start_method,
+            consumed_fn=self._consumed_batches,
         )
+        if self._train_resume:
+            loader.load_state_dict(self._train_resume)
+            self._train_resume = None
+        self._train_loader = loader
+        return loader
 
     def eval_dataloader(self, split: str, images_only: bool | None = None) -> StreamLoader:
         """An exact, unshuffled pass over ``split`` (any split directory under ``data_dir``).
@@ -412,13 +436,32 @@ class VLDataModule(pl.LightningDataModule):
             raise ValueError("retrieval_texts(): no split given and val_split is None")
         if split not in self._retrieval_texts:
             meta = self.split_meta(split)
-            self._retrieval_texts[split] = scan_retrieval_texts(
-                self.data_dir / split, meta, self._collator(meta)
-            )
+            texts = scan_retrieval_texts(self.data_dir / split, meta, self._collator(meta))
+            self._on_skipped(split)(texts.skipped)  # captions left out of every evaluation of the split
+            self._retrieval_texts[split] = texts
         return self._retrieval_texts[split]
 
+    # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": dict(self._skipped)}
+        """Skip counts and where the training epoch stands (Lightning saves this in every checkpoint).
+
+        ``train_stream`` lets a run resumed from a mid-epoch checkpoint continue the epoch where it stopped: it
+        sees each remaining example of the epoch once and none of those already trained on. The skip counts
+        cover the batches the trainer consumed (not those the loader had fetched ahead).
+        """
+        skipped = Counter(self._skipped)
+        train: dict[str, Any] = dict(self._train_resume or {})
+        if self._train_loader is not None:
+            split = self._train_meta().split
+            for reason, n in self._train_loader.unconsumed_skips().items():
+                skipped[f"{split}/{reason}"] -= n
+            train = self._train_loader.state_dict() or train
+        return {"skipped": {k: v for k, v in skipped.items() if v > 0}, "train_stream": train}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._skipped = Counter(state_dict.get("skipped", {}))
+        train = state_dict.get("train_stream") or None
+        self._train_resume = train
+        if train and self._train_loader is not None:
+            self._train_loader.load_state_dict(train)
+            self._train_resume = None

@@ -26,6 +26,7 @@ Unlabelled splits (VQAv2 test) have ``"labeled": false`` in ``meta.json`` and no
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -100,12 +101,33 @@ class SplitMeta:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], path: str | Path = "meta.json") -> SplitMeta:
+        """Build from parsed ``meta.json``; a missing or wrong-typed field raises one ValueError naming the file
+        and the field."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
         missing = [k for k in ("task", "split", "num_samples", "num_records", "shards") if k not in obj]
         if missing:
             raise ValueError(f"{path}: missing field(s) {', '.join(missing)}")
         if obj.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise ValueError(f"{path}: schema {obj.get('schema')!r} is not {SCHEMA_VERSION!r}")
-        shards = [ShardInfo(**s) for s in obj["shards"]]
+        _check_fields(path, "", obj, _META_FIELDS)
+        if not isinstance(obj["shards"], list):
+            raise ValueError(f"{path}: field 'shards' must be a list, got {type(obj['shards']).__name__}")
+        shards = []
+        for i, entry in enumerate(obj["shards"]):
+            where = f"shards[{i}]"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}: field '{where}' must be an object, got {type(entry).__name__}")
+            absent = [k for k in ("name", "records", "samples") if k not in entry]
+            if absent:
+                raise ValueError(f"{path}: missing field(s) {', '.join(f'{where}.{k}' for k in absent)}")
+            _check_fields(path, f"{where}.", entry, _SHARD_FIELDS)
+            unknown = sorted(set(entry) - set(_SHARD_FIELDS))
+            if unknown:
+                raise ValueError(f"{path}: unknown field(s) {', '.join(f'{where}.{k}' for k in unknown)}")
+            if entry["records"] < 0 or entry["samples"] < 0:
+                raise ValueError(f"{path}: field '{where}.records'/'{where}.samples' must be >= 0")
+            shards.append(ShardInfo(**entry))
         return cls(
             task=obj["task"],
             split=obj["split"],
@@ -151,8 +173,48 @@ class SplitMeta:
         )
 
 
+_INT = (int,)
+#: field -> (allowed types, what the error message says was expected); ``bool`` is never accepted as an int.
+_META_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "task": ((str,), "a string"),
+    "split": ((str,), "a string"),
+    "dataset": ((str,), "a string"),
+    "num_samples": (_INT, "an integer"),
+    "num_records": (_INT, "an integer"),
+    "num_images": (_INT, "an integer"),
+    "labeled": ((bool,), "true or false"),
+    "labels": ((list, type(None)), "a list of strings or null"),
+    "schema": ((str,), "a string"),
+    "created_by": ((str,), "a string"),
+    "extra": ((dict,), "an object"),
+}
+_SHARD_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "a string (the shard's file name)"),
+    "records": (_INT, "an integer"),
+    "samples": (_INT, "an integer"),
+    "fingerprint": ((str,), "a string"),
+    "skipped": ((dict,), "an object"),
+}
+
+
+def _check_fields(path: str | Path, prefix: str, obj: dict[str, Any], spec: dict) -> None:
+    for key, (types, expected) in spec.items():
+        if key not in obj:
+            continue
+        value = obj[key]
+        ok = isinstance(value, types) and not (bool not in types and isinstance(value, bool))
+        if ok and key == "labels" and value is not None:
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise ValueError(f"{path}: field '{prefix}{key}' must be {expected}, got {value!r}"[:300])
+
+
 def read_split_meta(split_dir: str | Path) -> SplitMeta:
-    """Read and check ``<split_dir>/meta.json``; every shard it lists must exist."""
+    """Read and check ``<split_dir>/meta.json``.
+
+    A shard it lists that is missing on disk is logged here and then skipped and counted as ``shard_error`` by
+    the loaders (like any unreadable shard); only a split none of whose shards is on disk is an error.
+    """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split directory {split_dir} does not exist")
@@ -171,7 +233,13 @@ def read_split_meta(split_dir: str | Path) -> SplitMeta:
     missing = [s.name for s in meta.shards if not (split_dir / s.name).is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"{path} lists shard(s) missing on disk: {', '.join(missing[:3])}{more}")
+        message = f"{path} lists shard(s) missing on disk: {', '.join(missing[:3])}{more}"
+        if len(missing) == len(meta.shards):
+            raise FileNotFoundError(f"{message} (none of its {len(missing)} shard(s) is there)")
+        logging.getLogger("pumer_lightning.data").warning(
+            "%s; their examples are skipped and counted as shard_error (is the storage fully mounted/copied?)",
+            message,
+        )
     return meta
 
 

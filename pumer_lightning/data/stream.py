@@ -29,13 +29,13 @@ import random
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from .collate import Collator, Example
 from .schema import IMAGE_EXTENSIONS, SNLI_VE_LABELS, SplitMeta, images_per_record
@@ -52,6 +52,7 @@ SKIP_REASONS: dict[str, str] = {
     "decode_error": "an image could not be decoded",
     "truncated_image": "an image file is truncated",
     "missing_text": "a text entry has no (or an empty) text",
+    "bad_text": "a text (or its text_id) is not valid Unicode, e.g. a lone UTF-16 surrogate such as \\ud83d",
     "missing_label": "a text entry of a labelled split has no label",
     "bad_label": "a label is not in the label vocabulary or has the wrong type",
 }
@@ -65,10 +66,15 @@ class SkipCounter:
         self.log_limit = log_limit
         self.total: Counter = Counter()
         self._pending: Counter = Counter()
+        #: While True, skips are neither counted nor logged: a resumed training stream replays (without decoding)
+        #: the part of the epoch that was already consumed, whose skips were counted before the interruption.
+        self.muted = False
 
     def skip(self, reason: str, key: str, shard: str, detail: str = "", n: int = 1) -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}")
+        if self.muted:
+            return
         self.total[reason] += n
         self._pending[reason] += n
         level = logging.WARNING if self.total[reason] <= self.log_limit else logging.DEBUG
@@ -85,11 +91,76 @@ class SkipCounter:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_shard(path: str, counter: SkipCounter, expected_records: int | None = None, report: bool = True):
-    """Yield the raw WebDataset samples of one shard; read errors end the shard and are counted once."""
+@dataclass(frozen=True)
+class ShardClaim:
+    """What ``meta.json`` says a shard holds. A claim to check against the shard, never a limit on reading."""
+
+    records: int
+    samples: int
+
+
+_warned_counts: set[str] = set()
+
+
+def warn_counts(path: str, records: int, samples: int, claim: ShardClaim | None, unknown: int = 0) -> None:
+    """Warn (once per process and shard) when a fully read shard disagrees with its ``meta.json`` counts.
+
+    ``samples`` counts the texts of readable records; ``unknown`` records (no readable ``.json``) hold at least
+    one text each, which the claim includes."""
+    if claim is None or path in _warned_counts:
+        return
+    if records == claim.records and (
+        samples == claim.samples if not unknown else samples + unknown <= claim.samples
+    ):
+        return
+    _warned_counts.add(path)
+    log.warning(
+        "%s holds %d record(s) with %d example(s), but its meta.json entry says %d record(s) with %d example(s); "
+        "the counts in meta.json are out of date (re-run the conversion): every record of the shard is read",
+        path, records, samples, claim.records, claim.samples,
+    )  # fmt: skip
+
+
+def _texts_of(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, str]:
+    """Parse the ``.json`` member of a raw record: (info, None, "") or (None, skip reason, detail)."""
+    payload = raw.get("json")
+    if payload is None:
+        return None, "missing_json", "the record has no .json member"
+    try:
+        info = json.loads(payload)
+        if not isinstance(info, dict):
+            raise TypeError(f"the .json member is a {type(info).__name__}, not an object")
+        texts = info["texts"]
+        if not isinstance(texts, list):
+            raise TypeError("'texts' is not a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, "bad_json", f"{type(exc).__name__}: {exc}"
+    return info, None, ""
+
+
+def read_shard(
+    path: str,
+    counter: SkipCounter,
+    claim: ShardClaim | int | None = None,
+    report: bool = True,
+    images_only: bool = False,
+):
+    """Yield the raw WebDataset samples of one shard, every record of it, whatever ``meta.json`` claims.
+
+    Each yielded record carries its parsed ``.json`` member (``"__info__"``) or why it has none (``"__bad__"``).
+    With ``report`` (the one slot that owns the shard), the losses the record parser cannot count are counted
+    here once the shard is read: a read error (``shard_error``) and records whose ``.json`` member is missing or
+    unreadable (``missing_json``/``bad_json``). Their texts are unknown, so the examples they lost are taken from
+    ``claim`` (the shard's ``meta.json`` counts): the claimed examples that the readable records do not account
+    for, at least one per lost record. A shard whose fully read content disagrees with ``claim`` is reported
+    with a warning naming the file.
+    """
+    if isinstance(claim, int):
+        claim = ShardClaim(claim, claim)
     errors: list[BaseException] = []
-    seen = 0
+    records = texts = 0
     last_key = "(none)"
+    unknown: list[tuple[str, str, str]] = []  # (reason, key, detail) of records whose texts are unknown
 
     def handler(exn: BaseException) -> bool:
         errors.append(exn)
@@ -100,18 +171,39 @@ def read_shard(path: str, counter: SkipCounter, expected_records: int | None = N
         with open(path, "rb") as stream:
             source = [{"url": path, "stream": stream}]
             for raw in group_by_keys(tar_file_expander(source, handler=handler), handler=handler):
-                seen += 1
+                records += 1
                 last_key = raw.get("__key__", last_key)
+                info, reason, detail = _texts_of(raw)
+                if info is None:
+                    raw["__bad__"] = (reason, detail)
+                    unknown.append((reason, last_key, detail))  # type: ignore[arg-type]
+                else:
+                    raw["__info__"] = info
+                    texts += len(info["texts"])
                 yield raw
     except OSError as exc:
         errors.append(exc)
     if not report:
         return
-    if errors:
-        counter.skip("shard_error", f"after {last_key}", name, f"{type(errors[0]).__name__}: {errors[0]}")
-    elif expected_records is not None and seen < expected_records:
+    if images_only:  # one example per record: every loss is known exactly
+        known, claimed = records - len(unknown), (claim.records if claim is not None else None)
+    else:
+        known, claimed = texts, (claim.samples if claim is not None else None)
+    deficit = (claimed - known) if claimed is not None else 0
+    if errors or (claim is not None and records < claim.records):
+        what = f"{type(errors[0]).__name__}: {errors[0]}" if errors else "the tar ended early"
+        lost = max(1, deficit - len(unknown))
+        claimed_text = "" if claim is None else f" of {claim.records} claimed by meta.json"
         counter.skip("shard_error", f"after {last_key}", name,
-                     f"holds {seen} records, meta.json says {expected_records}")  # fmt: skip
+                     f"{what}; {records} record(s) read{claimed_text}", n=lost)  # fmt: skip
+        extra = 0
+    else:
+        warn_counts(path, records, texts, claim, len(unknown))
+        extra = max(0, deficit - len(unknown))
+    for i, (reason, key, detail) in enumerate(unknown):
+        n = 1 + extra // len(unknown) + (1 if i < extra % len(unknown) else 0)
+        note = f" ({n} example(s) lost per the shard's meta.json count)" if n > 1 else ""
+        counter.skip(reason, key, name, detail + note, n=n)
 
 
 def _image_member(raw: dict[str, Any], index: int) -> bytes | None:
@@ -119,6 +211,15 @@ def _image_member(raw: dict[str, Any], index: int) -> bytes | None:
         data = raw.get(f"img{index}.{ext}")
         if data is not None:
             return data
+    return None
+
+
+def unicode_problem(value: str) -> str | None:
+    """Why ``value`` cannot be encoded as UTF-8 (a lone surrogate, from a JSON escape like ``\\ud83d``), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{exc.reason} {value[exc.start : exc.end]!r} at position {exc.start}"
     return None
 
 
@@ -145,11 +246,11 @@ class RecordParser:
         if self.task == "nlvr2":
             if isinstance(value, bool):
                 return int(value)
-            if value in ("True", "False"):
+            if isinstance(value, str) and value in ("True", "False"):
                 return int(value == "True")
             raise ValueError(f"NLVR2 label must be true/false, got {value!r}")
         if self.task == "snli_ve":
-            if value not in self.index:
+            if not isinstance(value, str) or value not in self.index:
                 raise ValueError(f"SNLI-VE label {value!r} is not one of {', '.join(SNLI_VE_LABELS)}")
             return self.index[value]
         if self.task == "vqa2":
@@ -157,7 +258,7 @@ class RecordParser:
                 raise ValueError(f"VQA label must be an {{answer: score}} object, got {type(value).__name__}")
             indices, scores = [], []
             for answer, score in value.items():
-                if not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+                if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
                     raise ValueError(f"VQA score of {answer!r} must be in [0, 1], got {score!r}")
                 if answer in self.index:  # answers outside the vocabulary are dropped, as PuMer does
                     indices.append(self.index[answer])
@@ -168,26 +269,25 @@ class RecordParser:
     def __call__(self, raw: dict[str, Any], counter: SkipCounter) -> list[Example]:
         key = raw.get("__key__", "?")
         shard = os.path.basename(raw.get("__url__", "?"))
-        payload = raw.get("json")
-        if payload is None:
-            counter.skip("missing_json", key, shard)
+        if "__bad__" in raw:
+            return []  # counted by read_shard, which knows how many examples the shard lost with it
+        info = raw.get("__info__")
+        if info is None:
+            info, reason, detail = _texts_of(raw)
+            if info is None:  # a record that did not come through read_shard: its texts are unknown
+                counter.skip(reason, key, shard, detail)  # type: ignore[arg-type]
+                return []
+        texts = info["texts"]
+        n_lost = 1 if self.images_only else len(texts)
+        if n_lost == 0:
             return []
-        try:
-            info = json.loads(payload)
-            texts = info["texts"]
-            if not isinstance(texts, list):
-                raise TypeError("'texts' is not a list")
-        except (ValueError, KeyError, TypeError) as exc:
-            counter.skip("bad_json", key, shard, f"{type(exc).__name__}: {exc}")
-            return []
-        n_lost = 1 if self.images_only else max(1, len(texts))
         images = [_image_member(raw, i) for i in range(self.n_images)]
         if any(img is None for img in images):
             missing = [f"img{i}" for i, img in enumerate(images) if img is None]
             counter.skip("missing_image", key, shard, f"no {', '.join(missing)} member", n=n_lost)
             return []
         image_index = info.get("image_index")
-        if self.task == "retrieval" and not isinstance(image_index, int):
+        if self.task == "retrieval" and (isinstance(image_index, bool) or not isinstance(image_index, int)):
             counter.skip("bad_json", key, shard, "retrieval record lacks an integer 'image_index'", n=n_lost)
             return []
         record_meta = {k: v for k, v in info.items() if k != "texts"}
@@ -202,6 +302,10 @@ class RecordParser:
             if not isinstance(text, str) or not text.strip():
                 counter.skip("missing_text", text_id, shard, f"record {key}, text entry {j}")
                 continue
+            problem = unicode_problem(text) or unicode_problem(text_id)
+            if problem is not None:
+                counter.skip("bad_text", ascii(text_id), shard, f"record {key}, text entry {j}: {problem}")
+                continue
             label = None
             if self.labeled:
                 if "label" not in entry:
@@ -209,8 +313,8 @@ class RecordParser:
                     continue
                 try:
                     label = self.label(entry["label"])
-                except ValueError as exc:
-                    counter.skip("bad_label", text_id, shard, str(exc))
+                except (ValueError, TypeError) as exc:
+                    counter.skip("bad_label", text_id, shard, f"record {key}, text entry {j}: {exc}")
                     continue
             extra = {k: v for k, v in entry.items() if k not in ("text", "label", "answers", "text_id")}
             meta = {**base, "text_id": text_id, "text": text, **extra}
@@ -237,8 +341,16 @@ def decode_example_images(
 @dataclass(frozen=True)
 class _ShardRef:
     path: str
-    records: int
-    offset: int  # global index of the shard's first record
+    claim: ShardClaim  # what meta.json says the shard holds
+    offset: int  # global index of the shard's first record (from the claims: only balances the record split)
+
+    @property
+    def records(self) -> int:
+        return self.claim.records
+
+
+class NoUsableData(RuntimeError):
+    """No shard of a training split yields a single usable example."""
 
 
 class _StreamBase(IterableDataset):
@@ -261,14 +373,15 @@ class _StreamBase(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        # Every listed shard is read, whatever meta.json says it holds: its counts are a claim, not a limit.
         refs, offset = [], 0
         for s in meta.shards:
-            if s.records > 0:
-                refs.append(_ShardRef(str(Path(split_dir) / s.name), s.records, offset))
-                offset += s.records
+            refs.append(_ShardRef(str(Path(split_dir) / s.name), ShardClaim(s.records, s.samples), offset))
+            offset += max(0, s.records)
         if not refs:
-            raise ValueError(f"{split_dir}: meta.json lists no non-empty shard")
+            raise ValueError(f"{split_dir}: meta.json lists no shard")
         self.shards = refs
+        self.split_dir = str(split_dir)
         self.meta = meta
         self.parser = parser
         self.transform = transform
@@ -287,17 +400,37 @@ class _StreamBase(IterableDataset):
     def whole_shards(self, n_slots: int) -> bool:
         return len(self.shards) >= n_slots
 
-    def records(self, order: list[int], slot: int, n_slots: int, counter: SkipCounter) -> Iterator[dict]:
-        """Raw records of this slot, visiting shards in ``order``."""
+    def owned(self, order: list[int], slot: int, n_slots: int) -> set[int]:
+        """Shards whose losses this slot reports (each shard is reported by exactly one slot)."""
+        if self.whole_shards(n_slots):
+            return set(order[slot::n_slots])
+        return {i for pos, i in enumerate(order) if pos % n_slots == slot}
+
+    def records(
+        self, order: list[int], slot: int, n_slots: int, counter: SkipCounter, everything: bool = False
+    ) -> Iterator[dict]:
+        """Raw records of this slot, visiting shards in ``order``.
+
+        ``everything``: read every record of every shard (a training slot whose own share holds no usable
+        example); losses are still reported only for the shards this slot owns.
+        """
+        images_only = self.parser.images_only
+        if everything:
+            own = self.owned(order, slot, n_slots)
+            for i in order:
+                ref = self.shards[i]
+                yield from read_shard(ref.path, counter, ref.claim, report=i in own, images_only=images_only)
+            return
         if self.whole_shards(n_slots):
             for i in order[slot::n_slots]:
                 ref = self.shards[i]
-                yield from read_shard(ref.path, counter, ref.records)
+                yield from read_shard(ref.path, counter, ref.claim, images_only=images_only)
             return
         for pos, i in enumerate(order):
             ref = self.shards[i]
             owner = pos % n_slots == slot
-            for j, raw in enumerate(read_shard(ref.path, counter, ref.records, report=owner)):
+            shard_records = read_shard(ref.path, counter, ref.claim, report=owner, images_only=images_only)
+            for j, raw in enumerate(shard_records):
                 if (ref.offset + j) % n_slots == slot:
                     yield raw
 
@@ -309,8 +442,28 @@ class _StreamBase(IterableDataset):
         return out
 
 
+@dataclass
+class _SlotHealth:
+    """Whether a training slot still finds usable examples (shared by its example and batch generators)."""
+
+    everything: bool = False  # reading every shard because its own share held nothing usable
+    pass_size: int = 0  # most examples parsed in one pass
+    fails_since_ok: int = 0  # consecutive examples whose images did not decode
+    dead: bool = False  # so many consecutive decode failures that no usable example is left
+
+
 class TrainStream(_StreamBase):
     """Endless, shuffled training stream of collated batches (see the module docstring).
+
+    Each worker's stream is a function of ``(seed, epoch, rank, worker)``: batch ``k`` of a worker holds the
+    examples it pulls from its shuffle buffer up to that point, the images it could not decode replaced by the
+    next examples. Every batch carries ``"_pos"`` = (worker, examples pulled so far), which :class:`StreamLoader`
+    turns into a resumable position: a worker restarted mid-epoch replays its stream up to that point without
+    decoding a single image (and without counting its skips twice), then goes on.
+
+    A slot (rank, worker) whose own shards hold no usable example (say its only shard is corrupt) reads every
+    shard of the split instead and goes on; only when no shard of the split holds a usable example does the
+    stream stop, with one message naming the split directory.
 
     Args:
         shuffle_buffer: examples held for shuffling in each worker (0 disables).
@@ -322,64 +475,121 @@ class TrainStream(_StreamBase):
         self.shuffle_buffer = shuffle_buffer
         # The epoch is shared with worker processes (persistent workers keep their dataset copy).
         self.epoch = multiprocessing.Value("q", 0, lock=False)
+        # Where a resumed epoch starts: [epoch or -1, batches consumed, pulls of worker 0, 1, ...]; set by
+        # StreamLoader.configure_workers before workers start iterating.
+        self.resume = multiprocessing.Array("q", [-1, 0, 0], lock=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.value = int(epoch)
 
-    def examples(self, epoch: int, slot: int, n_slots: int, counter: SkipCounter) -> Iterator[Example]:
+    def set_resume(self, epoch: int, batches: int, pulls: list[int]) -> None:
+        """Make the next pass over ``epoch`` continue after ``batches`` consumed batches, worker ``v`` having
+        pulled ``pulls[v]`` examples (``epoch=-1``: start from the beginning)."""
+        if len(pulls) + 2 > len(self.resume):
+            self.resume = multiprocessing.Array("q", [-1, 0] + [0] * len(pulls), lock=False)
+        self.resume[0], self.resume[1] = int(epoch), int(batches)
+        for v in range(len(self.resume) - 2):
+            self.resume[2 + v] = int(pulls[v]) if v < len(pulls) else 0
+
+    def examples(
+        self, epoch: int, slot: int, n_slots: int, counter: SkipCounter, health: _SlotHealth | None = None
+    ) -> Iterator[Example]:
+        health = health if health is not None else _SlotHealth()
         for p in itertools.count():
             order = list(range(len(self.shards)))
             random.Random(f"{self.seed}/{epoch}/{p}/shards").shuffle(order)  # same on every rank
             produced = 0
-            for raw in self.records(order, slot, n_slots, counter):
+            for raw in self.records(order, slot, n_slots, counter, everything=health.everything):
                 exs = self.parser(raw, counter)
                 produced += len(exs)
                 yield from exs
-            if produced == 0:
-                raise RuntimeError(
-                    f"[{self.name}] slot {slot} of {n_slots} found no usable example in a full pass over "
-                    f"its shards ({len(self.shards)} in {os.path.dirname(self.shards[0].path)}); "
-                    f"skipped so far: {dict(counter.total)}"
+            health.pass_size = max(health.pass_size, produced)
+            if produced and not health.dead:
+                continue
+            if health.everything:
+                raise NoUsableData(
+                    f"[{self.name}] no usable example in any of the {len(self.shards)} shard(s) of "
+                    f"{self.split_dir}: training cannot start; skipped so far: {dict(counter.total)} (reasons: "
+                    "pumer_lightning.data.SKIP_REASONS)"
                 )
+            log.warning(
+                "[%s] slot %d of %d found no usable example in its own shard(s) of %s (skipped so far: %s); it "
+                "reads every shard of the split instead", self.name, slot, n_slots, self.split_dir,
+                dict(counter.total),
+            )  # fmt: skip
+            health.everything, health.dead, health.fails_since_ok = True, False, 0
+
+    def _start(self, epoch: int, worker: int, num_workers: int) -> tuple[int, int]:
+        """(worker whose stream this worker continues, examples it already pulled) for a resumed epoch."""
+        if self.resume[0] != epoch or len(self.resume) < 2 + num_workers:
+            return worker, 0
+        v = (worker + self.resume[1]) % num_workers  # the DataLoader asks workers round-robin from worker 0
+        return v, int(self.resume[2 + v])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        slot, n_slots = self.slot()
+        info = get_worker_info()
+        num_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         epoch = int(self.epoch.value)
+        worker, start = self._start(epoch, worker, num_workers)
+        slot, n_slots = self.rank * num_workers + worker, self.world_size * num_workers
         counter = SkipCounter(self.name)
-        rng = random.Random(f"{self.seed}/{epoch}/{slot}/rank{self.rank}")
-        stream = shuffled(self.examples(epoch, slot, n_slots, counter), self.shuffle_buffer, rng)
+        health = _SlotHealth()
+        tag = f"{self.seed}/{epoch}/{slot}/rank{self.rank}"
+        stream = shuffled(self.examples(epoch, slot, n_slots, counter, health), self.shuffle_buffer,
+                          random.Random(tag))  # fmt: skip
+        pulls = 0
         batch: list[Example] = []
-        for ex in stream:
-            tensors = decode_example_images(ex, self.transform, counter, rng)
-            if tensors is None:
-                continue
-            ex.images = tensors
-            batch.append(ex)
-            if len(batch) == self.batch_size:
-                yield self.emit(batch, counter)
-                batch = []
+        try:
+            if start:  # replay the consumed part of the epoch: no decoding, its skips were counted already
+                counter.muted = True
+                for _ in stream:
+                    pulls += 1
+                    if pulls >= start:
+                        break
+                counter.muted = False
+            for ex in stream:
+                pulls += 1
+                # one generator per example, so that a resumed stream augments exactly as an uninterrupted one
+                rng = random.Random(f"{tag}/{pulls}") if self.transform.augment is not None else None
+                tensors = decode_example_images(ex, self.transform, counter, rng)
+                if tensors is None:
+                    health.fails_since_ok += 1
+                    if health.fails_since_ok > self.shuffle_buffer + 2 * max(1, health.pass_size):
+                        health.dead = True  # a full pass and more without one decodable image
+                    continue
+                health.fails_since_ok = 0
+                ex.images = tensors
+                batch.append(ex)
+                if len(batch) == self.batch_size:
+                    out = self.emit(batch, counter)
+                    out["_pos"] = (worker, pulls)
+                    yield out
+                    batch = []
+        except NoUsableData as exc:
+            yield {"_fatal": str(exc)}
 
 
 class EvalStream(_StreamBase):
     """One exact pass over a split; each record decoded once and shared by all its texts."""
 
     def expected_batches(self, num_workers: int) -> int | None:
-        """Batches this rank yields if no example is dropped; None when slots do not get whole shards."""
+        """Batches this rank yields if no example is dropped; None when slots do not get whole shards.
+
+        Counted from what the shards hold (:func:`count_shard`, reading tar headers and ``.json`` members only),
+        not from ``meta.json``, so a stale ``meta.json`` can never make the trainer stop before the data ends.
+        """
         workers = max(1, num_workers)
         n_slots = self.world_size * workers
         if not self.whole_shards(n_slots):
             return None
-        samples_per_shard = {Path(s.name).name: s.samples for s in self.meta.shards}
         total = 0
         for w in range(workers):
             slot = self.rank * workers + w
-            if self.parser.images_only:
-                n = sum(self.shards[i].records for i in range(slot, len(self.shards), n_slots))
-            else:
-                n = sum(
-                    samples_per_shard[os.path.basename(self.shards[i].path)]
-                    for i in range(slot, len(self.shards), n_slots)
-                )
+            n = 0
+            for i in range(slot, len(self.shards), n_slots):
+                ref = self.shards[i]
+                records, samples = count_shard(ref.path, ref.claim)
+                n += records if self.parser.images_only else samples
             total += -(-n // self.batch_size)
         return total
 
@@ -405,6 +615,59 @@ class EvalStream(_StreamBase):
         pending = counter.take()
         if pending:
             yield {"_skipped": pending, "_empty": True}
+
+
+_count_cache: dict[tuple[str, int, int], tuple[int, int]] = {}
+
+
+def count_shard(path: str, claim: ShardClaim | None = None) -> tuple[int, int]:
+    """(records with a readable ``.json`` member, texts in them) of a shard, as far as it can be read.
+
+    Reads tar headers and the small ``.json`` members only (image bytes are skipped), so it is cheap next to
+    decoding; results are cached per file (path, size, mtime). A missing file counts (0, 0). When the shard reads
+    to its end and disagrees with ``claim``, a warning names the file.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0, 0
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key in _count_cache:
+        return _count_cache[key]
+    all_records, records, texts, current = 0, 0, 0, None
+    complete = True
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                prefix, suffix = base_plus_ext(member.name)
+                if prefix is None:
+                    continue
+                if prefix != current:
+                    current = prefix
+                    all_records += 1
+                if suffix.lower() != "json":
+                    continue
+                f = tar.extractfile(member)
+                try:
+                    info = json.loads(f.read()) if f is not None else None
+                    n = (
+                        len(info["texts"])
+                        if isinstance(info, dict) and isinstance(info["texts"], list)
+                        else None
+                    )
+                except (ValueError, KeyError, TypeError):
+                    n = None
+                if n is not None:
+                    records += 1
+                    texts += n
+    except (OSError, tarfile.TarError, EOFError):
+        complete = False
+    if complete:
+        warn_counts(path, all_records, texts, claim, all_records - records)
+    _count_cache[key] = (records, texts)
+    return records, texts
 
 
 def shuffled(items: Iterator[Example], size: int, rng: random.Random) -> Iterator[Example]:
@@ -438,6 +701,12 @@ class StreamLoader:
     Wraps a ``torch.utils.data.DataLoader`` (``batch_size=None``: workers already yield batches), strips the
     skip counts off every batch and passes them to ``on_skipped``.
 
+    A training loader is resumable mid-epoch: :meth:`state_dict` records the epoch, how many of its batches were
+    consumed and where each worker's stream stood after its last consumed batch; after :meth:`load_state_dict`
+    the next pass over that epoch yields only the batches that are left, continuing every worker's stream
+    where it stopped, so each example of the epoch is seen once. Lightning saves and restores this state with
+    the fit loop (the loader is ``Stateful``).
+
     Args:
         dataset: the stream.
         num_workers, persistent_workers, pin_memory, prefetch_factor: as for ``DataLoader``.
@@ -447,6 +716,9 @@ class StreamLoader:
             itself. Passed to the stream before workers start an epoch.
         on_skipped: receives ``{reason: count}`` deltas as they arrive.
         postprocess: applied to each batch in the main process before it is yielded.
+        consumed_fn: returns how many batches of the current epoch the consumer has finished with (the trainer's
+            progress), or None; default: the batches yielded so far (a consumer that prefetches has finished
+            with fewer).
     """
 
     def __init__(
@@ -462,18 +734,31 @@ class StreamLoader:
         on_skipped: Callable[[dict[str, int]], None] | None = None,
         multiprocessing_context: str | None = None,
         postprocess: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        consumed_fn: Callable[[], int | None] | None = None,
     ):
         if isinstance(dataset, TrainStream) and num_batches is None:
             raise ValueError("a training stream is endless: num_batches must be given")
         # Not named ``dataset``: Lightning would warn that an IterableDataset's length may be wrong, but this
-        # length is exact by construction (training) or computed from the shard assignment (evaluation).
+        # length is exact by construction (training) or computed from the shards themselves (evaluation).
         self.stream = dataset
         self.num_workers = num_workers
         self.num_batches = num_batches
         self.epoch_fn = epoch_fn
         self.on_skipped = on_skipped
         self.postprocess = postprocess
+        self.consumed_fn = consumed_fn
         self._epochs_started = 0
+        # resumable position (training): epoch in progress, batches yielded in it, and per yielded batch
+        # (number in the epoch, worker, examples that worker had pulled, skip counts that came with it)
+        self._epoch: int | None = None
+        self._first = 0  # batches of the epoch consumed before this pass started (a resumed epoch)
+        self._yielded = 0
+        self._start_pulls: list[int] = []
+        self._trail: list[tuple[int, int, int, dict[str, int]]] = []
+        self._resume: dict[str, Any] | None = None
+        if isinstance(dataset, TrainStream):
+            # sized before any worker starts: workers share this array with the main process
+            dataset.set_resume(-1, 0, [0] * max(1, num_workers))
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs["persistent_workers"] = persistent_workers
@@ -496,22 +781,116 @@ class StreamLoader:
             raise TypeError("the number of evaluation batches is unknown (fewer shards than workers x ranks)")
         return self._expected
 
+    # ------------------------------------------------------------------------------------------ resumable state
+    def _layout(self) -> dict[str, int]:
+        return {"workers": max(1, self.num_workers), "rank": self.stream.rank, "world_size": self.stream.world_size,
+                "batch_size": self.stream.batch_size, "num_batches": int(self.num_batches or 0)}  # fmt: skip
+
+    def _consumed(self) -> int:
+        """Batches of the current epoch the consumer has finished with (at least those of a resumed start)."""
+        consumed = self.consumed_fn() if self.consumed_fn is not None else None
+        if consumed is None:
+            return self._yielded
+        return max(min(int(consumed), self._yielded), self._first)
+
+    def unconsumed_skips(self) -> dict[str, int]:
+        """Skip counts that arrived with batches yielded but not yet consumed (already passed to ``on_skipped``);
+        a stream resumed from :meth:`state_dict` counts them again."""
+        if self._epoch is None:
+            return {}
+        consumed = self._consumed()
+        out: Counter = Counter()
+        for number, _, _, skipped in self._trail:
+            if number > consumed:
+                out.update(skipped)
+        return dict(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training epoch stands: ``{}`` for an evaluation loader or before the first epoch."""
+        if not isinstance(self.stream, TrainStream) or self._epoch is None:
+            return dict(self._resume or {})
+        consumed = self._consumed()
+        pulls = list(self._start_pulls)
+        for number, worker, pos, _ in self._trail:
+            if number <= consumed:
+                pulls[worker] = pos
+        return {"epoch": self._epoch, "batches": consumed, "pulls": pulls, **self._layout()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the epoch of ``state_dict`` where it stopped, the next time the loader runs that epoch."""
+        self._resume = dict(state_dict) if state_dict else None
+
+    def _resume_position(self, epoch: int) -> tuple[int, list[int]]:
+        """(batches already consumed, pulls per worker) for a pass over ``epoch``; (0, zeros) to start afresh."""
+        workers = max(1, self.num_workers)
+        fresh = (0, [0] * workers)
+        state, self._resume = self._resume, None
+        if not state or state.get("epoch") != epoch:
+            return fresh
+        batches = int(state.get("batches", 0))
+        if not 0 < batches < (self.num_batches or 0):
+            return fresh
+        layout = self._layout()
+        same = all(state.get(k) == layout[k] for k in ("workers", "world_size", "batch_size", "num_batches"))
+        if not same:
+            log.warning(
+                "[%s] the checkpoint's loader layout %s differs from this run's %s: the rest of epoch %d (%d of %d "
+                "batches) is drawn from the start of the epoch's stream, so some of its examples repeat",
+                self.stream.name, {k: state.get(k) for k in layout}, layout, epoch, self.num_batches - batches,
+                self.num_batches,
+            )  # fmt: skip
+            return batches, [-1] * workers
+        pulls = [int(p) for p in state.get("pulls", [])][:workers]
+        if state.get("rank") != layout["rank"]:
+            # Only rank 0's position is saved; other ranks assume no image failed to decode in the consumed part.
+            bs = self.stream.batch_size
+            pulls = [(batches // workers + (1 if v < batches % workers else 0)) * bs for v in range(workers)]
+        return batches, pulls + [0] * (workers - len(pulls))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = 0
         if isinstance(self.stream, TrainStream):
             epoch = self.epoch_fn() if self.epoch_fn is not None else None
-            self.stream.set_epoch(self._epochs_started if epoch is None else epoch)
+            epoch = self._epochs_started if epoch is None else epoch
+            n, pulls = self._resume_position(epoch)
+            self.stream.set_epoch(epoch)
+            if n and pulls[0] >= 0:
+                self.stream.set_resume(epoch, n, pulls)
+                log.info(
+                    "[%s] resuming epoch %d after batch %d of %d",
+                    self.stream.name,
+                    epoch,
+                    n,
+                    self.num_batches,
+                )
+            else:
+                self.stream.set_resume(-1, 0, [0] * len(pulls))
+            self._epoch, self._first, self._yielded, self._trail = epoch, n, n, []
+            self._start_pulls = [max(0, p) for p in pulls]
         self._epochs_started += 1
-        n = 0
         if self.num_batches == 0:
             return
+        if self.num_batches is not None and n >= self.num_batches:
+            return
+        since_last: Counter = Counter()
         for batch in self.loader:
+            fatal = batch.get("_fatal")
+            if fatal is not None:
+                raise RuntimeError(fatal)
             skipped = batch.pop("_skipped", None)
-            if skipped and self.on_skipped is not None:
-                self.on_skipped(skipped)
+            if skipped:
+                since_last.update(skipped)
+                if self.on_skipped is not None:
+                    self.on_skipped(skipped)
+            pos = batch.pop("_pos", None)
             if batch.pop("_empty", False):
                 continue
-            yield batch if self.postprocess is None else self.postprocess(batch)
             n += 1
+            if pos is not None:
+                self._yielded = n
+                self._trail.append((n, pos[0], pos[1], dict(since_last)))
+                since_last = Counter()
+            yield batch if self.postprocess is None else self.postprocess(batch)
             if self.num_batches is not None and n >= self.num_batches:
                 return
 
@@ -531,6 +910,7 @@ class RetrievalTexts:
     image_ids: torch.Tensor  # (N_text,) int64
     all_image_ids: torch.Tensor  # (N_img,) int64, sorted
     collator: Collator
+    skipped: dict[str, int] = field(default_factory=dict)  # captions left out, by reason (SKIP_REASONS)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -549,8 +929,13 @@ class RetrievalTexts:
 
 
 def scan_retrieval_texts(split_dir: str | Path, meta: SplitMeta, collator: Collator) -> RetrievalTexts:
-    """Read only the ``.json`` members of a retrieval split (seeking over the image bytes)."""
+    """Read only the ``.json`` members of a retrieval split (seeking over the image bytes).
+
+    Captions that cannot be scored (no text, a text that is not valid Unicode, a record whose ``.json`` is bad)
+    are left out, logged and counted in ``skipped``.
+    """
     text_ids, texts, pairs, images = [], [], [], set()
+    counter = SkipCounter(f"{meta.task}/{meta.split} captions")
     for s in meta.shards:
         path = Path(split_dir) / s.name
         try:
@@ -562,26 +947,47 @@ def scan_retrieval_texts(split_dir: str | Path, meta: SplitMeta, collator: Colla
                     f = tar.extractfile(member)
                     try:
                         info = json.loads(f.read()) if f is not None else None
-                        image_index = int(info["image_index"])
+                        image_index = info["image_index"]
+                        if isinstance(image_index, bool) or not isinstance(image_index, int):
+                            raise TypeError(f"image_index {image_index!r} is not an integer")
                         entries = info["texts"]
+                        if not isinstance(entries, list):
+                            raise TypeError("'texts' is not a list")
                     except (ValueError, KeyError, TypeError) as exc:
-                        log.warning("retrieval texts: %s in %s has bad json (%s); its captions are left out",
-                                    key, path.name, exc)  # fmt: skip
+                        n = (
+                            len(info["texts"])
+                            if isinstance(info, dict) and isinstance(info.get("texts"), list)
+                            else 1
+                        )
+                        counter.skip(
+                            "bad_json", key, path.name, f"its captions are left out ({exc})", n=max(1, n)
+                        )
                         continue
                     images.add(image_index)
                     for j, entry in enumerate(entries):
+                        text_id = (
+                            str(entry.get("text_id", f"{key}-{j}"))
+                            if isinstance(entry, dict)
+                            else f"{key}-{j}"
+                        )
                         text = entry.get("text") if isinstance(entry, dict) else None
                         if not isinstance(text, str) or not text.strip():
+                            counter.skip("missing_text", text_id, path.name, f"record {key}, text entry {j}")
                             continue
-                        text_ids.append(str(entry.get("text_id", f"{key}-{j}")))
+                        problem = unicode_problem(text) or unicode_problem(text_id)
+                        if problem is not None:
+                            counter.skip("bad_text", ascii(text_id), path.name, f"record {key}: {problem}")
+                            continue
+                        text_ids.append(text_id)
                         texts.append(text)
                         pairs.append(image_index)
         except (OSError, tarfile.TarError) as exc:
-            log.warning("retrieval texts: shard %s could not be read to its end (%s)", path, exc)
+            counter.skip("shard_error", "(captions)", path.name, f"could not be read to its end ({exc})")
     return RetrievalTexts(
         text_ids=text_ids,
         texts=texts,
         image_ids=torch.tensor(pairs, dtype=torch.long),
         all_image_ids=torch.tensor(sorted(images), dtype=torch.long),
         collator=collator,
+        skipped=dict(counter.total),
     )
