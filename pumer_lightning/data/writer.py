@@ -4,8 +4,10 @@ Converters describe a split as an ordered list of :class:`RecordPlan` (key, json
 metadata only, no pixels). :class:`SplitWriter` cuts the list into shards of ``shard_size`` records and writes
 each shard by streaming its images from disk, so memory stays bounded by one shard whatever the dataset size.
 A shard is first written to a hidden temporary file and renamed when complete; its fingerprint (a hash of its
-plans) is recorded, so a second run skips shards that are already on disk with the same content (resume after
-a crash, or an idempotent re-run) and rewrites only what changed.
+plans and of each image file's size and modification time) is recorded, so a second run skips shards that are
+already on disk with the same content (resume after a crash, or an idempotent re-run) and rewrites only what
+changed, including shards whose images were repaired. Every image is decoded once while writing: a truncated or
+undecodable file is reported in the summary and never written.
 """
 
 from __future__ import annotations
@@ -74,10 +76,15 @@ def write_shard(path: str | Path, samples: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def sniff_image(data: bytes) -> str:
-    """Return the file extension for encoded image bytes, reading only the header; raise if not an image."""
+def sniff_image(data: bytes, full: bool = False) -> str:
+    """Return the file extension for encoded image bytes; raise if not an image.
+
+    ``full``: decode every pixel, as the loader will (a truncated or corrupt file raises here, not in a run).
+    """
     with Image.open(io.BytesIO(data)) as img:
         fmt = (img.format or "").lower()
+        if full:
+            img.load()
     return {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}.get(fmt, fmt or "bin")
 
 
@@ -104,7 +111,8 @@ class RecordPlan:
 
 
 def load_plan_images(plan: RecordPlan) -> dict[str, Any]:
-    """Read the image files of a plan and encode the record; missing or non-image files raise SkipRecord."""
+    """Read the image files of a plan and encode the record; missing, non-image, truncated or undecodable files
+    raise SkipRecord (every image is decoded once, so a shard never holds an image the loader would skip)."""
     images = []
     for path in plan.image_paths:
         try:
@@ -114,9 +122,10 @@ def load_plan_images(plan: RecordPlan) -> dict[str, Any]:
         except OSError as exc:
             raise SkipRecord("unreadable_image", f"{path} ({exc})") from None
         try:
-            ext = sniff_image(data)
+            ext = sniff_image(data, full=True)
         except Exception as exc:  # PIL raises several types for non-images
-            raise SkipRecord("unreadable_image", f"{path} ({type(exc).__name__}: {exc})") from None
+            reason = "truncated_image" if "truncat" in str(exc).lower() else "unreadable_image"
+            raise SkipRecord(reason, f"{path} ({type(exc).__name__}: {exc})") from None
         images.append((ext, data))
     return encode_record(plan.key, plan.info, images)
 
@@ -148,10 +157,22 @@ def bounded_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int) -> It
             yield fut.result()
 
 
+def _file_state(path: Path) -> list[int] | None:
+    """(size, mtime in ns) of an image file, or None when it is missing: what a repaired image changes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _fingerprint(plans: Sequence[RecordPlan]) -> str:
+    """Hash of a shard's planned content: keys, json payloads, image paths and each image file's size and
+    modification time, so a shard is rebuilt when an image is repaired, replaced or appears."""
     h = hashlib.sha1()
     for p in plans:
-        h.update(json.dumps([p.key, p.info, [str(x) for x in p.image_paths]], sort_keys=True).encode())
+        files = [[str(x), _file_state(Path(x))] for x in p.image_paths]
+        h.update(json.dumps([p.key, p.info, files], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

@@ -27,6 +27,25 @@ class PreparedSplit:
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
 
+def check_text(value: object, field: str) -> str:
+    """``value`` if it is a non-empty string that encodes as UTF-8; otherwise ValueError naming ``field``.
+
+    JSON may hold a lone UTF-16 surrogate (``"\\ud83d"``, a truncated emoji): Python reads it into a string that
+    no tokenizer accepts, so such a line is rejected here rather than failing a run later.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string, got {type(value).__name__} {value!r}"[:200])
+    if not value.strip():
+        raise ValueError(f"{field} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{field} is not valid Unicode: {exc.reason} {value[exc.start : exc.end]!r} at position {exc.start}"
+        ) from None
+    return value
+
+
 def find_file(root: Path, name: str, subdirs: Iterable[str] = (".",), required: bool = True) -> Path | None:
     """``root/<subdir>/name`` for the first subdir where it exists; raise naming every place looked at."""
     tried = []

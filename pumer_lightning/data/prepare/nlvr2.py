@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..writer import RecordPlan
-from .common import PreparedSplit, find_file, first_dir, index_images, shuffle_train
+from .common import PreparedSplit, check_text, find_file, first_dir, index_images, shuffle_train
 
 SPLITS = {"train": "train", "val": "dev", "test": "test1"}
 LABELS = {"True": True, "False": False, "true": True, "false": False}
@@ -50,12 +50,22 @@ def prepare(src: Path, splits: list[str] | None, images: Path | None, seed: int)
                     continue
                 try:
                     row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise TypeError(f"a line must be a JSON object, got {type(row).__name__}")
                     identifier, sentence, label = row["identifier"], row["sentence"], row["label"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    skipped.setdefault("bad_line", []).append(f"{path.name}:{lineno} ({exc})")
+                    check_text(identifier, "identifier")
+                    if identifier.count("-") < 3 or "." in identifier or "/" in identifier:
+                        raise ValueError(
+                            f"identifier {identifier!r} is not {{split}}-{{set}}-{{pair}}-{{sentence}}"
+                        )
+                    check_text(sentence, f"sentence of {identifier}")
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    skipped.setdefault("bad_line", []).append(
+                        f"{path.name}:{lineno} ({type(exc).__name__}: {exc})"[:300]
+                    )
                     continue
-                if label not in LABELS:
-                    skipped.setdefault("bad_label", []).append(f"{identifier}: {label!r}")
+                if not isinstance(label, str) or label not in LABELS:
+                    skipped.setdefault("bad_label", []).append(f"{identifier}: {label!r}"[:200])
                     continue
                 pair = identifier.rsplit("-", 1)[0]
                 entry = {"text_id": identifier, "text": sentence, "label": LABELS[label]}

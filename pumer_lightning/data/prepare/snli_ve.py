@@ -18,7 +18,7 @@ from typing import Any
 
 from ..schema import SNLI_VE_LABELS
 from ..writer import RecordPlan
-from .common import PreparedSplit, find_file, first_dir, shuffle_train
+from .common import PreparedSplit, check_text, find_file, first_dir, shuffle_train
 
 SPLITS = {"train": "train", "val": "dev", "test": "test"}
 
@@ -53,14 +53,23 @@ def prepare(src: Path, splits: list[str] | None, images: Path | None, seed: int)
                     continue
                 try:
                     row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise TypeError(f"a line must be a JSON object, got {type(row).__name__}")
                     image, label = str(row["Flickr30K_ID"]), row["gold_label"]
                     entry = {"text_id": str(row["pairID"]), "text": row["sentence2"], "label": label,
                              "premise": row.get("sentence1")}  # fmt: skip
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    skipped.setdefault("bad_line", []).append(f"{path.name}:{lineno} ({exc})")
+                    check_text(entry["text_id"], "pairID")
+                    check_text(entry["text"], f"sentence2 of {entry['text_id']}")
+                    check_text(image, "Flickr30K_ID")
+                    if isinstance(entry["premise"], str):
+                        check_text(entry["premise"], f"sentence1 of {entry['text_id']}")
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    skipped.setdefault("bad_line", []).append(
+                        f"{path.name}:{lineno} ({type(exc).__name__}: {exc})"[:300]
+                    )
                     continue
-                if label not in SNLI_VE_LABELS:
-                    skipped.setdefault("bad_label", []).append(f"{entry['text_id']}: {label!r}")
+                if not isinstance(label, str) or label not in SNLI_VE_LABELS:
+                    skipped.setdefault("bad_label", []).append(f"{entry['text_id']}: {label!r}"[:200])
                     continue
                 by_image.setdefault(image, []).append(entry)
         plans = [
