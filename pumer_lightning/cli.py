@@ -13,12 +13,22 @@
 * the resolved configuration saved as ``config.yaml`` in every run's log directory (also under
   ``fast_dev_run``, which Lightning's own callback skips);
 * ``validate/test/predict --ckpt_path X`` evaluates X's weights under the configuration given on the command
-  line, so a reducer override at test time takes effect (training-free PuMer on a fine-tuned model).
+  line, so a reducer override at test time takes effect (training-free PuMer on a fine-tuned model);
+* ``fit --ckpt_path=last`` resumes the newest ``interrupted.ckpt`` / ``last.ckpt`` of the experiment in its own
+  run directory, or stops saying there is none; a fit without ``--ckpt_path`` never resumes, and refuses a run
+  directory that already holds checkpoints (`pumer_lightning.callbacks.checkpoint`);
+* SIGTERM ends a fit with exit status 143 and the file and command to resume with; a checkpoint that cannot be
+  written (disk full) ends it with one message naming the file;
+* reducer settings checked right after parsing (``--model.reducer.keep_ratio must be in (0, 1], got 1.5``), and
+  unreadable checkpoint files and tokenizer directories reported before anything is built.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +37,15 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pumer_lightning.callbacks.checkpoint import (
+    SIGTERM_EXIT_CODE,
+    CheckpointWriteError,
+    interruption_report,
+    refuse_to_overwrite,
+    resolve_resume,
+)
 from pumer_lightning.data import VLDataModule
 from pumer_lightning.tasks import VLTask
 
@@ -36,13 +54,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # torch 2.13 deprecates a pytree check Lightning 2.6 still uses; it says nothing about this project
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-# With PreemptionCheckpoint (an OnExceptionCheckpoint) in the callbacks, Lightning turns every fit into
-# fit(ckpt_path="last") and says so twice; a fresh run's version directory has nothing to resume, so both
-# messages are noise. An explicit --ckpt_path still resumes as documented.
-warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
-warnings.filterwarnings(
-    "ignore", message=r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint'
-)
 
 #: The experiment files shipped with the project (``experiments/<name>.yaml``).
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -161,6 +172,17 @@ class ShapesData:
 
 
 _PREPARE = {"nlvr2": "nlvr2", "vqa2": "vqa2", "snli_ve": "snli_ve", "retrieval": "flickr30k|coco"}
+#: Files of which a saved tokenizer directory holds at least one (fast tokenizer, BERT / RoBERTa vocabularies,
+#: sentencepiece models).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 _TOKENIZER_SOURCES = {"vilt": "bert-base-uncased", "meter": "roberta-base"}
 
 
@@ -184,13 +206,19 @@ def missing_inputs(config: Any) -> list[str]:
     tokenizer = backbone.get("tokenizer")
     preset = backbone.get("preset")
     family = preset_family(preset) if preset else None
-    if tokenizer and not Path(tokenizer).is_dir():
+    if tokenizer and tokenizer not in ("None", "null"):
         source = _TOKENIZER_SOURCES.get(family, "<tokenizer>")
-        problems.append(
-            f"model.backbone.tokenizer {tokenizer} does not exist; save the {source} tokenizer there once, on a "
-            f'machine with internet: python -c "from transformers import AutoTokenizer; '
-            f"AutoTokenizer.from_pretrained('{source}').save_pretrained('{tokenizer}')\""
+        save = (
+            f'save the {source} tokenizer there once, on a machine with internet: python -c "from transformers '
+            f"import AutoTokenizer; AutoTokenizer.from_pretrained('{source}').save_pretrained('{tokenizer}')\""
         )
+        if not Path(tokenizer).is_dir():
+            problems.append(f"model.backbone.tokenizer {tokenizer} does not exist; {save}")
+        elif not any((Path(tokenizer) / name).is_file() for name in TOKENIZER_FILES):
+            problems.append(
+                f"model.backbone.tokenizer {tokenizer} holds no tokenizer files (none of "
+                f"{', '.join(TOKENIZER_FILES)}); {save}"
+            )
     checkpoint = backbone.get("checkpoint")
     if checkpoint in ("None", "null"):  # see BackboneSpec.__post_init__
         checkpoint = None
@@ -207,6 +235,92 @@ def missing_inputs(config: Any) -> list[str]:
             "(same experiment with --model.reducer.layers=[]) and point this at its best checkpoint"
         )
     return problems
+
+
+def unreadable_inputs(config: Any) -> list[str]:
+    """Input checkpoints that exist but cannot be read (empty, truncated, corrupt, random bytes), each naming
+    its file; ``--ckpt_path`` included. Checked before anything is built, like `missing_inputs`."""
+    from pumer_lightning.models.checkpoint import checkpoint_problem, unreadable_reason
+
+    problems = []
+    model = (config.get("model") or {}).get("init_args") or {}
+    checkpoint = (model.get("backbone") or {}).get("checkpoint")
+    if checkpoint and checkpoint not in ("None", "null") and Path(checkpoint).exists():
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            problems.append(f"model.backbone.checkpoint: {problem}")
+    distill = model.get("distill") or {}
+    teacher = distill.get("teacher") if distill else None
+    if teacher and teacher != "initial" and Path(teacher).exists():
+        problem = checkpoint_problem(teacher) if Path(teacher).is_dir() else None
+        reason = unreadable_reason(teacher) if Path(teacher).is_file() else None
+        if problem or reason:
+            problems.append(f"model.distill.teacher: {problem or f'{teacher} is unreadable: {reason}'}")
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
+        if not Path(ckpt_path).exists():
+            problems.append(f"--ckpt_path {ckpt_path} does not exist")
+        elif Path(ckpt_path).is_file():
+            reason = unreadable_reason(ckpt_path)
+            if reason:
+                problems.append(f"--ckpt_path {ckpt_path} is unreadable: {reason}")
+    return problems
+
+
+#: Where a ReducerSchedule sits in a task's arguments, and the flag that sets it.
+_SCHEDULES = (("reducer",), ("rerank", "first_pass"))
+
+
+def _preset_depth(preset: str) -> int | None:
+    """Reducible blocks of a backbone preset (ViLT transformer blocks, METER co-attention blocks), or None."""
+    try:
+        from pumer_lightning.models import build
+
+        if preset in build._VILT_PRESETS:
+            return build.vilt_config(**build._VILT_PRESETS[preset]).num_hidden_layers
+        return build._METER_PRESETS[preset].cross_layers
+    except Exception:  # an unknown preset is reported by its own check
+        return None
+
+
+def _as_dict(value: Any) -> Any:
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def reducer_errors(config: Any) -> list[str]:
+    """One sentence per invalid reducer schedule in a parsed configuration, naming the flag
+    (``--model.reducer.keep_ratio must be in (0, 1], got 1.5``). The rules are `ReducerSchedule`'s own
+    (``__post_init__`` and ``check_depth`` against the backbone preset's depth)."""
+    from pumer_lightning.reduce import ReducerSchedule
+
+    model = _as_dict(config.get("model")) or {}
+    init_args = _as_dict(model.get("init_args")) if isinstance(model, dict) else None
+    if not isinstance(init_args, dict):
+        return []
+    backbone = _as_dict(init_args.get("backbone")) or {}
+    preset = backbone.get("preset") if isinstance(backbone, dict) else None
+    errors = []
+    for keys in _SCHEDULES:
+        value: Any = init_args
+        for key in keys:
+            value = _as_dict(value.get(key)) if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            continue
+        flag = "--model." + ".".join(keys)
+        try:
+            schedule = ReducerSchedule(**value)
+            depth = _preset_depth(preset) if preset else None
+            if depth is not None:
+                schedule.check_depth(depth, f"{preset} backbone")
+        except (TypeError, ValueError) as err:
+            message = re.sub(r"\bReducerSchedule\.(\w+)", rf"{flag}.\1", str(err))
+            message = re.sub(
+                r"ReducerSchedule\.__init__\(\) got an unexpected keyword argument ",
+                f"{flag}: unknown field ",
+                message,
+            )
+            errors.append(message if flag in message else f"{flag}: {message}")
+    return errors
 
 
 class SaveResolvedConfig(SaveConfigCallback):
@@ -234,6 +348,9 @@ class PumerCLI(LightningCLI):
     """LightningCLI for every task module on `VLDataModule` (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        #: the command line as given (for the resume command printed after an interruption)
+        self.argv: list[str] = [str(a) for a in given] if isinstance(given, (list, tuple)) else sys.argv[1:]
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         kwargs.setdefault("model_class", VLTask)
         kwargs.setdefault("datamodule_class", VLDataModule)
@@ -282,6 +399,14 @@ class PumerCLI(LightningCLI):
         checkpoint of another architecture fails with the mismatching keys.
         """
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        errors = reducer_errors(config)
+        if errors:  # one sentence per bad value, before anything is built (no union-type noise)
+            sys.stderr.write("".join(f"error: {e}\n" for e in errors))
+            raise SystemExit(2)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         shapes = config.get("shapes")
@@ -290,6 +415,69 @@ class PumerCLI(LightningCLI):
         problems = missing_inputs(config)
         if problems:
             raise SystemExit("cannot start: missing inputs\n  - " + "\n  - ".join(problems))
+        problems = unreadable_inputs(config)
+        if problems:
+            raise SystemExit("cannot start: unreadable inputs\n  - " + "\n  - ".join(problems))
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        ckpt_path = kwargs.get("ckpt_path")
+        if subcommand == "fit":
+            kwargs["ckpt_path"] = resolve_resume(self.trainer, ckpt_path)
+            if kwargs["ckpt_path"] is None:
+                refuse_to_overwrite(self.trainer)
+        elif ckpt_path == "last":
+            kwargs["ckpt_path"] = resolve_resume(self.trainer, ckpt_path, continue_run=False)
+        return kwargs
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException as err:
+            if subcommand != "fit":
+                if self.trainer.is_global_zero:
+                    print(f"{subcommand} interrupted by SIGTERM; rerun the same command", file=sys.stderr)
+                raise SystemExit(SIGTERM_EXIT_CODE) from err
+            self._report_interruption(err)
+            raise SystemExit(SIGTERM_EXIT_CODE) from err
+        except CheckpointWriteError as err:  # e.g. disk full: one message naming the file, no traceback
+            resume = interruption_report(self.trainer, err)[1] if subcommand == "fit" else None
+            hint = f"\nresume with: {self.resume_command(resume)}" if resume else ""
+            raise SystemExit(f"error: {err}{hint}") from None
+        except BaseException as err:  # a crash or Ctrl-C: say where the state went, then the usual traceback
+            if subcommand == "fit":
+                self._report_interruption(err, only_if_saved=True)
+            raise
+
+    def resume_command(self, ckpt_path: str) -> str:
+        """The command that continues this fit from ``ckpt_path``."""
+        return "python -m pumer_lightning " + shlex.join(
+            [*without_ckpt_path(self.argv), f"--ckpt_path={ckpt_path}"]
+        )
+
+    def _report_interruption(self, err: BaseException, only_if_saved: bool = False) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        message, resume = interruption_report(self.trainer, err)
+        if only_if_saved and resume is None:
+            return
+        lines = [message]
+        if resume:
+            lines.append(f"resume with: {self.resume_command(resume)}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def without_ckpt_path(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--ckpt_path X`` / ``--ckpt_path=X`` arguments."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--ckpt_path", "--ckpt-path"):
+            skip = True
+        elif not arg.startswith(("--ckpt_path=", "--ckpt-path=")):
+            out.append(arg)
+    return out
 
 
 def main(args: list[str] | None = None) -> PumerCLI:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,12 +76,121 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _load_weights_file(path: Path) -> dict[str, Tensor]:
+def unreadable_reason(path: str | Path) -> str | None:
+    """Why a checkpoint file cannot be read as one (empty, truncated, damaged or random bytes), or None when its
+    container looks intact: a PyTorch zip archive whose members pass their CRC check, a legacy pickle, or a
+    safetensors file whose header and tensor extents fit the file. Reads the whole file once."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return f"it cannot be opened ({err.strerror or err})"
+    if size == 0:
+        return "the file is empty (0 bytes)"
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        return _safetensors_reason(path, size)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+                names = archive.namelist()
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+            return f"the file is corrupt or truncated (damaged zip archive: {err})"
+        if damaged is not None:
+            return f"the file is corrupt (member {damaged} fails its CRC check)"
+        if not any(n.endswith("data.pkl") for n in names):
+            return "it is a zip archive but not a PyTorch checkpoint (no data.pkl inside)"
+        return None
+    if head.startswith(b"\x80"):
+        return None  # a legacy (pre-zip) torch.save pickle: torch.load has the last word
+    return "the file is corrupt or not a checkpoint (neither a PyTorch zip archive nor a pickle)"
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+
+def _safetensors_reason(path: Path, size: int) -> str | None:
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length <= 0 or 8 + length > size:
+            return "the file is corrupt or truncated (its safetensors header does not fit the file)"
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "the file is corrupt (its safetensors header is not valid JSON)"
+    if not isinstance(header, dict):
+        return "the file is corrupt (its safetensors header is not a table of tensors)"
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2
+    ]
+    if 8 + length + max(ends, default=0) > size:
+        return "the file is truncated (the tensors its header lists run past the end of the file)"
+    return None
+
+
+def _unreadable(path: Path, err: BaseException, what: str = "checkpoint", hint: str = "") -> CheckpointError:
+    """A `CheckpointError` for a file that failed to load: corrupt (named as such), or intact but not loadable
+    (then ``hint`` follows the loader's first line)."""
+    reason = unreadable_reason(path)
+    if reason is not None:
+        return CheckpointError(f"{what} {path} is unreadable: {reason}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{what} {path} could not be read: {type(err).__name__}: {first}{hint}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({err})") from err
+
+
+def _load_weights_file(path: Path) -> dict[str, Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise _unreadable(path, err, "weights file") from err
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` (a converted checkpoint file or directory, or an HF ViLT directory) cannot be read, or None.
+
+    Checks what `read_checkpoint` will open (the JSON files parse, the weight files are intact containers) without
+    building anything, so that a command line can stop at once naming the file."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path} does not exist"
+    if path.is_file():
+        reason = unreadable_reason(path)
+        return f"{path} is unreadable: {reason}" if reason else None
+    if (path / CONFIG_NAME).is_file():
+        files = [path / CONFIG_NAME, path / WEIGHTS_NAME]
+    elif (path / "config.json").is_file():
+        weights = [path / "model.safetensors", path / "pytorch_model.bin"]
+        files = [path / "config.json", next((f for f in weights if f.is_file()), weights[0])]
+    else:
+        return (
+            f"{path} is neither a {FORMAT} checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME}) nor an HF ViLT directory "
+            "(config.json + model.safetensors)"
+        )
+    for file in files:
+        if not file.is_file():
+            return f"{path} has no {file.name}"
+        if file.suffix == ".json":
+            try:
+                json.loads(file.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                return f"{file} is corrupt: not valid JSON ({err})"
+        else:
+            reason = unreadable_reason(file)
+            if reason:
+                return f"{file} is unreadable: {reason}"
+    return None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -89,7 +199,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            hint = (
+                f"; it is not a {FORMAT} checkpoint file: original METER/ViLT .ckpt files must be converted first: "
+                f"python -m pumer_lightning.models.convert meter|vilt {path} OUT_DIR"
+            )
+            raise _unreadable(path, err, hint=hint) from err
         if not isinstance(blob, dict) or blob.get("config", {}).get("format") != FORMAT:
             raise CheckpointError(
                 f"{path} is not a {FORMAT} checkpoint file; original METER/ViLT .ckpt files must be converted "
@@ -97,7 +214,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             )
         return _from_ours(path, blob["config"], blob["state_dict"])
     if (path / CONFIG_NAME).is_file():
-        config = json.loads((path / CONFIG_NAME).read_text())
+        config = _read_json(path / CONFIG_NAME)
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -139,7 +256,7 @@ def _from_ours(path: Path, config: dict[str, Any], state: dict[str, Tensor]) -> 
 
 
 def _from_hf_vilt(path: Path) -> Checkpoint:
-    config = json.loads((path / "config.json").read_text())
+    config = _read_json(path / "config.json")
     if config.get("model_type") != "vilt":
         raise CheckpointError(
             f"{path}/config.json has model_type {config.get('model_type')!r}, expected 'vilt'"

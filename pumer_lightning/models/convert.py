@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from .build import PRESETS, new_backbone, preset_family, preset_image_size
-from .checkpoint import CheckpointError, load_strict, resize_position_table, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    load_strict,
+    resize_position_table,
+    save_checkpoint,
+    unreadable_reason,
+)
 from .heads import TASKS, build_head
 
 _HEAD_SOURCES = {"vqa_classifier.": "vqa2", "nlvr2_classifier.": "nlvr2", "snli_classifier.": "snli_ve"}
@@ -220,13 +226,21 @@ def load_original(path: str | Path, *, trust_pickle: bool = False) -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise CheckpointError(f"{path} is unreadable: {reason}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
+        if trust_pickle:
+            raise CheckpointError(f"{path} is unreadable: the pickle inside is damaged ({err})") from err
+        first = str(err).strip().splitlines()[0]
         raise CheckpointError(
             f"{path} holds Python objects besides tensors (e.g. a training config); if you trust the file, "
-            f"convert with --trust-pickle. ({err})"
+            f"convert with --trust-pickle. ({first})"
         ) from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path} is unreadable: {type(err).__name__}: {err}") from err
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
@@ -292,7 +306,12 @@ def convert(
         state[types_key] = torch.cat([state[types_key], state[types_key][1:2].expand(wanted - rows, -1)])
         log(f"modality type embeddings: {rows} -> {wanted} rows (new rows copied from row 1)")
 
-    backbone = new_backbone(preset, num_token_types=wanted, vocab_size=state[vocab_key].shape[0])
+    backbone = new_backbone(
+        preset,
+        num_token_types=wanted,
+        vocab_size=state[vocab_key].shape[0],
+        vilt_config_override=original_vilt_config(preset) if family == "vilt" else None,
+    )
     load_strict(backbone, state, f"converted {family} backbone from {src}")
     head = None
     if head_state is not None:
@@ -309,12 +328,35 @@ def convert(
         preset=preset,
         head=head,
         task=task if head is not None else None,
-        extra={"source": str(src)},
+        extra={
+            "source": str(src),
+            **({"layer_norm_eps": backbone.config.layer_norm_eps} if family == "vilt" else {}),
+        },
     )
     log(
         f"wrote {out} ({family}, preset {preset}, {target_size} px, {wanted} type rows, head: {task or 'none'})"
     )
     return out
+
+
+#: LayerNorm epsilon of original ViLT (timm ``VisionTransformer`` blocks and final norm, ``eps=1e-6``);
+#: transformers' `ViltConfig` defaults to 1e-12, which moves image states by up to ~5e-4 on random weights
+ORIGINAL_VILT_LAYER_NORM_EPS = 1e-6
+
+
+def original_vilt_config(preset: str):
+    """``preset``'s `ViltConfig` with original ViLT's LayerNorm epsilon (1e-6), for converted original checkpoints.
+
+    One epsilon serves every norm in transformers' ViLT, so the text-embedding norm (1e-12 in the original's BERT
+    embeddings) gets 1e-6 too; on embeddings of unit scale the difference is far below float32 noise. HF ViLT
+    directories are not converted (they load as they are) and keep their own ``layer_norm_eps``.
+    """
+    from .build import _VILT_PRESETS
+    from .vilt import vilt_config
+
+    config = vilt_config(**_VILT_PRESETS[preset])
+    config.layer_norm_eps = ORIGINAL_VILT_LAYER_NORM_EPS
+    return config
 
 
 def _default_preset(family: str, image_size: int) -> str:
