@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from pumer_lightning.reduce import ReducerSchedule, ReductionTrace, size_bias
+from pumer_lightning.reduce import ReducerSchedule, ReductionState, ReductionTrace, size_bias
 
 from .attention import AttnImpl, check_attn_impl, key_bias
 
@@ -47,6 +47,9 @@ class Backbone(nn.Module):
         num_token_types: rows of the modality type embedding (3 when the backbone serves NLVR2's two images).
         reducer: the `ReducerSchedule` (or None); settable at run time, checked against ``num_layers``.
         attn_impl: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit softmax, for parity tests).
+        reducer_impl: how a reduction step runs: ``"eager"`` (a few dozen small ops), ``"compiled"`` (one
+            ``torch.compile`` region per plan, a few fused kernels; compiled on first use) or ``"auto"`` (compiled
+            on CUDA, where every op is a kernel launch; eager elsewhere).
     """
 
     family: Literal["vilt", "meter"]
@@ -62,9 +65,10 @@ class Backbone(nn.Module):
     pad_token_id: int
     text_position_limit: int
 
-    def __init__(self, attn_impl: AttnImpl) -> None:
+    def __init__(self, attn_impl: AttnImpl, reducer_impl: ReducerImpl = "auto") -> None:
         super().__init__()
         self.attn_impl = check_attn_impl(attn_impl)
+        self.reducer_impl = check_reducer_impl(reducer_impl)
         self._reducer: ReducerSchedule | None = None
 
     @property
@@ -82,6 +86,10 @@ class Backbone(nn.Module):
     def set_attn_impl(self, attn_impl: AttnImpl) -> None:
         """Switch between fused (``"sdpa"``) and explicit-softmax (``"eager"``) attention."""
         self.attn_impl = check_attn_impl(attn_impl)
+
+    def reduce_compiled(self, x: Tensor) -> bool:
+        """Whether reduction steps on ``x`` run compiled (see ``reducer_impl``)."""
+        return self.reducer_impl == "compiled" or (self.reducer_impl == "auto" and x.is_cuda)
 
     @property
     def num_image_tokens(self) -> int:
@@ -127,7 +135,20 @@ class Backbone(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"family={self.family}, reducer={self._reducer}, attn_impl={self.attn_impl}"
+        return (
+            f"family={self.family}, reducer={self._reducer}, attn_impl={self.attn_impl}, "
+            f"reducer_impl={self.reducer_impl}"
+        )
+
+
+ReducerImpl = Literal["auto", "eager", "compiled"]
+REDUCER_IMPLS = ("auto", "eager", "compiled")
+
+
+def check_reducer_impl(impl: str) -> ReducerImpl:
+    if impl not in REDUCER_IMPLS:
+        raise ValueError(f"reducer_impl must be one of {REDUCER_IMPLS}, got {impl!r}")
+    return impl  # type: ignore[return-value]
 
 
 def attention_dtype(x: Tensor) -> torch.dtype:
@@ -136,6 +157,20 @@ def attention_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def reduction_bias(state: ReductionState, prop: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Key biases over the joint ``[text; image]`` sequence of ``state``: padding blocked, ``+ log size`` if ``prop``.
+
+    Returns ``(bias32, bias)``: (B, N) fp32 for the importance softmax and (B, 1, 1, N) in ``dtype`` for the fused
+    attention kernel (the same values; masked keys get ``dtype``'s most negative finite value).
+    """
+    blocked = torch.finfo(dtype).min
+    if prop:
+        bias32 = torch.where(state.real, state.size.float().log(), blocked)
+    else:
+        bias32 = torch.where(state.real, 0.0, blocked)
+    return bias32, bias32.to(dtype)[:, None, None, :]
 
 
 def attention_bias(

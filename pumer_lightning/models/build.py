@@ -14,7 +14,7 @@ from transformers import ViltConfig
 from pumer_lightning.reduce import ReducerSchedule
 
 from .attention import AttnImpl, check_attn_impl
-from .base import Backbone
+from .base import Backbone, ReducerImpl, check_reducer_impl
 from .checkpoint import Checkpoint, CheckpointError, load_strict, read_checkpoint, resize_position_table
 from .meter import MeterBackbone, MeterConfig
 from .vilt import ViltBackbone, vilt_config
@@ -101,6 +101,7 @@ def build_backbone(
     vocab_size: int | None = None,
     reducer: ReducerSchedule | None = None,
     attn_impl: Literal["sdpa", "eager"] = "sdpa",
+    reducer_impl: Literal["auto", "eager", "compiled"] = "auto",
 ) -> Backbone:
     """Build a backbone from a preset, optionally with weights.
 
@@ -115,9 +116,12 @@ def build_backbone(
         vocab_size: text vocabulary size; default: the checkpoint's, else the preset's.
         reducer: reducer schedule; its block ids are checked against the backbone's depth.
         attn_impl: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit softmax).
+        reducer_impl: ``"auto"`` (compiled reduction steps on CUDA, eager elsewhere), ``"eager"`` or
+            ``"compiled"`` (one ``torch.compile`` region per reduction plan).
     """
     family = preset_family(preset)
     check_attn_impl(attn_impl)
+    check_reducer_impl(reducer_impl)
     if num_token_types < 2:
         raise ValueError(f"num_token_types must be at least 2 (text + one image), got {num_token_types}")
     ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
@@ -141,6 +145,7 @@ def build_backbone(
         vocab_size=vocab_size,
         reducer=reducer,
         attn_impl=attn_impl,
+        reducer_impl=reducer_impl,
         vilt_config_override=hf_config,
     )
     if state is not None:
@@ -165,6 +170,7 @@ def new_backbone(
     vocab_size: int | None = None,
     reducer: ReducerSchedule | None = None,
     attn_impl: AttnImpl = "sdpa",
+    reducer_impl: ReducerImpl = "auto",
     vilt_config_override: ViltConfig | None = None,
 ) -> Backbone:
     """A randomly initialised backbone of ``preset`` (what `build_backbone` loads weights into)."""
@@ -174,11 +180,11 @@ def new_backbone(
         config.modality_type_vocab_size = num_token_types
         if vocab_size is not None:
             config.vocab_size = vocab_size
-        return ViltBackbone(config, reducer=reducer, attn_impl=attn_impl)
+        return ViltBackbone(config, reducer=reducer, attn_impl=attn_impl, reducer_impl=reducer_impl)
     meter = replace(_METER_PRESETS[preset], num_token_types=num_token_types)
     if vocab_size is not None:
         meter = replace(meter, vocab_size=vocab_size)
-    return MeterBackbone(meter, reducer=reducer, attn_impl=attn_impl)
+    return MeterBackbone(meter, reducer=reducer, attn_impl=attn_impl, reducer_impl=reducer_impl)
 
 
 def preset_image_size(preset: str) -> int:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from transformers import CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaModel
 
 from pumer_lightning.reduce import (
@@ -46,7 +47,7 @@ from pumer_lightning.reduce import (
 )
 
 from .attention import AttnImpl, attend, merge_heads, split_heads
-from .base import Backbone, BackboneOutput, attention_bias, attention_dtype
+from .base import Backbone, BackboneOutput, ReducerImpl, attention_bias, attention_dtype, reduction_bias
 
 
 @dataclass(frozen=True)
@@ -227,15 +228,21 @@ class MeterBackbone(Backbone):
         reducer: the reducer schedule; block ids are 0-based co-attention block indices (PuMer's doubled
             "0246" is ``[0, 1, 2, 3]``, its "246" is ``[1, 2, 3]``; docs/official_code_differences.md#b10).
         attn_impl: ``"sdpa"`` or ``"eager"`` (also applied to the RoBERTa and CLIP towers).
+        reducer_impl: ``"auto"``, ``"eager"`` or ``"compiled"`` reduction steps (see `Backbone`).
     """
 
     family = "meter"
     image_preprocess = "clip"
 
     def __init__(
-        self, config: MeterConfig, *, reducer: ReducerSchedule | None = None, attn_impl: AttnImpl = "sdpa"
+        self,
+        config: MeterConfig,
+        *,
+        reducer: ReducerSchedule | None = None,
+        attn_impl: AttnImpl = "sdpa",
+        reducer_impl: ReducerImpl = "auto",
     ) -> None:
-        super().__init__(attn_impl)
+        super().__init__(attn_impl, reducer_impl)
         self.config = config
         self.text_transformer = RobertaModel(config.roberta(), add_pooling_layer=False)
         self.vit_model = CLIPVisionModel(config.clip_vision())
@@ -333,7 +340,7 @@ class MeterBackbone(Backbone):
         dtype = attention_dtype(x)
         # (B, 1, 1, N) additive biases for keys of each stream: padding, and log(size) once tokens were merged
         text_bias, _ = attention_bias(text_mask, None, False, dtype)
-        image_bias, image_log_size = None, None
+        image_bias, image_bias32 = None, None
         for index, (text_layer, image_layer) in enumerate(
             zip(self.cross_modal_text_layers, self.cross_modal_image_layers)
         ):
@@ -346,22 +353,23 @@ class MeterBackbone(Backbone):
             else:
                 assert state is not None and schedule is not None
                 # ---- PuMer: reduce inside text layer b; image layer b consumes the reduced image tokens ----
-                scores, image_metric, text_metric = self._reduction_inputs(
-                    parts, image_layer, y, image_log_size, state.text_mask, plan, schedule.importance
-                )
-                state = replace(state, image=y, text=x_mid)
-                state, _ = reduce(state, scores, image_metric, text_metric, plan)
-                trace.record_maps(state)
-                prop = schedule.prop_attn
-                image_bias, image_log_size = attention_bias(None, state.image_size, prop, dtype)
+                with record_function("pumer.reduce"):
+                    scores, metric = self._reduction_inputs(parts, image_layer, y, image_bias32, state, plan, schedule)
+                    state = replace(state, tokens=torch.cat([x_mid, y], dim=1), n_text=x_mid.shape[1])
+                    state = reduce(state, plan, scores=scores, metric=metric, compiled=self.reduce_compiled(x))
+                    trace.record_maps(state)
+                    bias32, bias = reduction_bias(state, schedule.prop_attn, dtype)
+                    n_text = state.n_text
+                    if schedule.prop_attn:
+                        image_bias, image_bias32 = bias[..., n_text:], bias32[:, n_text:]
                 x_next = text_layer.feed_forward(state.text)
                 # parallel order: image layer b cross-attends to the text of block b - 1 (mask and sizes as they were)
                 y_next = image_layer(state.image, x, image_bias, text_bias, self.attn_impl)
-                text_mask = state.text_mask
-                text_bias, _ = attention_bias(text_mask, state.text_size, prop, dtype)
+                text_bias = bias[..., :n_text]
                 # ---- end PuMer ----
             x, y = x_next, y_next
 
+        text_mask = state.text_mask if state is not None else text_mask
         pooled = torch.cat([self.cross_modal_text_pooler(x), self.cross_modal_image_pooler(y)], dim=-1)
         return BackboneOutput(pooled=pooled, text_states=x, text_mask=text_mask, image_states=y, trace=trace)
 
@@ -371,27 +379,28 @@ class MeterBackbone(Backbone):
         parts: CrossAttentionParts,
         image_layer: CrossLayer,
         image: Tensor,
-        image_log_size: Tensor | None,
-        text_mask: Tensor,
+        image_bias32: Tensor | None,
+        state: ReductionState,
         plan: LayerPlan,
-        importance: str,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Image importance and head-averaged key metrics for a reduction in this block (no gradient needed)."""
+        schedule: ReducerSchedule,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Image importance and the head-averaged key metric ``[text; image]`` of a reduction in this block."""
         scores = None
-        if plan.n_prune:
-            if importance == "text":
-                # text queries of the text layer's cross-attention over the image keys (pre-dropout:
+        if plan.n_prune or (schedule.partition == "score" and plan.n_merge):
+            if schedule.importance == "text":
+                # text queries of the text layer's cross-attention over the image keys (pre-dropout,
                 # docs/official_code_differences.md#b7)
-                probs = attention_probs(parts.cross_queries, parts.cross_keys, None, image_log_size)
-                scores = text_importance(probs, text_mask)
-            elif importance == "cls":
+                probs = attention_probs(parts.cross_queries, parts.cross_keys, bias=image_bias32)
+                scores = text_importance(probs, state.real[:, : state.n_text], normalize=False)
+            elif schedule.importance == "cls":
                 # the image CLS query of image layer b's self-attention over the image tokens entering it
                 proj = image_layer.attention.self
                 q = split_heads(proj.query(image[:, :1]), self.num_heads)
                 k = split_heads(proj.key(image), self.num_heads)
-                scores = cls_importance(attention_probs(q, k, None, image_log_size))
+                scores = cls_importance(attention_probs(q, k, bias=image_bias32))
             else:
                 scores = random_importance(image.shape[0], image.shape[1], device=image.device)
-        image_metric = parts.cross_keys.mean(dim=1) if plan.n_merge else None
-        text_metric = parts.self_keys.mean(dim=1) if plan.n_text_merge else None
-        return scores, image_metric, text_metric
+        metric = None
+        if plan.n_merge or plan.n_text_merge:
+            metric = torch.cat([parts.self_keys.mean(dim=1), parts.cross_keys.mean(dim=1)], dim=1)
+        return scores, metric

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 from transformers import ViltConfig, ViltModel
 from transformers.models.vilt.modeling_vilt import ViltLayer
 
@@ -37,7 +38,7 @@ from pumer_lightning.reduce import (
 )
 
 from .attention import AttnImpl, attend, merge_heads, split_heads
-from .base import Backbone, BackboneOutput, attention_bias, attention_dtype
+from .base import Backbone, BackboneOutput, ReducerImpl, attention_dtype, reduction_bias
 
 
 class ViltBackbone(Backbone):
@@ -48,6 +49,7 @@ class ViltBackbone(Backbone):
         max_text_len: default truncation length for the data pipeline (at most the text position table).
         reducer: the reducer schedule; block ids are 0-based indices of ``encoder.layer``.
         attn_impl: ``"sdpa"`` or ``"eager"``.
+        reducer_impl: ``"auto"``, ``"eager"`` or ``"compiled"`` reduction steps (see `Backbone`).
     """
 
     family = "vilt"
@@ -60,8 +62,9 @@ class ViltBackbone(Backbone):
         max_text_len: int | None = None,
         reducer: ReducerSchedule | None = None,
         attn_impl: AttnImpl = "sdpa",
+        reducer_impl: ReducerImpl = "auto",
     ) -> None:
-        super().__init__(attn_impl)
+        super().__init__(attn_impl, reducer_impl)
         config = copy.deepcopy(config)
         for name in ("image_size", "patch_size"):
             if not isinstance(getattr(config, name), int):
@@ -131,42 +134,32 @@ class ViltBackbone(Backbone):
         image = self.embed_image(pixel_values) + emb.token_type_embeddings.weight[1 + image_index]
 
         schedule = self._active_schedule()
-        text_mask = (attention_mask != 0).long()
-        state = ReductionState.init(image, text, text_mask, track_maps) if schedule is not None else None
         n_text = text.shape[1]
         x = torch.cat([text, image], dim=1)  # (B, Lt + Ni, C)
+        state = ReductionState.init_joint(x, n_text, attention_mask, track_maps)
         trace = ReductionTrace()
 
         dtype = attention_dtype(x)
-        key_mask = self._key_mask(text_mask, x.shape[1] - n_text)
-        bias, log_size = attention_bias(key_mask, None, False, dtype)
+        key_bias32, bias = reduction_bias(state, False, dtype)
         for index, layer in enumerate(self.encoder.layer):
             n_image = x.shape[1] - n_text
             trace.record(index, n_image, n_text)
             plan = schedule.step(index, n_image, n_text) if schedule is not None else None
-            x, state = self._layer(layer, x, n_text, bias, log_size, key_mask, state, plan, schedule)
+            x, state = self._layer(layer, x, n_text, bias, key_bias32, state, plan, schedule)
             if plan is not None:
                 trace.record_maps(state)
-                n_text, text_mask = state.text.shape[1], state.text_mask
-                key_mask = self._key_mask(text_mask, x.shape[1] - n_text)
+                n_text = state.n_text
                 # proportional attention from the first reduction on: + log(size) on every key
-                sizes = torch.cat([state.text_size, state.image_size], dim=1)
-                bias, log_size = attention_bias(key_mask, sizes, schedule.prop_attn, dtype)
+                key_bias32, bias = reduction_bias(state, schedule.prop_attn, dtype)
 
         x = self.layernorm(x)
         return BackboneOutput(
             pooled=self.pooler(x),
             text_states=x[:, :n_text],
-            text_mask=text_mask,
+            text_mask=state.text_mask,
             image_states=x[:, n_text:],
             trace=trace,
         )
-
-    @staticmethod
-    def _key_mask(text_mask: Tensor, n_image: int) -> Tensor:
-        """(B, Lt + Ni) bool: real text tokens and every image token."""
-        image_keys = torch.ones(text_mask.shape[0], n_image, dtype=torch.bool, device=text_mask.device)
-        return torch.cat([text_mask.bool(), image_keys], dim=1)
 
     def _layer(
         self,
@@ -174,12 +167,11 @@ class ViltBackbone(Backbone):
         x: Tensor,
         n_text: int,
         bias: Tensor | None,
-        log_size: Tensor | None,
-        key_mask: Tensor,
-        state: ReductionState | None,
+        key_bias32: Tensor,
+        state: ReductionState,
         plan: LayerPlan | None,
         schedule: ReducerSchedule | None,
-    ) -> tuple[Tensor, ReductionState | None]:
+    ) -> tuple[Tensor, ReductionState]:
         """One pre-LN ViLT block; the reducer (if ``plan``) runs after attention + residual, before the MLP."""
         h = layer.layernorm_before(x)
         attn = layer.attention.attention
@@ -192,13 +184,13 @@ class ViltBackbone(Backbone):
 
         # ---- PuMer: reduce between attention and MLP ----
         if plan is not None:
-            assert state is not None and schedule is not None
-            scores, image_metric, text_metric = self._reduction_inputs(
-                q, k, n_text, key_mask, log_size, state.text_mask, plan, schedule.importance
-            )
-            state = replace(state, text=x[:, :n_text], image=x[:, n_text:])
-            state, _ = reduce(state, scores, image_metric, text_metric, plan)
-            x = torch.cat([state.text, state.image], dim=1)
+            assert schedule is not None
+            with record_function("pumer.reduce"):
+                scores, metric = self._reduction_inputs(q, k, n_text, key_bias32, state, plan, schedule)
+                state = reduce(
+                    replace(state, tokens=x), plan, scores=scores, metric=metric, compiled=self.reduce_compiled(x)
+                )
+            x = state.tokens
         # ---- end PuMer ----
 
         h = layer.layernorm_after(x)
@@ -210,30 +202,28 @@ class ViltBackbone(Backbone):
         q: Tensor,
         k: Tensor,
         n_text: int,
-        key_mask: Tensor,
-        log_size: Tensor | None,
-        text_mask: Tensor,
+        key_bias32: Tensor,
+        state: ReductionState,
         plan: LayerPlan,
-        importance: str,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Importance of the image tokens and the head-averaged keys used as similarity metrics.
+        schedule: ReducerSchedule,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Importance of the image tokens and the head-averaged keys used as the similarity metric.
 
         Selection carries no gradient (top-k indices and matching never do), so none of this is recorded.
         """
         scores = None
-        if plan.n_prune:
-            if importance == "text":
+        if plan.n_prune or (schedule.partition == "score" and plan.n_merge):
+            if schedule.importance == "text":
                 # text queries over all keys (padded keys masked), then the image columns
-                probs = attention_probs(q[:, :, :n_text], k, key_mask, log_size)[..., n_text:]
-                scores = text_importance(probs, text_mask)
-            elif importance == "cls":
-                probs = attention_probs(q[:, :, n_text : n_text + 1], k, key_mask, log_size)[..., n_text:]
+                probs = attention_probs(q[:, :, :n_text], k, bias=key_bias32)[..., n_text:]
+                scores = text_importance(probs, state.real[:, :n_text], normalize=False)
+            elif schedule.importance == "cls":
+                probs = attention_probs(q[:, :, n_text : n_text + 1], k, bias=key_bias32)[..., n_text:]
                 scores = cls_importance(probs)
             else:
                 scores = random_importance(q.shape[0], k.shape[2] - n_text, device=q.device)
-        image_metric = k[:, :, n_text:].mean(dim=1) if plan.n_merge else None
-        text_metric = k[:, :, :n_text].mean(dim=1) if plan.n_text_merge else None
-        return scores, image_metric, text_metric
+        metric = k.mean(dim=1) if (plan.n_merge or plan.n_text_merge) else None
+        return scores, metric
 
 
 def vilt_config(

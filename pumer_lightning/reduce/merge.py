@@ -1,145 +1,169 @@
-"""Bipartite soft matching (ToMe) expressed as output slots, and size-weighted merging.
+"""Bipartite soft matching (ToMe) over the joint ``[text; image]`` sequence, and size-weighted merging as one matmul.
 
-Every merge is described by ``slot`` (B, N): the output position each input token goes to. Tokens that share a
+One reduction step matches text and image tokens together, in one similarity matrix, with every per-layer
+constant (which pairs may match, which positions are text, the per-length text counts) built once per plan and
+cached, so a step dispatches a few dozen small ops instead of a hundred (each op is a kernel launch on a GPU).
+
+Every merge is described by ``slot`` (B, n): the output position each input token goes to. Tokens that share a
 slot are averaged, weighted by their sizes; a slot equal to ``n_out`` means "drop" (used for padding). Surviving
-tokens keep their original relative order, which keeps the image CLS and the text CLS at position 0 and keeps
-text in reading order (official bug B13 scrambled it: docs/official_code_differences.md#b13).
+tokens keep their original relative order, which keeps the image CLS and the text CLS at position 0 of their
+stream and keeps text in reading order (the official code scrambles it: docs/official_code_differences.md#b13).
+
+Layout assumptions (the backbones guarantee them): text is right-padded, so an example's ``R`` real tokens are
+positions ``0..R-1``; the image CLS is the first image token.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .schedule import round_count_tensor
+from .schedule import LayerPlan
+from .static import cached, positions
+
+def text_table(plan: LayerPlan, device: torch.device) -> Tensor:
+    """(text_in + 1, 3) long: for ``R`` real tokens, (real tokens merged, first dropped position, real tokens left).
+
+    Pads are dropped from the end of the text, so "first dropped position" is ``text_in - pads dropped``.
+    """
+
+    def build(dev: torch.device) -> Tensor:
+        rows = []
+        for n_real in range(plan.text_in + 1):
+            merged, dropped = plan.text_counts(n_real)
+            rows.append((merged, plan.text_in - dropped, n_real - merged))
+        return torch.tensor(rows, dtype=torch.long, device=dev)
+
+    key = ("text", plan.text_in, plan.n_text_merge, plan.text_ratio, plan.text_policy)
+    return cached(key, device, build)
 
 
-def _rank_of(values: Tensor) -> Tensor:
-    """Rank (0 = largest) of every entry along the last dim; ties broken by position."""
-    order = values.argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(values.shape[-1], device=values.device).expand_as(order))
-    return ranks
+@dataclass(frozen=True)
+class Layout:
+    """Per-plan constants of the joint sequence ``[text (n_text); image (n_image)]``.
+
+    Attributes:
+        text_pos: (n,) position of each text token, -1 for image tokens (``text_pos < R`` marks real text).
+        pairs: (n, n) long: for an allowed (A, B) pair of the bipartite matching, the largest text position involved
+            (-1 for image pairs), else ``n_text + 1``; ``pairs < R`` is then the pair mask of an example with ``R``
+            real tokens. A = even positions after the CLS, B = odd positions, counted within each stream.
+        pos: (n,) ``0..n-1``.
+    """
+
+    text_pos: Tensor
+    pairs: Tensor
+    pos: Tensor
 
 
-def _slots(keep: Tensor, is_src: Tensor, partner: Tensor, drop: Tensor | None, n_out: int) -> Tensor:
-    """Slot of each token: kept tokens in order, sources follow their partner, dropped tokens go to ``n_out``."""
-    kept_slot = keep.long().cumsum(dim=1) - 1
-    slot = torch.where(is_src, kept_slot.gather(1, partner), kept_slot)
-    if drop is not None:
-        slot = slot.masked_fill(drop, n_out)
-    return slot
+def layout(n_text: int, n_image: int, device: torch.device) -> Layout:
+    """The constants of a joint sequence of ``n_text`` text and ``n_image`` image tokens (built in Python, once)."""
+    n = n_text + n_image
+    # position of each token inside its own stream, and its role in the matching (A: 2, 4, ...; B: 1, 3, ...)
+    within = [*range(n_text), *range(n_image)]
+    is_text = [True] * n_text + [False] * n_image
+    is_a = [w % 2 == 0 and w > 0 for w in within]
+    is_b = [w % 2 == 1 for w in within]
+
+    def text_pos(dev: torch.device) -> Tensor:
+        return torch.tensor([w if t else -1 for w, t in zip(within, is_text)], dtype=torch.long, device=dev)
+
+    def pairs(dev: torch.device) -> Tensor:
+        blocked = n_text + 1
+        rows = [
+            [
+                (max(within[i], within[j]) if is_text[i] else -1)
+                if is_a[i] and is_b[j] and is_text[i] == is_text[j]
+                else blocked
+                for j in range(n)
+            ]
+            for i in range(n)
+        ]
+        return torch.tensor(rows, dtype=torch.long, device=dev)
+
+    key = (n_text, n_image)
+    return Layout(
+        cached(("text_pos", *key), device, text_pos),
+        cached(("pairs", *key), device, pairs),
+        positions(n, device),
+    )
+
+
+def _stream_ranks(values: Tensor) -> Tensor:
+    """Rank (0 = largest) of every entry along dim 1; ties broken by position."""
+    return values.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
 
 
 @torch.no_grad()
-def image_merge_slots(metric: Tensor, n_merge: int) -> Tensor:
-    """Bipartite soft matching over image tokens with the image CLS (index 0) protected.
+def match_slots(
+    metric: Tensor, n_real: Tensor, plan: LayerPlan, n_image: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bipartite soft matching of text and image tokens in one pass.
 
-    Tokens alternate between set A (even positions) and set B (odd positions); the ``n_merge`` A tokens most
-    similar (cosine of ``metric``) to some B token merge into it.
-
-    Args:
-        metric: (B, N, D) similarity features (head-averaged attention keys).
-        n_merge: how many tokens to remove; at most ``(N - 1) // 2``.
-    Returns:
-        (B, N) slots into ``N - n_merge`` outputs.
-    """
-    batch, n = metric.shape[:2]
-    if not 0 <= n_merge <= (n - 1) // 2:
-        raise ValueError(f"image_merge_slots: n_merge={n_merge} outside [0, {(n - 1) // 2}] for {n} tokens")
-    metric = F.normalize(metric.float(), dim=-1)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    sim = a @ b.transpose(-1, -2)
-    sim[:, 0] = float("-inf")  # the image CLS never merges
-    best, best_b = sim.max(dim=-1)
-    src_a = _rank_of(best) < n_merge  # (B, Na)
-    is_src = torch.zeros(batch, n, dtype=torch.bool, device=metric.device)
-    is_src[:, ::2] = src_a
-    partner = torch.zeros(batch, n, dtype=torch.long, device=metric.device)
-    partner[:, ::2] = 2 * best_b + 1
-    return _slots(~is_src, is_src, partner, None, n - n_merge)
-
-
-@torch.no_grad()
-def text_merge_slots(metric: Tensor, mask: Tensor, n_remove: int, ratio: float) -> Tensor:
-    """Pad-aware bipartite matching over text tokens.
-
-    Each example merges ``min(round(ratio * R), (R - 1) // 2)`` of its ``R`` real tokens (the first real token,
-    the text CLS, never merges; a real token never absorbs a pad) and drops pads for the rest of the
-    ``n_remove`` tokens the batch gives up. What happens to an example's real tokens therefore depends only on
-    that example, not on its batch's padding.
+    Within each stream, tokens alternate between set A (even positions after the CLS) and set B (odd positions);
+    an A token may merge into its most similar (cosine of ``metric``) B token of the same stream. The image stream
+    gives up its ``plan.n_merge`` best-matched A tokens; each example's text gives up the ``merged`` best of its
+    real A tokens (never a pad, and no real token absorbs a pad) and drops its last ``dropped`` pads, with
+    ``(merged, dropped) = plan.text_counts(R)``.
 
     Args:
-        metric: (B, L, D) similarity features (head-averaged attention keys).
-        mask: (B, L) 1 for real tokens.
-        n_remove: tokens every example gives up; at most ``(L - 1) // 2``.
-        ratio: the schedule's ``text_merge_ratio``.
+        metric: (B, n_text + n_image, D) similarity features, text first.
+        n_real: (B,) real text tokens per example.
+        plan: the step's counts (text side: ``text_in``, ``n_text_merge``, the policy).
+        n_image: image tokens in ``metric`` (after pruning).
     Returns:
-        (B, L) slots into ``L - n_remove`` outputs, ``L - n_remove`` meaning "dropped pad".
+        ``(slot, n_real_out, is_src)``: (B, n) output slots into ``n_out = text_out + n_image - n_merge`` outputs
+        (``n_out`` = dropped), (B,) real text tokens left, and (B, n) which tokens merged into another.
     """
-    batch, length = mask.shape
-    if not 0 <= n_remove <= (length - 1) // 2:
-        raise ValueError(
-            f"text_merge_slots: n_remove={n_remove} outside [0, {(length - 1) // 2}] for {length}"
-        )
-    real = mask.bool()
-    n_real = real.sum(dim=1)
-    n_merge = torch.minimum(round_count_tensor(ratio, n_real), (n_real - 1).clamp(min=0) // 2)
-    n_merge = n_merge.clamp(max=n_remove)
-    n_drop = n_remove - n_merge  # <= number of pads, see schedule.py
-
-    real_rank = real.long().cumsum(dim=1) - 1
-    in_a = real & (real_rank % 2 == 0) & (real_rank > 0)
-    in_b = real & (real_rank % 2 == 1)
-    metric = F.normalize(metric.float(), dim=-1)
-    sim = metric @ metric.transpose(-1, -2)
-    sim = sim.masked_fill(~(in_a[:, :, None] & in_b[:, None, :]), float("-inf"))
+    n_text = plan.text_in
+    n_out = plan.text_out + n_image - plan.n_merge
+    lay = layout(n_text, n_image, metric.device)
+    counts = text_table(plan, metric.device)[n_real]  # (B, 3)
+    unit = metric.float()
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = torch.bmm(unit, unit.transpose(1, 2))
+    sim = sim.masked_fill(lay.pairs >= n_real[:, None, None], float("-inf"))
     best, partner = sim.max(dim=-1)
-    is_src = in_a & (_rank_of(best) < n_merge[:, None])
-
-    pad = ~real
-    pad_rank_from_end = pad.long().flip(1).cumsum(dim=1).flip(1) - 1
-    drop = pad & (pad_rank_from_end < n_drop[:, None])
-    return _slots(~(is_src | drop), is_src, partner, drop, length - n_remove)
+    text_src = _stream_ranks(best[:, :n_text]) < counts[:, :1]
+    image_src = _stream_ranks(best[:, n_text:]) < plan.n_merge
+    is_src = torch.cat([text_src, image_src], dim=1)
+    drop = lay.text_pos >= counts[:, 1:2]
+    kept_slot = lay.pos - (is_src | drop).cumsum(dim=1)
+    slot = torch.where(is_src, kept_slot.gather(1, partner), kept_slot).masked_fill_(drop, n_out)
+    return slot, counts[:, 2], is_src
 
 
 def merge_by_slots(x: Tensor, size: Tensor, slot: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
-    """Size-weighted average of the tokens that share a slot; slot ``n_out`` is discarded.
+    """Size-weighted average of the tokens that share a slot, as one batched matmul; slot ``n_out`` is discarded.
 
     Args:
         x: (B, N, C) token features.
         size: (B, N) how many original tokens each token stands for.
         slot: (B, N) output slot of each token, in ``[0, n_out]``.
     Returns:
-        ``(x_out (B, n_out, C), size_out (B, n_out))``; sizes add up, features are size-weighted means.
+        ``(x_out (B, n_out, C), size_out (B, n_out))``; sizes add up, features are size-weighted means (a token
+        alone in its slot comes out bit-identical).
     """
-    batch, n, channels = x.shape
-    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    flat = (slot + torch.arange(batch, device=slot.device)[:, None] * (n_out + 1)).reshape(-1)
-    weighted = (x.to(work) * size.to(work)[..., None]).reshape(batch * n, channels)
-    total = torch.zeros(batch * (n_out + 1), channels, dtype=work, device=x.device).index_add_(
-        0, flat, weighted
-    )
-    new_size = torch.zeros(batch * (n_out + 1), dtype=size.dtype, device=x.device).index_add_(
-        0, flat, size.reshape(-1)
-    )
-    total = total.view(batch, n_out + 1, channels)[:, :n_out]
-    new_size = new_size.view(batch, n_out + 1)[:, :n_out]
-    return (total / new_size.to(work)[..., None]).to(x.dtype), new_size
+    batch, n = slot.shape
+    weights = torch.zeros(batch, n_out + 1, n, dtype=size.dtype, device=size.device)
+    weights = weights.scatter_(1, slot[:, None, :], size[:, None, :])[:, :n_out]
+    new_size = weights.sum(dim=-1)
+    weights = weights / new_size[..., None]
+    return torch.bmm(weights.to(x.dtype), x), new_size
 
 
-def gather_slot_max(values: Tensor, slot: Tensor, n_out: int) -> Tensor:
-    """Per-slot maximum of integer ``values`` (B, N), e.g. to carry a binary mask through a merge."""
-    out = torch.zeros(values.shape[0], n_out + 1, dtype=values.dtype, device=values.device)
-    return out.scatter_reduce(1, slot, values, reduce="amax", include_self=True)[:, :n_out]
+def remap(token_map: Tensor, moved: Tensor, offset: tuple[int, int], n_out: int) -> Tensor:
+    """Update a map from original tokens to current positions (-1 = removed) after a step.
 
-
-def remap_through_slots(token_map: Tensor, slot: Tensor, n_out: int) -> Tensor:
-    """Update a map from original tokens to current positions after a merge (-1 = removed)."""
-    moved = slot.gather(1, token_map.clamp(min=0))
-    moved = moved.masked_fill(moved == n_out, -1)
-    return torch.where(token_map >= 0, moved, token_map)
+    Args:
+        token_map: (B, N0) current index of each original token within its stream, -1 once removed.
+        moved: (B, n_in) output slot of each current joint position (``n_out`` = removed).
+        offset: the stream's first joint position before (text 0, image ``text_in``) and after the step.
+    """
+    slot = moved.gather(1, token_map.clamp(min=0) + offset[0])
+    gone = (token_map < 0) | (slot == n_out)
+    return (slot - offset[1]).masked_fill(gone, -1)
 
 
 def size_bias(size: Tensor) -> Tensor:

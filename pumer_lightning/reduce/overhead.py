@@ -62,10 +62,9 @@ def measure(batch: int = 8, n_text: int = 40, n_image: int = 145, repeats: int =
     def run_reducer():
         # what a reduce layer adds: text-query probabilities, importance, and the reduction itself
         probs = attention_probs(q, k, key_mask)
-        scores = text_importance(probs[..., n_text:], text_mask)
-        metric = k.mean(dim=1)
-        state = ReductionState.init(hidden[:, n_text:], hidden[:, :n_text], text_mask)
-        reduce(state, scores, metric[:, n_text:], metric[:, :n_text], plan)
+        scores = text_importance(probs[..., n_text:], text_mask, normalize=False)
+        state = ReductionState.init_joint(hidden, n_text, text_mask)
+        reduce(state, plan, scores=scores, metric=k.mean(dim=1))
 
     with torch.inference_mode():
         layer_ms, layer_sd = _median_ms(run_layer, repeats)

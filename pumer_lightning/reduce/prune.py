@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .static import cached
+
 
 def attention_probs(
     q: Tensor, k: Tensor, key_mask: Tensor | None = None, bias: Tensor | None = None
@@ -20,38 +22,43 @@ def attention_probs(
     Args:
         q: (B, H, Lq, D) queries (already projected, not scaled).
         k: (B, H, N, D) keys.
-        key_mask: (B, N) bool or 0/1; False/0 keys get zero probability.
-        bias: (B, N) additive logit bias (e.g. proportional attention's ``log size``).
+        key_mask: (B, N) bool or 0/1; False/0 keys get zero probability. Backbones fold the mask into ``bias``
+            instead (one tensor per step for every consumer).
+        bias: (B, N) additive fp32 logit bias (proportional attention's ``log size``, a large negative value on
+            masked keys).
     Returns:
         (B, H, Lq, N) fp32 probabilities.
     """
-    scale = q.shape[-1] ** -0.5
-    logits = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
-    additive = None if bias is None else bias.float()
+    q = q.to(torch.float32, memory_format=torch.contiguous_format)
+    logits = torch.matmul(q, k.to(torch.float32).transpose(-1, -2))
     if key_mask is not None:
-        masked = torch.zeros(key_mask.shape, device=logits.device).masked_fill_(
-            ~key_mask.bool(), float("-inf")
-        )
-        additive = masked if additive is None else additive + masked
-    if additive is not None:
-        logits += additive[:, None, None, :]
+        masked = torch.zeros(key_mask.shape, device=q.device).masked_fill_(~key_mask.bool(), float("-inf"))
+        bias = masked if bias is None else bias.float() + masked
+    scale = q.shape[-1] ** -0.5
+    if bias is None:
+        logits = logits.mul_(scale)
+    else:
+        logits = torch.add(bias.float()[:, None, None, :], logits, alpha=scale)
     return logits.softmax(dim=-1)
 
 
-def text_importance(probs: Tensor, text_mask: Tensor) -> Tensor:
+def text_importance(probs: Tensor, text_mask: Tensor, normalize: bool = True) -> Tensor:
     """PuMer's text-informed importance: attention that real text tokens pay to each image token.
 
     Args:
         probs: (B, H, Lt, Ni) attention probabilities of the text queries over the image keys.
-        text_mask: (B, Lt) 1 for real text tokens; padded query rows are excluded
-            (official bug B5: docs/official_code_differences.md#b5).
+        text_mask: (B, Lt) 1/True for real text tokens; padded query rows are excluded
+            (docs/official_code_differences.md#b5).
+        normalize: divide by heads x real rows (the official scale). Ranking does not need it, so the
+            backbones skip it (two fewer ops per step).
     Returns:
-        (B, Ni) fp32 scores: head mean, summed over real text rows, divided by the number of real rows.
+        (B, Ni) fp32 scores: attention summed over heads and real text rows (averaged when ``normalize``).
     """
-    weights = text_mask.to(torch.float32)
-    per_row = probs.float().mean(dim=1)  # (B, Lt, Ni)
-    total = torch.einsum("bt,bti->bi", weights, per_row)
-    return total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    total = probs.float().mul(text_mask[:, None, :, None]).sum(dim=(1, 2))
+    if not normalize:
+        return total
+    rows = text_mask.sum(dim=1, keepdim=True).clamp(min=1) * probs.shape[1]
+    return total / rows
 
 
 def cls_importance(probs: Tensor) -> Tensor:
@@ -75,27 +82,16 @@ def random_importance(
     return torch.rand(batch, n_image, device=device, generator=generator)
 
 
-def topk_keep_index(scores: Tensor, n_keep: int) -> Tensor:
-    """Indices (B, n_keep) of the image CLS (index 0) and the ``n_keep - 1`` best other tokens, in original order."""
-    batch = scores.shape[0]
-    rest = scores[:, 1:].float().topk(n_keep - 1, dim=1, sorted=False).indices + 1
-    rest = rest.sort(dim=1).values
-    cls = torch.zeros(batch, 1, dtype=rest.dtype, device=rest.device)
-    return torch.cat([cls, rest], dim=1)
+def topk_keep_index(scores: Tensor, n_keep: int, order: str = "spatial") -> Tensor:
+    """Indices (B, n_keep) of the image CLS (index 0) and the ``n_keep - 1`` best other tokens.
+
+    ``order="spatial"`` returns them in original order; ``"score"`` in descending score, the CLS first (the order
+    the official code partitions its bipartite matching in).
+    """
+    protected = scores.float().index_fill(1, _zero_index(scores.device), float("inf"))
+    keep = protected.topk(n_keep, dim=1, sorted=order == "score").indices
+    return keep if order == "score" else keep.sort(dim=1).values
 
 
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, index[b]]`` for (B, N) or (B, N, C) tensors."""
-    if x.dim() == 2:
-        return x.gather(1, index)
-    batch, n = x.shape[:2]
-    flat = (index + torch.arange(batch, device=index.device)[:, None] * n).reshape(-1)
-    return x.reshape(batch * n, -1).index_select(0, flat).view(batch, index.shape[1], *x.shape[2:])
-
-
-def remap_after_gather(token_map: Tensor, index: Tensor, n_before: int) -> Tensor:
-    """Update a map from original tokens to current positions after keeping ``index`` (-1 = removed)."""
-    inverse = torch.full((index.shape[0], n_before), -1, dtype=torch.long, device=index.device)
-    inverse.scatter_(1, index, torch.arange(index.shape[1], device=index.device).expand_as(index))
-    moved = inverse.gather(1, token_map.clamp(min=0))
-    return torch.where(token_map >= 0, moved, token_map)
+def _zero_index(device: torch.device) -> Tensor:
+    return cached(("zero",), device, lambda dev: torch.tensor([0], device=dev))

@@ -1,65 +1,102 @@
-"""One PuMer reduction step: prune image tokens, merge image tokens, merge text tokens."""
+"""One PuMer reduction step: prune image tokens, merge image tokens, merge text tokens.
+
+The step works on the joint sequence ``[text; image]`` (ViLT's own layout; METER concatenates its two streams
+for the step): pruning is one gather, the text and image matchings share one similarity matrix, and every merge
+of both streams is one batched matmul. ``reduce(..., compiled=True)`` runs the same step as one
+``torch.compile(fullgraph=True, dynamic=False)`` region per plan (a few fused kernels instead of a few dozen ops).
+"""
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
-from .merge import (
-    gather_slot_max,
-    image_merge_slots,
-    merge_by_slots,
-    remap_through_slots,
-    text_merge_slots,
-)
-from .prune import gather_tokens, remap_after_gather, topk_keep_index
+from .merge import layout, match_slots, merge_by_slots, remap
+from .prune import topk_keep_index
 from .schedule import LayerPlan
+from .static import positions
 
 
 @dataclass
 class ReductionState:
-    """The two token streams between cross-modal layers.
+    """The two token streams between cross-modal layers, held as one sequence ``[text; image]``.
 
     Attributes:
-        image: (B, Ni, C) image tokens, the image CLS at index 0.
-        image_size: (B, Ni) how many original patches (CLS counted as one) each token stands for.
-        text: (B, Lt, C) text tokens, the text CLS first among the real tokens.
-        text_mask: (B, Lt) int64, 1 for real tokens, 0 for pads; always binary.
-        text_size: (B, Lt) how many original text tokens each token stands for (pads count 1).
-        patch_map: (B, Ni_original) current index of each original image token, -1 once pruned; None unless tracked.
-        text_map: (B, Lt_original) current index of each original text token, -1 once dropped; None unless tracked.
+        tokens: (B, Lt + Ni, C) text tokens (right-padded, the text CLS first), then image tokens (the image CLS
+            first).
+        size: (B, Lt + Ni) how many original tokens each token stands for (pads count 1).
+        real: (B, Lt + Ni) bool: real text tokens and every image token (the key mask of attention over both).
+        n_real: (B,) long, real text tokens per example.
+        n_text: Lt, the text part's length.
+        patch_map: (B, Ni_original) current image index of each original image token, -1 once pruned; None
+            unless tracked.
+        text_map: (B, Lt_original) current text index of each original text token, -1 once dropped; None unless
+            tracked.
     """
 
-    image: Tensor
-    image_size: Tensor
-    text: Tensor
-    text_mask: Tensor
-    text_size: Tensor
+    tokens: Tensor
+    size: Tensor
+    real: Tensor
+    n_real: Tensor
+    n_text: int
     patch_map: Tensor | None = None
     text_map: Tensor | None = None
 
     @classmethod
-    def init(cls, image: Tensor, text: Tensor, text_mask: Tensor, track_maps: bool = False) -> ReductionState:
-        batch, n_image = image.shape[:2]
-        n_text = text.shape[1]
-        device = image.device
+    def init(
+        cls, image: Tensor, text: Tensor, text_mask: Tensor, track_maps: bool = False
+    ) -> ReductionState:
+        """From separate streams (``text_mask`` (B, Lt), 1 for real tokens, right padding)."""
+        return cls.init_joint(torch.cat([text, image], dim=1), text.shape[1], text_mask, track_maps)
+
+    @classmethod
+    def init_joint(
+        cls, tokens: Tensor, n_text: int, text_mask: Tensor, track_maps: bool = False
+    ) -> ReductionState:
+        """From the joint sequence ``[text (n_text); image]``."""
+        batch, n = tokens.shape[:2]
+        device = tokens.device
+        real = torch.nn.functional.pad(text_mask != 0, (0, n - n_text), value=True)
         maps = None, None
         if track_maps:
             maps = (
-                torch.arange(n_image, device=device).expand(batch, n_image).clone(),
-                torch.arange(n_text, device=device).expand(batch, n_text).clone(),
+                torch.arange(n - n_text, device=device).expand(batch, -1).clone(),
+                torch.arange(n_text, device=device).expand(batch, -1).clone(),
             )
         return cls(
-            image=image,
-            image_size=torch.ones(batch, n_image, device=device),
-            text=text,
-            text_mask=(text_mask != 0).long(),
-            text_size=torch.ones(batch, n_text, device=text.device),
+            tokens=tokens,
+            size=torch.ones(batch, n, device=device),
+            real=real,
+            n_real=real[:, :n_text].sum(dim=1),
+            n_text=n_text,
             patch_map=maps[0],
             text_map=maps[1],
         )
+
+    @property
+    def text(self) -> Tensor:
+        return self.tokens[:, : self.n_text]
+
+    @property
+    def image(self) -> Tensor:
+        return self.tokens[:, self.n_text :]
+
+    @property
+    def text_size(self) -> Tensor:
+        return self.size[:, : self.n_text]
+
+    @property
+    def image_size(self) -> Tensor:
+        return self.size[:, self.n_text :]
+
+    @property
+    def text_mask(self) -> Tensor:
+        """(B, Lt) int64, 1 for real text tokens; always binary."""
+        return self.real[:, : self.n_text].long()
 
 
 @dataclass
@@ -84,75 +121,145 @@ class ReductionTrace:
             self.text_maps.append(state.text_map)
 
 
+def _step(
+    tokens: Tensor,
+    size: Tensor,
+    n_real: Tensor,
+    scores: Tensor | None,
+    metric: Tensor | None,
+    plan: LayerPlan,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The whole step on plain tensors (what `torch.compile` captures).
+
+    Returns ``(tokens, size, real, n_real, col, slot)``: the reduced joint sequence, its sizes, key mask and real
+    text counts, and how inputs moved: ``col`` (B, n) the input position of each token kept by pruning (None:
+    all kept), ``slot`` (B, n) the output slot of each of them (None: no merging).
+    """
+    n_text = plan.text_in
+    col = None
+    if plan.n_prune or (plan.partition == "score" and plan.n_merge):
+        keep = topk_keep_index(scores, plan.image_kept, plan.partition)
+        text_cols = positions(n_text, tokens.device).expand(keep.shape[0], -1)
+        col = torch.cat([text_cols, keep + n_text], dim=1)
+        if plan.partition == "score" and plan.n_merge:
+            metric = metric.gather(1, col[..., None].expand(-1, -1, metric.shape[-1]))
+            return _score_order_step(tokens, size, n_real, metric, plan, col)
+        tokens = tokens.gather(1, col[..., None].expand(-1, -1, tokens.shape[-1]))
+        size = size.gather(1, col)
+        if metric is not None:
+            metric = metric.gather(1, col[..., None].expand(-1, -1, metric.shape[-1]))
+    if not (plan.n_merge or plan.n_text_merge):
+        real = torch.nn.functional.pad(
+            positions(n_text, tokens.device) < n_real[:, None], (0, plan.image_out), value=True
+        )
+        return tokens, size, real, n_real, col, None
+    slot, n_real, _ = match_slots(metric, n_real, plan, plan.image_kept)
+    return _merge(tokens, size, n_real, slot, plan, col)
+
+
+def _merge(
+    tokens: Tensor, size: Tensor, n_real: Tensor, slot: Tensor, plan: LayerPlan, col: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    n_out = plan.text_out + plan.image_out
+    tokens, size = merge_by_slots(tokens, size, slot, n_out)
+    real = layout(plan.text_out, plan.image_out, tokens.device).text_pos < n_real[:, None]
+    return tokens, size, real, n_real, col, slot
+
+
+def _score_order_step(
+    tokens: Tensor, size: Tensor, n_real: Tensor, metric: Tensor, plan: LayerPlan, col: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """Matching over the kept image tokens in descending-score order (the official partition), outputs in order.
+
+    ``col`` lists the kept image tokens by score, so sets A/B alternate in that order; the image outputs are
+    then renumbered by the original position of the token each one is kept as (the one that is not a source).
+    """
+    n_text, text_out = plan.text_in, plan.text_out
+    slot, n_real, is_src = match_slots(metric, n_real, plan, plan.image_kept)
+    image_slot = slot[:, n_text:] - text_out  # (B, K): slot among the image outputs, numbered in score order
+    beyond = col.shape[1] + plan.image_in
+    anchor = col[:, n_text:].masked_fill(is_src[:, n_text:], beyond)
+    first = torch.full((slot.shape[0], plan.image_out), beyond, dtype=col.dtype, device=col.device)
+    first = first.scatter_reduce(1, image_slot, anchor, reduce="amin", include_self=True)
+    renumber = first.argsort(dim=1).argsort(dim=1)
+    slot = torch.cat([slot[:, :n_text], renumber.gather(1, image_slot) + text_out], dim=1)
+    tokens = tokens.gather(1, col[..., None].expand(-1, -1, tokens.shape[-1]))
+    return _merge(tokens, size.gather(1, col), n_real, slot, plan, col)
+
+
+@functools.cache
+def _compiled_step():
+    # One graph per plan (the plan's counts are Python ints, shapes are static); allow the handful a model uses at
+    # a few batch sizes and text lengths.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(_step, fullgraph=True, dynamic=False)
+
+
+COMPILE_SECONDS: dict[LayerPlan, float] = {}
+"""Wall time of the first (compiling) call of the compiled step, per plan: compile time is paid once."""
+
+
 def reduce(
     state: ReductionState,
-    scores: Tensor | None,
-    image_metric: Tensor | None,
-    text_metric: Tensor | None,
     plan: LayerPlan,
-) -> tuple[ReductionState, dict[str, int]]:
+    *,
+    scores: Tensor | None = None,
+    metric: Tensor | None = None,
+    compiled: bool = False,
+) -> ReductionState:
     """Apply one reduction step with the counts of ``plan``.
 
     Args:
         state: the token streams entering the step.
-        scores: (B, Ni) importance of each image token (needed when the plan prunes).
-        image_metric: (B, Ni, D) similarity features of the image tokens (needed when the plan merges images).
-        text_metric: (B, Lt, D) similarity features of the text tokens (needed when the plan merges text).
         plan: the counts, from `ReducerSchedule.step`.
+        scores: (B, Ni) importance of each image token (needed when the plan prunes, or merges in score order).
+        metric: (B, Lt + Ni, D) similarity features of the joint sequence (needed when the plan merges).
+        compiled: run the step as one compiled region (`torch.compile`, one graph per plan).
     Returns:
-        The reduced state and a dict of the counts applied.
+        The reduced state.
     """
-    n_image, n_text = state.image.shape[1], state.text.shape[1]
+    n_image, n_text = state.tokens.shape[1] - state.n_text, state.n_text
     if (n_image, n_text) != (plan.image_in, plan.text_in):
         raise ValueError(
             f"reduce: state has {n_image} image / {n_text} text tokens but the plan for layer {plan.layer} "
             f"expects {plan.image_in} / {plan.text_in}"
         )
-    image, image_size, patch_map = state.image, state.image_size, state.patch_map
+    if scores is None and (plan.n_prune or (plan.partition == "score" and plan.n_merge)):
+        raise ValueError("reduce: the plan prunes image tokens (or merges in score order) but no scores were given")
+    if metric is None and (plan.n_merge or plan.n_text_merge):
+        raise ValueError("reduce: the plan merges tokens but no similarity metric was given")
+    if plan.image_out == n_image and plan.text_out == n_text:
+        return state
+    if compiled:
+        step = _compiled_step()
+        first = plan not in COMPILE_SECONDS
+        start = time.perf_counter()
+        out = step(state.tokens, state.size, state.n_real, scores, metric, plan)
+        if first:
+            COMPILE_SECONDS[plan] = time.perf_counter() - start
+    else:
+        out = _step(state.tokens, state.size, state.n_real, scores, metric, plan)
+    tokens, size, real, n_real, col, slot = out
+    patch_map, text_map = state.patch_map, state.text_map
+    if patch_map is not None or text_map is not None:
+        patch_map, text_map = _remap(state, plan, col, slot)
+    return replace(
+        state, tokens=tokens, size=size, real=real, n_real=n_real, n_text=plan.text_out,
+        patch_map=patch_map, text_map=text_map,
+    )  # fmt: skip
 
-    if plan.n_prune:
-        if scores is None:
-            raise ValueError("reduce: the plan prunes image tokens but no importance scores were given")
-        keep = topk_keep_index(scores, plan.image_kept)
-        image, image_size = gather_tokens(image, keep), gather_tokens(image_size, keep)
-        if image_metric is not None:
-            image_metric = gather_tokens(image_metric, keep)
-        if patch_map is not None:
-            patch_map = remap_after_gather(patch_map, keep, n_image)
 
-    if plan.n_merge:
-        if image_metric is None:
-            raise ValueError("reduce: the plan merges image tokens but no image metric was given")
-        slot = image_merge_slots(image_metric, plan.n_merge)
-        image, image_size = merge_by_slots(image, image_size, slot, plan.image_out)
-        if patch_map is not None:
-            patch_map = remap_through_slots(patch_map, slot, plan.image_out)
-
-    text, text_mask, text_size, text_map = state.text, state.text_mask, state.text_size, state.text_map
-    if plan.n_text_merge:
-        if text_metric is None:
-            raise ValueError("reduce: the plan merges text tokens but no text metric was given")
-        slot = text_merge_slots(text_metric, text_mask, plan.n_text_merge, plan.text_ratio)
-        text, text_size = merge_by_slots(text, text_size, slot, plan.text_out)
-        text_mask = gather_slot_max(text_mask, slot, plan.text_out)
-        if text_map is not None:
-            text_map = remap_through_slots(text_map, slot, plan.text_out)
-
-    new = replace(
-        state,
-        image=image,
-        image_size=image_size,
-        text=text,
-        text_mask=text_mask,
-        text_size=text_size,
-        patch_map=patch_map,
-        text_map=text_map,
-    )
-    stats = {
-        "image_in": plan.image_in,
-        "image_kept": plan.image_kept,
-        "image_out": plan.image_out,
-        "text_in": plan.text_in,
-        "text_out": plan.text_out,
-    }
-    return new, stats
+def _remap(
+    state: ReductionState, plan: LayerPlan, col: Tensor | None, slot: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Carry the original-token maps through a step (visualisation only; eager)."""
+    batch, n_in = state.real.shape
+    n_out = plan.text_out + plan.image_out
+    if slot is None:  # pruning only: kept tokens keep their order
+        slot = positions(col.shape[1], col.device).expand(batch, -1)
+    moved = slot
+    if col is not None:  # positions of the step's input -> output slot (pruned -> n_out)
+        moved = torch.full((batch, n_in), n_out, dtype=slot.dtype, device=slot.device).scatter(1, col, slot)
+    patch_map = None if state.patch_map is None else remap(state.patch_map, moved, (plan.text_in, plan.text_out), n_out)
+    text_map = None if state.text_map is None else remap(state.text_map, moved, (0, 0), n_out)
+    return patch_map, text_map

@@ -11,8 +11,14 @@ Counting rules, for a layer that receives ``n_image`` image tokens (image CLS in
   input (as the official code does); bipartite matching can merge at most half of the non-CLS tokens, and the
   cap is applied here, visibly, instead of inside the matching.
 * text:     ``n_text_merge = min(round(text_merge_ratio * n_text), (n_text - 1) // 2)`` tokens leave the padded
-  text batch. An example with ``R`` real tokens merges ``min(round(text_merge_ratio * R), (R - 1) // 2)`` of its
-  real tokens and drops pads for the rest, so its result does not depend on how long its batch is padded.
+  text batch. How an example with ``R`` real tokens (and ``n_text - R`` pads) pays for them is the
+  ``text_merge_policy``:
+
+  - ``real``: it merges ``min(round(text_merge_ratio * R), (R - 1) // 2)`` of its real tokens and drops pads for
+    the rest, so its result does not depend on how long its batch is padded;
+  - ``pads_first``: it drops its pads first and merges ``max(n_text_merge - (n_text - R), 0)`` real tokens, only
+    what its pads cannot cover. With texts padded to a fixed ``max_text_len`` (the official code's padding) this
+    is a function of the example alone; with batch-longest padding it depends on the batch's longest text.
 
 Counts are the same for every example of a batch (static shapes).
 """
@@ -26,6 +32,10 @@ import torch
 
 Importance = Literal["text", "cls", "random"]
 IMPORTANCE_SOURCES = ("text", "cls", "random")
+TextMergePolicy = Literal["real", "pads_first"]
+TEXT_MERGE_POLICIES = ("real", "pads_first")
+Partition = Literal["spatial", "score"]
+PARTITIONS = ("spatial", "score")
 
 
 def round_count(ratio: float, n: int) -> int:
@@ -50,6 +60,10 @@ class LayerPlan:
     text_out: int
     text_ratio: float = 0.0
     """The schedule's text_merge_ratio: how many real tokens each example merges (the rest is padding dropped)."""
+    text_policy: TextMergePolicy = "real"
+    """The schedule's text_merge_policy: whether an example pays for ``n_text_merge`` with real tokens or pads first."""
+    partition: Partition = "spatial"
+    """The schedule's partition: the order in which surviving image tokens alternate between the two matching sets."""
 
     @property
     def n_prune(self) -> int:
@@ -62,6 +76,18 @@ class LayerPlan:
     @property
     def n_text_merge(self) -> int:
         return self.text_in - self.text_out
+
+    def text_counts(self, n_real: int) -> tuple[int, int]:
+        """``(real tokens merged, pads dropped)`` for an example with ``n_real`` real tokens (right-padded)."""
+        n_remove, n_pads = self.n_text_merge, self.text_in - n_real
+        if self.text_policy == "pads_first":
+            merged = max(n_remove - n_pads, 0)
+        else:
+            merged = min(round_count(self.text_ratio, n_real), max(n_real - 1, 0) // 2, n_remove)
+        dropped = n_remove - merged
+        if not (0 <= merged <= max(n_real - 1, 0) // 2 and 0 <= dropped <= n_pads):
+            raise AssertionError(f"text counts {merged}/{dropped} impossible for {n_real} of {self.text_in} tokens")
+        return merged, dropped
 
 
 @dataclass
@@ -78,6 +104,14 @@ class ReducerSchedule:
         prop_attn: add ``log(size)`` of merged tokens to the attention logits of later layers (ToMe).
         importance: what ranks image tokens for pruning: ``text`` (text-to-image attention, PuMer), ``cls``
             (image-CLS attention) or ``random`` (an ablation baseline).
+        text_merge_policy: how an example pays for the text tokens a step removes: ``real`` merges
+            ``round(text_merge_ratio * R)`` of its ``R`` real tokens whatever its padding; ``pads_first`` gives up
+            its pads first and merges real tokens only for the rest (closest to the official code, whose matching
+            runs over texts padded to ``max_text_len``; pad to a fixed length for results that do not depend on
+            the batch).
+        partition: the order in which the surviving image tokens alternate between the two sets of bipartite
+            matching: ``spatial`` (raster order, as ToMe) or ``score`` (descending importance, image CLS first,
+            as the official PuMer code, whose released checkpoints were fine-tuned that way).
     """
 
     layers: list[int] = field(default_factory=list)
@@ -86,6 +120,8 @@ class ReducerSchedule:
     text_merge_ratio: float = 0.0
     prop_attn: bool = False
     importance: Importance = "text"
+    text_merge_policy: TextMergePolicy = "real"
+    partition: Partition = "spatial"
 
     def __post_init__(self) -> None:
         layers = list(self.layers) if self.layers is not None else []
@@ -109,6 +145,13 @@ class ReducerSchedule:
             raise ValueError(
                 f"ReducerSchedule.importance must be one of {IMPORTANCE_SOURCES}, got {self.importance!r}"
             )
+        if self.text_merge_policy not in TEXT_MERGE_POLICIES:
+            raise ValueError(
+                f"ReducerSchedule.text_merge_policy must be one of {TEXT_MERGE_POLICIES}, "
+                f"got {self.text_merge_policy!r}"
+            )
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"ReducerSchedule.partition must be one of {PARTITIONS}, got {self.partition!r}")
 
     @classmethod
     def from_pumer(
@@ -152,7 +195,15 @@ class ReducerSchedule:
         n_merge = min(round_count(self.merge_ratio, n_image), max(kept - 1, 0) // 2)
         n_text_merge = min(round_count(self.text_merge_ratio, n_text), max(n_text - 1, 0) // 2)
         plan = LayerPlan(
-            layer, n_image, kept, kept - n_merge, n_text, n_text - n_text_merge, float(self.text_merge_ratio)
+            layer,
+            n_image,
+            kept,
+            kept - n_merge,
+            n_text,
+            n_text - n_text_merge,
+            float(self.text_merge_ratio),
+            self.text_merge_policy,
+            self.partition,
         )
         if plan.image_out == n_image and plan.text_out == n_text:
             return None

@@ -1,6 +1,7 @@
 """The reducer against a slow per-example reference, plus invariants under generated inputs."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,10 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pumer_lightning.reduce import (
+    LayerPlan,
     ReducerSchedule,
     ReductionState,
     attention_probs,
     cls_importance,
+    match_slots,
     merge_by_slots,
     reduce,
     size_bias,
@@ -89,12 +92,16 @@ def make_inputs(batch, n_image, n_text, lengths, channels=8, dim=6, seed=0):
     return image, text, mask, scores, image_metric, text_metric
 
 
+def step(state, scores, image_metric, text_metric, plan, compiled=False):
+    metric = torch.cat([text_metric, image_metric], dim=1)
+    return reduce(state, plan, scores=scores, metric=metric, compiled=compiled)
+
+
 def run(schedule, layer, image, text, mask, scores, image_metric, text_metric, track_maps=False):
     plan = schedule.step(layer, image.shape[1], text.shape[1])
     state = ReductionState.init(image, text, mask, track_maps=track_maps)
-    state.image_size = state.image_size.double()
-    state.text_size = state.text_size.double()
-    out, _ = reduce(state, scores, image_metric, text_metric, plan)
+    state = replace(state, size=state.size.double())
+    out = step(state, scores, image_metric, text_metric, plan)
     return plan, state, out
 
 
@@ -177,11 +184,12 @@ def test_merge_conserves_size_weighted_sum(batch, n, ratio, seed):
     x = torch.randn(batch, n, 5, generator=gen, dtype=torch.float64)
     size = torch.randint(1, 5, (batch, n), generator=gen).double()
     metric = torch.randn(batch, n, 4, generator=gen, dtype=torch.float64)
-    from pumer_lightning.reduce import image_merge_slots
-
     n_merge = min(round(ratio * n), (n - 1) // 2)
-    slot = image_merge_slots(metric, n_merge)
-    out, out_size = merge_by_slots(x, size, slot, n - n_merge)
+    plan = LayerPlan(0, n, n, n - n_merge, 1, 1)
+    joint = torch.cat([torch.zeros(batch, 1, 4, dtype=metric.dtype), metric], dim=1)  # one text token (its CLS)
+    slot, _, _ = match_slots(joint, torch.ones(batch, dtype=torch.long), plan, n)
+    assert slot[:, 0].eq(0).all()
+    out, out_size = merge_by_slots(x, size, slot[:, 1:] - 1, n - n_merge)
     torch.testing.assert_close((out * out_size[..., None]).sum(1), (x * size[..., None]).sum(1))
     torch.testing.assert_close(out_size.sum(1), size.sum(1))
 
@@ -214,11 +222,9 @@ def test_keep_one_merge_zero_is_identity():
     image, text, mask, scores, im_metric, tx_metric = make_inputs(2, 20, 8, [8, 4])
     schedule = ReducerSchedule(layers=[0, 1], keep_ratio=1.0, merge_ratio=0.0, text_merge_ratio=0.0)
     assert schedule.step(0, 20, 8) is None
-    from pumer_lightning.reduce import LayerPlan
-
     state = ReductionState.init(image, text, mask)
-    out, _ = reduce(state, scores, im_metric, tx_metric, LayerPlan(0, 20, 20, 20, 8, 8))
-    assert out.image is image and out.text is text
+    out = step(state, scores, im_metric, tx_metric, LayerPlan(0, 20, 20, 20, 8, 8))
+    assert out is state
     assert torch.equal(out.text_mask, mask)
 
 
@@ -228,7 +234,7 @@ def test_gradients_reach_kept_tokens_only():
     text.requires_grad_(True)
     schedule = ReducerSchedule(layers=[0], keep_ratio=0.5, merge_ratio=0.2, text_merge_ratio=0.25)
     plan = schedule.step(0, 24, 8)
-    out, _ = reduce(ReductionState.init(image, text, mask), scores, im_metric, tx_metric, plan)
+    out = step(ReductionState.init(image, text, mask), scores, im_metric, tx_metric, plan)
     (out.image.sum() + out.text.sum()).backward()
     kept_rows = (image.grad.abs().sum(-1) > 0).sum(1)
     assert kept_rows.tolist() == [plan.image_kept] * 2
@@ -238,10 +244,13 @@ def test_gradients_reach_kept_tokens_only():
 def test_missing_inputs_are_named():
     image, text, mask, scores, im_metric, tx_metric = make_inputs(1, 20, 8, [8])
     plan = ReducerSchedule(layers=[0], keep_ratio=0.5).step(0, 20, 8)
-    with pytest.raises(ValueError, match="no importance scores"):
-        reduce(ReductionState.init(image, text, mask), None, im_metric, tx_metric, plan)
+    with pytest.raises(ValueError, match="no scores were given"):
+        step(ReductionState.init(image, text, mask), None, im_metric, tx_metric, plan)
     with pytest.raises(ValueError, match="expects 20 / 8"):
-        reduce(ReductionState.init(image[:, :10], text, mask), scores, im_metric, tx_metric, plan)
+        step(ReductionState.init(image[:, :10], text, mask), scores, im_metric[:, :10], tx_metric, plan)
+    merge = ReducerSchedule(layers=[0], merge_ratio=0.3).step(0, 20, 8)
+    with pytest.raises(ValueError, match="no similarity metric"):
+        reduce(ReductionState.init(image, text, mask), merge, scores=scores)
 
 
 def test_text_importance_ignores_padded_rows():
@@ -277,11 +286,7 @@ def test_half_precision_merge_keeps_dtype_and_accuracy():
     image, text, mask, scores, im_metric, tx_metric = make_inputs(2, 40, 8, [8, 6])
     schedule = ReducerSchedule(layers=[0], keep_ratio=0.8, merge_ratio=0.3, text_merge_ratio=0.25)
     plan = schedule.step(0, 40, 8)
-    ref, _ = reduce(
-        ReductionState.init(image.float(), text.float(), mask), scores, im_metric, tx_metric, plan
-    )
-    half, _ = reduce(
-        ReductionState.init(image.bfloat16(), text.bfloat16(), mask), scores, im_metric, tx_metric, plan
-    )
+    ref = step(ReductionState.init(image.float(), text.float(), mask), scores, im_metric, tx_metric, plan)
+    half = step(ReductionState.init(image.bfloat16(), text.bfloat16(), mask), scores, im_metric, tx_metric, plan)
     assert half.image.dtype == torch.bfloat16
     torch.testing.assert_close(half.image.float(), ref.image, atol=0.05, rtol=0.05)

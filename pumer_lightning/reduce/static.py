@@ -1,0 +1,32 @@
+"""Per-plan constant tensors, built once per device and reused by every step that needs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+_CACHE: dict[tuple, Tensor] = {}
+
+
+def cached(key: tuple, device: torch.device, build: Callable[[torch.device], Tensor]) -> Tensor:
+    """The tensor ``build(device)`` for ``key``, built once per device.
+
+    Inside a compiled region it is built in the graph instead (inductor folds it into a constant). Tensors are
+    built outside inference mode and without autograd, so they serve training and inference alike.
+    """
+    if torch.compiler.is_compiling():
+        return build(device)
+    full_key = (*key, device)
+    value = _CACHE.get(full_key)
+    if value is None:
+        with torch.inference_mode(False), torch.no_grad():
+            value = build(device)
+        _CACHE[full_key] = value
+    return value
+
+
+def positions(n: int, device: torch.device) -> Tensor:
+    """``arange(n)`` (long), cached."""
+    return cached(("arange", n), device, lambda dev: torch.tensor(list(range(n)), dtype=torch.long, device=dev))
