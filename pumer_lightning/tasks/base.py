@@ -13,6 +13,7 @@ A task subclass says how a batch becomes logits (`compute_logits`), how logits b
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import re
@@ -494,14 +495,20 @@ class VLTask(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.log_epoch_metrics("train")
 
+    def on_validation_epoch_start(self) -> None:
+        self.skips_begin("val")
+
     def on_validation_epoch_end(self) -> None:
         self.log_epoch_metrics("val")
+        self.skips_end("val")
 
     def on_test_epoch_start(self) -> None:
         self._predictions = []
+        self.skips_begin("test")
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
+        self.skips_begin("predict")
 
     def on_test_epoch_end(self) -> None:
         self.log_epoch_metrics("test")
@@ -511,15 +518,16 @@ class VLTask(pl.LightningModule):
         self._flush_predictions("predict")
 
     def _flush_predictions(self, stage: str) -> None:
+        skipped = self.skips_end(stage)  # a collective under DDP: before anything that may return early
         rows = self._predictions
         self._predictions = []
         if self.trainer.world_size > 1:
             gathered: list[list[dict[str, Any]]] = [None] * self.trainer.world_size  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
-        if not rows:
+        if not rows and not skipped:
             return
-        if stage == "test":
+        if stage == "test" and rows:
             for name, value in self.prediction_metrics(rows).items():
                 self.log(f"test/{name}", value, sync_dist=True)  # same value on every rank
         directory = self.output_dir("predictions")  # on every rank: log_dir is a broadcast under DDP
@@ -528,8 +536,79 @@ class VLTask(pl.LightningModule):
         directory.mkdir(parents=True, exist_ok=True)
         path = self.write_predictions(rows, directory, stage)
         if path is not None:
-            log.info("%s predictions: %s", stage, path)
+            self.write_skip_summary(path, stage, len(rows), skipped)
+            log.info(
+                "%s predictions: %s (%d, %d example(s) skipped)",
+                stage,
+                path,
+                len(rows),
+                sum(skipped.values()),
+            )
             self.predictions_path = path
+
+    # ------------------------------------------------------------------------------------------ skipped examples
+    def _stage_split(self, stage: str) -> str | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        attr = {"val": "val_split", "test": "test_split", "predict": "predict_split"}.get(stage)
+        return getattr(dm, attr, None) if dm is not None and attr else None
+
+    def skips_begin(self, stage: str) -> None:
+        """Remember the data module's skip counts when an evaluation pass of ``stage`` starts."""
+        dm = getattr(self.trainer, "datamodule", None)
+        marks = self.__dict__.setdefault("_skip_marks", {})
+        marks[stage] = dict(getattr(dm, "skipped", None) or {})
+
+    def skips_end(self, stage: str) -> dict[str, int]:
+        """Examples of the stage's split skipped during this pass, ``{reason: count}`` summed over ranks.
+
+        Call it on every rank (it gathers under DDP). The counts are logged as a warning; ``validate`` also logs
+        them as ``data/skipped/<split>/<reason>`` (``fit`` and ``test`` log them through ``TokenStatsCallback``;
+        ``predict`` cannot log metrics: its counts go into the prediction file's ``.skipped.json``).
+        """
+        dm = getattr(self.trainer, "datamodule", None)
+        split = self._stage_split(stage)
+        before = self.__dict__.get("_skip_marks", {}).pop(stage, {})
+        now = dict(getattr(dm, "skipped", None) or {})
+        prefix = f"{split}/"
+        delta = {
+            k[len(prefix) :]: n - before.get(k, 0)
+            for k, n in now.items()
+            if split is not None and k.startswith(prefix) and n > before.get(k, 0)
+        }
+        if (
+            self.trainer.world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
+            parts: list[dict[str, int]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(parts, delta)
+            delta = {}
+            for part in parts:
+                for reason, n in part.items():
+                    delta[reason] = delta.get(reason, 0) + n
+        if self.trainer.sanity_checking:
+            return delta
+        if delta and self.trainer.is_global_zero:
+            log.warning("[%s] %d example(s) of split %r skipped, by reason: %s", stage, sum(delta.values()), split,
+                        dict(sorted(delta.items())))  # fmt: skip
+        if stage == "val" and getattr(self.trainer.state, "fn", None) == "validate":
+            for reason, n in sorted(delta.items()):
+                self.log(f"data/skipped/{split}/{reason}", float(n), batch_size=1, sync_dist=False)
+        return delta
+
+    def write_skip_summary(self, path: Path, stage: str, predictions: int, skipped: dict[str, int]) -> Path:
+        """``<predictions file>.skipped.json`` next to a prediction file: how many examples of the split it
+        covers and how many were skipped, by reason (the prediction formats themselves have no room for it)."""
+        out = path.with_name(path.name + ".skipped.json")
+        summary = {
+            "stage": stage,
+            "split": self._stage_split(stage),
+            "predictions": predictions,
+            "skipped_total": sum(skipped.values()),
+            "skipped": dict(sorted(skipped.items())),
+        }
+        out.write_text(json.dumps(summary, indent=1) + "\n")
+        return out
 
     def output_dir(self, name: str) -> Path:
         """``predictions_dir`` or ``<log_dir>/<name>``. Call it on every rank (``trainer.log_dir`` is a collective)."""

@@ -226,12 +226,15 @@ class RetrievalTask(VLTask):
 
     def on_validation_epoch_start(self) -> None:
         self._rows["val"] = _EvalRows()
+        self.skips_begin("val")
 
     def on_test_epoch_start(self) -> None:
         self._rows["test"] = _EvalRows()
+        self.skips_begin("test")
 
     def on_predict_epoch_start(self) -> None:
         self._rows["predict"] = _EvalRows()
+        self.skips_begin("predict")
 
     def _gather(self, stage: str) -> tuple[Tensor, Tensor]:
         """Every rank's rows of the score matrix, on every rank: (image ids (N_img,), scores (N_img, N_text))."""
@@ -298,22 +301,27 @@ class RetrievalTask(VLTask):
 
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val")
+        self.skips_end("val")
 
     def on_test_epoch_end(self) -> None:
         metrics = self._finish_eval("test")
+        skipped = self.skips_end("test")
         directory = self.output_dir("predictions")  # every rank: log_dir is a collective under DDP
         if metrics and self.trainer.is_global_zero:
-            self._write_ranks("test", directory)
+            path = self._write_ranks("test", directory)
+            self.write_skip_summary(path, "test", int(self.last_scores["test"]["image_ids"].numel()), skipped)
 
     def on_predict_epoch_end(self) -> None:
         self._gather_and_write("predict")
 
     def _gather_and_write(self, stage: str) -> None:
+        skipped = self.skips_end(stage)
         row_ids, scores = self._gather(stage)
         directory = self.output_dir("predictions")
         if row_ids.numel() and self.trainer.is_global_zero:
             self.last_scores[stage] = {"image_ids": row_ids, "scores": scores}
-            self._write_ranks(stage, directory)
+            path = self._write_ranks(stage, directory)
+            self.write_skip_summary(path, stage, int(row_ids.numel()), skipped)
 
     def _write_ranks(self, stage: str, directory: Path, k: int = 10) -> Path:
         """``retrieval_<stage>_ranks.json``: each image's top-k caption ids and each caption's top-k image ids."""
