@@ -28,6 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -364,26 +366,76 @@ def run(argv: list[str] | None = None) -> str:
         "--full-size", default="auto",
         help="bench experiment timed at full size after a shapes demo (vilt_vqa2, meter_vqa2, ...; 'none' skips)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
+        help="resume an interrupted run: the checkpoint file it printed, or 'last' (the newest interrupted.ckpt / "
+        "last.ckpt of this experiment); the run continues in the same run directory",
+    )  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
         parser.error(f"unexpected arguments {bad}; overrides look like --model.reducer.keep_ratio=0.6")
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from pumer_lightning.callbacks.checkpoint import CheckpointWriteError
     from pumer_lightning.cli import PumerCLI
 
     start = time.perf_counter()
     files = experiment_files(args.name)
     cli_args = [a for f in files for a in ("-c", f)] + overrides
-    argv, sys.argv = (
-        sys.argv,
-        sys.argv[:1],
-    )  # the arguments are passed explicitly; keep LightningCLI from warning
+    state: dict[str, Any] = {"phase": "setup", "cli": None, "done": []}
+    previous = _raise_on_sigterm()
     try:
-        cli = PumerCLI(args=cli_args, run=False)
+        argv_, sys.argv = (
+            sys.argv,
+            sys.argv[:1],
+        )  # the arguments are passed explicitly; keep LightningCLI quiet
+        try:
+            state["cli"] = PumerCLI(args=cli_args, run=False)
+        finally:
+            sys.argv = argv_
+        return _run_phases(args, state, start)
+    except SIGTERMException as err:
+        _report_interruption(args, argv, state, err, start)
+        raise SystemExit(SIGTERM_EXIT_CODE) from err
+    except CheckpointWriteError as err:  # e.g. disk full: one message naming the file
+        resume = _resume_file(state, err)
+        hint = f"\nresume with: {resume_commands(args, argv, resume)[0]}" if resume else ""
+        raise SystemExit(f"error: {err}{hint}") from None
     finally:
-        sys.argv = argv
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: Exit status after SIGTERM (as `python -m pumer_lightning fit`).
+SIGTERM_EXIT_CODE = 143
+
+
+def _raise_on_sigterm() -> Any:
+    """Install a SIGTERM handler that stops the driver between Lightning runs (timing, full-size timing, data
+    generation) with `SIGTERMException`, so that it prints its interruption summary. While a Trainer runs, Lightning's
+    own handler (which calls this one too) stops the run at the next batch boundary and saves ``interrupted.ckpt``;
+    this one then does nothing."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def handler(signum: int, frame: Any) -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:  # no Trainer is running
+            raise SIGTERMException()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _run_phases(args: argparse.Namespace, state: dict[str, Any], start: float) -> str:
+    from pumer_lightning.callbacks.checkpoint import refuse_to_overwrite, resolve_resume
+
+    cli = state["cli"]
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-    trainer.fit(model, datamodule=dm)
+    ckpt_path = resolve_resume(trainer, args.ckpt_path)
+    if ckpt_path is None:
+        refuse_to_overwrite(trainer)
+    state["phase"] = "fit"
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    state["done"].append("fit")
     ckpt = trainer.checkpoint_callback
     best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
     val = {}
@@ -393,6 +445,7 @@ def run(argv: list[str] | None = None) -> str:
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     test: dict[str, float] = {}
     if not args.no_test and dm.test_split is not None:
+        state["phase"] = "test"
         results = trainer.test(model, datamodule=dm, ckpt_path=best or None)
         test = {k: float(v) for k, v in (results[0] if results else {}).items()}
         test.update(
@@ -402,9 +455,12 @@ def run(argv: list[str] | None = None) -> str:
                 if k.startswith("test/") and k not in test
             }
         )
+        state["done"].append("test")
     timing = None
     if args.timing_batches > 0 and model.backbone.reducer is not None and model.backbone.reducer.is_active:
+        state["phase"] = "timing"
         timing = time_reduction(model, eval_batches(dm, args.timing_batches), rounds=args.timing_rounds)
+    state["phase"] = "controls"
     controls = {} if args.no_controls or args.no_test else control_runs(cli)
     full = None
     bench_name, batch_size = args.full_size, 4
@@ -412,6 +468,7 @@ def run(argv: list[str] | None = None) -> str:
         shapes = "shapes" in str(getattr(dm, "data_dir", ""))
         bench_name, batch_size = FULL_SIZE.get(model.backbone.family, (None, 4)) if shapes else (None, 4)
     if bench_name and bench_name != "none":
+        state["phase"] = "full-size timing"
         full = time_full_size(bench_name, batch_size=batch_size)
     text = summary_text(args.name, cli, val, test, timing, controls, time.perf_counter() - start, full)
     log_dir = Path(trainer.log_dir or ".")  # every rank: a collective under DDP
@@ -421,6 +478,70 @@ def run(argv: list[str] | None = None) -> str:
         (log_dir / "summary.md").write_text(text + "\n")
         print(f"summary: {log_dir / 'summary.md'}; dashboard: tensorboard --logdir {log_dir.parent}")
     return text
+
+
+def resume_commands(args: argparse.Namespace, argv: list[str] | None, ckpt_path: str) -> list[str]:
+    """``make exp`` and ``python -m pumer_lightning.exp`` commands that continue this run from ``ckpt_path``."""
+    from pumer_lightning.cli import without_ckpt_path
+
+    rest = without_ckpt_path([a for a in (argv if argv is not None else sys.argv[1:]) if a != args.name])
+    rest.append(f"--ckpt_path={ckpt_path}")
+    return [
+        f"make exp EXP={shlex.quote(args.name)} ARGS={shlex.quote(' '.join(shlex.quote(a) for a in rest))}",
+        "python -m pumer_lightning.exp " + shlex.join([args.name, *rest]),
+    ]
+
+
+def _resume_file(state: dict[str, Any], err: BaseException) -> str | None:
+    """The checkpoint to continue from after ``err``: what the interruption saved during the fit, else the
+    fit's final ``last.ckpt`` (a finished fit resumes as a no-op and goes on to test and summarise)."""
+    from pumer_lightning.callbacks.checkpoint import interruption_report
+
+    cli = state.get("cli")
+    if cli is None:
+        return None
+    trainer = cli.trainer
+    if "fit" not in state["done"]:
+        return interruption_report(trainer, err)[1]
+    ckpt = trainer.checkpoint_callback
+    last = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
+    return last or None
+
+
+def _report_interruption(
+    args: argparse.Namespace, argv: list[str] | None, state: dict[str, Any], err: BaseException, start: float
+) -> None:
+    """Print (and write to ``<log_dir>/summary.md``) what an interrupted ``make exp`` did and how to resume it."""
+    from pumer_lightning.callbacks.checkpoint import interruption_report
+
+    cli = state.get("cli")
+    trainer = cli.trainer if cli is not None else None
+    if trainer is not None and not trainer.is_global_zero:
+        return
+    phase = state["phase"]
+    lines = [f"## make exp {args.name}: interrupted", ""]
+    if phase == "fit" and trainer is not None:
+        message = interruption_report(trainer, err)[0]
+        total = trainer.estimated_stepping_batches if trainer.max_steps in (None, -1) else trainer.max_steps
+        of = f" of {int(total)}" if isinstance(total, (int, float)) and total not in (float("inf"), 0) else ""
+        lines.append(f"- fit stopped at step {trainer.global_step}{of}: {message}")
+    else:
+        lines.append(f"- interrupted by SIGTERM during {phase}")
+    done = ", ".join(state["done"]) or "nothing"
+    lines.append(f"- finished before the interruption: {done}")
+    lines.append(f"- wall time: {(time.perf_counter() - start) / 60:.1f} min")
+    resume = _resume_file(state, err)
+    if resume:
+        make, python = resume_commands(args, argv, resume)
+        lines += [f"- resume with: {make}", f"  (or: {python})"]
+    else:
+        lines.append("- nothing to resume: rerun the same command")
+    text = "\n".join(lines)
+    print("\n" + text + "\n", file=sys.stderr, flush=True)
+    if trainer is not None and trainer.log_dir and "fit" in state["done"] + [phase]:
+        log_dir = Path(trainer.log_dir)
+        if log_dir.is_dir():
+            (log_dir / "summary.md").write_text(text + "\n")
 
 
 def main() -> None:

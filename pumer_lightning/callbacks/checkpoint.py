@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,10 @@ class TaskCheckpoint(ModelCheckpoint):
             if task not in MAIN_METRIC:
                 raise ValueError(f"TaskCheckpoint: no main metric for task {task!r}; pass monitor=")
             self.monitor = f"val/{MAIN_METRIC[task]}"
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if trainer.ckpt_path:  # a resumed run continues in its own directory: its files are expected there
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         try:
