@@ -257,7 +257,7 @@ def unreadable_inputs(config: Any) -> list[str]:
         if problem or reason:
             problems.append(f"model.distill.teacher: {problem or f'{teacher} is unreadable: {reason}'}")
     ckpt_path = config.get("ckpt_path")
-    if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
+    if ckpt_path and str(ckpt_path) not in ("last", "auto", "best", "hpc") and "://" not in str(ckpt_path):
         if not Path(ckpt_path).exists():
             problems.append(f"--ckpt_path {ckpt_path} does not exist")
         elif Path(ckpt_path).is_file():
@@ -426,6 +426,10 @@ class PumerCLI(LightningCLI):
             kwargs["ckpt_path"] = resolve_resume(self.trainer, ckpt_path)
             if kwargs["ckpt_path"] is None:
                 refuse_to_overwrite(self.trainer)
+        elif ckpt_path == "auto":
+            raise SystemExit(
+                f"error: --ckpt_path=auto is for fit; {subcommand} needs a checkpoint file (or last)"
+            )
         elif ckpt_path == "last":
             kwargs["ckpt_path"] = resolve_resume(self.trainer, ckpt_path, continue_run=False)
         return kwargs

@@ -369,7 +369,8 @@ def run(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
         help="resume an interrupted run: the checkpoint file it printed, or 'last' (the newest interrupted.ckpt / "
-        "last.ckpt of this experiment); the run continues in the same run directory",
+        "last.ckpt of this experiment; an error when there is none) or 'auto' ('last' if there is one, else a new "
+        "run); the run continues in the same run directory",
     )  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--")]

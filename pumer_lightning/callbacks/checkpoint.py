@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ class TaskCheckpoint(ModelCheckpoint):
                 raise ValueError(f"TaskCheckpoint: no main metric for task {task!r}; pass monitor=")
             self.monitor = f"val/{MAIN_METRIC[task]}"
         with warnings.catch_warnings():
-            if trainer.ckpt_path:  # a resumed run continues in its own directory: its files are expected there
+            if (
+                trainer.ckpt_path
+            ):  # a resumed run continues in its own directory: its files are expected there
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
 
@@ -255,12 +258,23 @@ def resolve_resume(
     """The file a fit resumes from, with its logger pointed at that file's run directory (``continue_run``).
 
     ``"last"`` becomes the newest of `resume_candidates` (a SIGTERM's ``interrupted.ckpt`` or a ``last.ckpt``); when
-    there is none this raises ``SystemExit`` with a message instead of silently starting over. A file inside
+    there is none this raises ``SystemExit`` with a message instead of silently starting over. ``"auto"`` (for job
+    scripts that are started again after a preemption) is ``"last"`` when there is something to resume and a new
+    run otherwise, saying which on stderr. A file inside
     ``<save_dir>/<name>/<version>/checkpoints`` makes the run continue in that version directory (TensorBoard events,
     checkpoints and the best-checkpoint bookkeeping stay together). Other values pass through unchanged.
     """
     if ckpt_path is None:
         return None
+    if str(ckpt_path) == "auto":
+        if not resume_candidates(trainer):
+            if trainer.is_global_zero:
+                print(
+                    f"--ckpt_path=auto: nothing to resume in {_searched(trainer)}; starting a new run",
+                    file=sys.stderr,
+                )
+            return None
+        ckpt_path = "last"
     if str(ckpt_path) == "last":
         candidates = resume_candidates(trainer)
         if not candidates:
@@ -270,6 +284,8 @@ def resolve_resume(
                 "validation. Start a new run without --ckpt_path, or pass the checkpoint file."
             )
         path = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+        if trainer.is_global_zero:
+            print(f"--ckpt_path=last: resuming {path}", file=sys.stderr)
     elif str(ckpt_path) in ("best", "hpc") or "://" in str(ckpt_path):
         return str(ckpt_path)
     else:

@@ -52,15 +52,15 @@ def _fit(shapes, out: Path, *overrides: str) -> subprocess.CompletedProcess:
 CASES = {
     "keep_ratio": (
         ["--model.reducer.keep_ratio=1.5"],
-        [r"ReducerSchedule.keep_ratio must be in (0, 1], got 1.5"],
+        [r"--model.reducer.keep_ratio must be in (0, 1], got 1.5"],
     ),
     "merge_ratio": (
         ["--model.reducer.merge_ratio=0.9"],
-        ["ReducerSchedule.merge_ratio must be in [0, 0.5], got 0.9"],
+        ["--model.reducer.merge_ratio must be in [0, 0.5], got 0.9"],
     ),
     "layer_depth": (
         ["--model.reducer.layers=[1,7]"],
-        ["ReducerSchedule.layers: block index [7] out of range for vilt backbone with 4 reducible blocks"],
+        ["--model.reducer.layers: block index [7] out of range for vilt_tiny backbone with 4 reducible blocks"],
     ),
     "importance": (
         ["--model.reducer.importance=attention"],

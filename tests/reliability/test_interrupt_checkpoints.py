@@ -100,6 +100,15 @@ def test_ckpt_path_last_with_nothing_to_resume_fails_loudly(shapes_snli, tmp_pat
     assert not list(tmp_path.rglob("*.ckpt")), "nothing may have been trained"
 
 
+def test_ckpt_path_auto_starts_a_new_run_then_resumes_it(shapes_snli, tmp_path, capsys):
+    """What a job script that is started again after each preemption passes (docs/scaling.md)."""
+    first = PumerCLI(args=_args(shapes_snli, tmp_path, "--ckpt_path=auto"))
+    assert first.trainer.global_step == 2 and "nothing to resume" in capsys.readouterr().err
+    again = PumerCLI(args=_args(shapes_snli, tmp_path, "--ckpt_path=auto", "--trainer.max_epochs=2"))
+    assert again.trainer.global_step == 4 and again.trainer.log_dir == first.trainer.log_dir
+    assert "--ckpt_path=last: resuming" in capsys.readouterr().err
+
+
 def test_fresh_fit_into_an_existing_run_directory_is_refused(shapes_snli, tmp_path):
     """An explicit run directory (logger version) that holds an earlier run: the new fit neither resumes it
     silently nor mixes its checkpoints with the old ones."""
