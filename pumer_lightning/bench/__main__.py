@@ -15,13 +15,17 @@ experiments: {", ".join(EXPERIMENTS)} (full size; tiny_<name> or --tiny for the 
 settings: baseline, pumer (released), prune_only, merge_only, no_text_merge, random_prune, keep_<ratio>
 
 outputs: <out>/<name>.json (top-level "settings" list), <name>.md (table), <name>.png (plots);
-<name> defaults to <exp>_<device>[-<precision>]_b<batch>[_compiled][_graphed].
+<name> defaults to <exp>_<device>[-<precision>]_b<batch>[_compiled][_graphed][_reducer-<impl>].
+Every run also measures a training step per setting (memory with its bound, throughput; --no-train skips it),
+the ops per forward (--no-op-count skips it) and, when the backbone has a compiled reduction step, its kernels.
 
 examples:
   python -m pumer_lightning.bench vilt_nlvr2 meter_nlvr2
   python -m pumer_lightning.bench meter_vqa2 --quick
   python -m pumer_lightning.bench vilt_vqa2 --batch 1 8 32 --settings pumer
   python -m pumer_lightning.bench vilt_nlvr2 --compile --settings pumer
+  python -m pumer_lightning.bench vilt_nlvr2 --batch 32 --precision fp16-true --reducer-impl compiled --cuda-graph
+  scripts/gpu_check.sh                       # every GPU measurement of issue 13 (GPU_CHECK_TINY=1: CPU smoke)
 """
 
 
@@ -60,10 +64,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         "is under 30 s; else 0, the probe having run every setting once)",
     )
     p.add_argument(
-        "--train-memory",
-        action="store_true",
-        help="also measure the peak memory of a training step (forward + backward) per setting",
+        "--no-train",
+        dest="train",
+        action="store_false",
+        help="skip the training step (forward + backward memory and bound; forward + backward + AdamW throughput)",
     )
+    p.add_argument(
+        "--train-rounds", type=int, help="timed training rounds (default: as many as fit in the budget)"
+    )
+    p.add_argument("--train-budget", type=float, help="seconds of timed training rounds (default: --budget)")
+    p.add_argument(
+        "--reducer-impl",
+        choices=["auto", "eager", "compiled"],
+        help="the backbone's reduction step (default: the backbone's own default); ignored, with a warning, "
+        "by a backbone without the choice",
+    )
+    p.add_argument(
+        "--kernel-count",
+        choices=["released", "all", "none"],
+        default="released",
+        help="count inductor's kernels of the compiled reduction step for these settings (default: released)",
+    )
+    p.add_argument("--no-op-count", dest="op_count", action="store_false", help="skip the op counter")
     p.add_argument(
         "--min-sample",
         type=float,
@@ -73,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: fp16 autocast on CUDA, fp32 on CPU",
+        choices=["auto", "fp32", "fp16", "bf16", "fp16-true", "bf16-true"],
+        help="auto: fp16 autocast on CUDA, fp32 on CPU; fp16/bf16: autocast; fp16-true/bf16-true: weights cast "
+        "to half once (no autocast, no per-call recast)",
     )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument(
@@ -111,7 +134,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         min_rounds=a.min_rounds,
         max_rounds=a.max_rounds,
         warmup=a.warmup,
-        train_memory=a.train_memory,
+        train=a.train,
+        train_rounds=a.train_rounds,
+        train_budget_s=a.train_budget,
+        reducer_impl=a.reducer_impl,
+        kernel_count=a.kernel_count,
+        op_count=a.op_count,
         min_sample_s=a.min_sample,
         device=a.device,
         precision=a.precision,
@@ -133,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         options.warmup = 0
         if options.rounds is None:
             options.rounds = 3
+        if options.train_rounds is None:
+            options.train_rounds = 3
     for name in a.exp:
         try:
             get_experiment(name, tiny=a.tiny)

@@ -222,12 +222,26 @@ class Inputs:
     def args(self) -> tuple:
         return self.pixel_values, self.input_ids, self.attention_mask
 
-    def to(self, device: torch.device | str) -> Inputs:
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Inputs:
+        """On ``device``; images also cast to ``dtype`` (half-weight precisions) when given."""
         return Inputs(
-            tuple(p.to(device) for p in self.pixel_values),
+            tuple(p.to(device, dtype) if dtype is not None else p.to(device) for p in self.pixel_values),
             self.input_ids.to(device),
             self.attention_mask.to(device),
             list(self.text_lengths),
+        )
+
+    def head(self, n: int) -> Inputs:
+        """The first ``n`` examples (the first has the full text length, so the padding stays the same)."""
+        return Inputs(
+            tuple(p[:n] for p in self.pixel_values),
+            self.input_ids[:n],
+            self.attention_mask[:n],
+            list(self.text_lengths[:n]),
         )
 
     def tensors(self) -> list[Tensor]:

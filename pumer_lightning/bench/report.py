@@ -17,6 +17,25 @@ REQUIRED_FIELDS = (
     "peak_mem_bytes",
     "tokens_per_layer",
     "reducer_time_share",
+    "ops_per_forward",
+    "reducer_ops_per_step",
+    "kernels_per_step",
+)
+TRAIN_FIELDS = (
+    "train_peak_mem_bytes",
+    "train_activation_peak_bytes",
+    "train_activation_mem_ratio",
+    "train_activation_mem_bound",
+    "train_examples_per_s",
+    "train_speedup",
+    "train_flops_ratio",
+)
+MEMORY_BOUND_FORMULA = (
+    "bound on the training activation-memory ratio = sum_p S_p * T_p / T0_p / sum_p S_p, over the parts p of "
+    "the model (each block before and after its reduction, the final norm, poolers and head, and the unreduced "
+    "rest), where S_p is what part p saves for backward in the baseline (bytes, from saved_tensors_hooks), and "
+    "T0_p, T_p the tokens part p sees in the baseline and in the setting; i.e. memory proportional to the "
+    "tokens each layer keeps, at that layer's per-token bytes S_p / T0_p"
 )
 MIB = 2**20
 
@@ -27,6 +46,15 @@ def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, spec: str = ".0f") -> str:
+    return "n/a" if x is None else f"{x:{spec}}"
+
+
+def _saving(ratio: float | None) -> str:
+    """A memory ratio as the saving it means: 0.62 -> '-38%'."""
+    return "n/a" if ratio is None else f"{100 * (ratio - 1):+.0f}%"
 
 
 def _schedule(s: dict | None) -> str:
@@ -60,6 +88,8 @@ def protocol_line(result: dict) -> str:
         f"probe + {pr['warmup_rounds']} warm-up round(s) + {pr['rounds']} interleaved timed rounds; "
         f"torch.inference_mode{'; torch.compile(fullgraph=True)' if pr['compiled'] else ''}"
         f"{'; CUDA graph replay' if pr.get('cuda_graph') else ''}"
+        f"{'; reduction step ' + pr['reducer_impl'] if pr.get('reducer_impl') else ''}"
+        f"{'; ' + str(pr['train_rounds']) + ' interleaved training rounds' if pr.get('train_rounds') else ''}"
     )
 
 
@@ -91,14 +121,8 @@ def markdown(result: dict) -> str:
             f"| {s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f}) "
             f"| {_pct(s['reducer_time_share'])} |"
         )
-    if "train_peak_mem_bytes" in result["settings"][0]:
-        lines += ["", f"Training-step memory: {result['protocol']['train_memory_method']}", ""]
-        lines += ["| setting | peak MiB | activations + gradients MiB | vs baseline |", "|---|---|---|---|"]
-        for s in result["settings"]:
-            lines.append(
-                f"| `{s['name']}` | {s['train_peak_mem_bytes'] / MIB:.0f} "
-                f"| {s['train_activation_peak_bytes'] / MIB:.0f} | {s['train_activation_mem_ratio']:.2f}× |"
-            )
+    lines += launch_section(result)
+    lines += training_section(result)
     lines += ["", "Tokens entering each layer (image / text; the image count includes the image CLS):", ""]
     lines += ["| setting | image tokens | text tokens | matches plan() |", "|---|---|---|---|"]
     for s in result["settings"]:
@@ -130,6 +154,103 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def launch_section(result: dict) -> list[str]:
+    """Markdown: ops per forward, reducer ops per step, the compiled step's kernels (launch overhead)."""
+    settings = result["settings"]
+    if settings[0].get("ops_per_forward") is None:
+        return []
+    pr = result["protocol"]
+    cuda = any("kernel_launches_per_forward" in s for s in settings)
+    lines = [
+        "",
+        "Launch overhead: on a GPU every op that does work is about one kernel launch.",
+        "",
+        f"- Ops: {pr.get('ops_method')}",
+        f"- Compiled step: {pr.get('kernels_method')}",
+        "",
+        "| setting | ops/forward | × baseline | reduction steps | reducer ops/step | ops in `pumer.reduce`/step "
+        "| compiled step: kernels/step (inductor) | kernel + extern calls/step | launches/forward with it "
+        + ("| CUDA launches/forward (in reducer) " if cuda else "")
+        + "|",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
+    ]
+    for s in settings:
+        step = s.get("compiled_step") or {}
+        calls = (
+            f"{step['kernel_calls_per_step']:.1f} + {step['extern_calls_per_step']:.1f}"
+            if "kernel_calls_per_step" in step
+            else "n/a"
+        )
+        launches = s.get("launches_per_forward_compiled_step")
+        row = (
+            f"| `{s['name']}` | {s['ops_per_forward']} | {_fmt(s.get('ops_ratio'), '.2f', '×')} "
+            f"| {s.get('reduction_steps_per_forward', 0)} | {_num(s.get('reducer_ops_per_step'), '.1f')} "
+            f"| {_num(s.get('ops_in_reduce_ranges_per_step'), '.1f')} | {_num(s.get('kernels_per_step'), '.1f')} "
+            f"| {calls} | "
+            + (f"{launches:.0f} ({launches / settings[0]['ops_per_forward']:.2f}×)" if launches else "n/a")
+            + " |"
+        )
+        if cuda:
+            row += (
+                f" {_num(s.get('kernel_launches_per_forward'))} "
+                f"({_num(s.get('reducer_kernel_launches_per_forward'))}) |"
+            )
+        lines.append(row)
+    for s in settings:
+        step = s.get("compiled_step") or {}
+        if step.get("extern_calls") is not None:
+            externs = ", ".join(f"{k} {v}" for k, v in step["extern_calls"].items()) or "none"
+            lines.append(
+                f"\n`{s['name']}` compiled step: {step['graphs']} graphs, {step['generated_kernels']} generated "
+                f"kernels (inductor's count), extern calls left in them: {externs}; compiled in "
+                f"{step['compile_s']:.1f} s"
+            )
+        elif step.get("error"):
+            lines.append(f"\n`{s['name']}` compiled step failed: `{step['error']}`")
+    released = next((s for s in settings if s["kind"] == "released"), None)
+    if released and released.get("extra_ops_by_op"):
+        top = ", ".join(f"{k} {v:+d}" for k, v in list(released["extra_ops_by_op"].items())[:15])
+        lines.append(f"\nOps the released setting adds per forward, by op: {top}")
+    return lines
+
+
+def training_section(result: dict) -> list[str]:
+    """Markdown: training-step memory (with its bound) and throughput (with its FLOPs bound)."""
+    settings = result["settings"]
+    if "train_peak_mem_bytes" not in settings[0]:
+        return []
+    pr = result["protocol"]
+    lines = [
+        "",
+        "Training step (what fine-tuning with the reducer on pays).",
+        "",
+        f"- Memory: {pr['train_memory_method']}",
+        f"- Bound: {MEMORY_BOUND_FORMULA}",
+        f"- Throughput: {pr.get('train_time_method')}",
+        "",
+        "| setting | train examples/s median [min–max] | speedup (paired) | FLOPs ratio fwd+bwd (bound) "
+        "| peak MiB | activations MiB | activation memory vs baseline | bound | saved for backward vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in settings:
+        if "train_examples_per_s" in s:
+            speed = (
+                f"{s['train_examples_per_s']:.3g} [{s['train_examples_per_s_min']:.3g}–"
+                f"{s['train_examples_per_s_max']:.3g}] | {s['train_speedup']:.2f}× "
+                f"({s['train_paired_speedup_median']:.2f}×)"
+            )
+        else:
+            speed = "n/a | n/a"
+        ratio, bound = s["train_activation_mem_ratio"], s["train_activation_mem_bound"]
+        lines.append(
+            f"| `{s['name']}` | {speed} | {_fmt(s.get('train_flops_ratio'), '.2f', '×')} "
+            f"| {s['train_peak_mem_bytes'] / MIB:.0f} | {s['train_activation_peak_bytes'] / MIB:.0f} "
+            f"| {_fmt(ratio, '.3f', '×')} ({_saving(ratio)}) | {_fmt(bound, '.3f', '×')} ({_saving(bound)}) "
+            f"| {_fmt(s.get('train_saved_ratio'), '.3f', '×')} |"
+        )
+    return lines
+
+
 def summary(result: dict) -> str:
     """A few console lines: throughput, speedup, bound and reducer share per setting."""
     out = [f"== {result['name']} ({hardware_line(result)})"]
@@ -140,6 +261,25 @@ def summary(result: dict) -> str:
             f"attained {_pct(s['bound_attainment']):>6}  peak {s['peak_mem_bytes'] / MIB:7.0f} MiB  "
             f"reducer {_pct(s['reducer_time_share'])}"
         )
+        extra = []
+        if s.get("ops_per_forward") is not None:
+            extra.append(
+                f"ops/forward {s['ops_per_forward']}, reducer ops/step {_num(s.get('reducer_ops_per_step'), '.1f')}"
+            )
+        if s.get("kernels_per_step") is not None:
+            extra.append(f"compiled step {s['kernels_per_step']:.1f} kernels/step")
+        if "train_activation_mem_ratio" in s:
+            extra.append(
+                f"train activations {_saving(s['train_activation_mem_ratio'])} (bound "
+                f"{_saving(s['train_activation_mem_bound'])})"
+            )
+        if "train_speedup" in s:
+            extra.append(
+                f"train {s['train_speedup']:.2f}x (paired {s['train_paired_speedup_median']:.2f}x, FLOPs ratio "
+                f"{_fmt(s.get('train_flops_ratio'), '.2f', 'x')})"
+            )
+        if extra:
+            out.append(" " * 18 + "; ".join(extra))
     return "\n".join(out)
 
 
@@ -243,7 +383,16 @@ def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> 
         "files": [r["name"] + ".json" for r in results],
         "settings": {
             name: {
-                str(b): {k: table[name][b][k] for k in ("examples_per_s", "speedup", "peak_mem_bytes")}
+                str(b): {
+                    k: table[name][b].get(k)
+                    for k in (
+                        "examples_per_s",
+                        "speedup",
+                        "flops_ratio",
+                        "peak_mem_bytes",
+                        "reducer_time_share",
+                    )
+                }
                 for b in batches
             }
             for name in names
@@ -260,7 +409,11 @@ def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
         for name in names:
             ax1.plot(batches, [table[name][b]["examples_per_s"] for b in batches], "o-", label=name)
-            ax2.plot(batches, [table[name][b]["speedup"] for b in batches], "o-", label=name)
+            line = ax2.plot(batches, [table[name][b]["speedup"] for b in batches], "o-", label=name)[0]
+            if name != "baseline":
+                bound = [table[name][b]["flops_ratio"] for b in batches]
+                ax2.plot(batches, bound, ls="--", lw=1, color=line.get_color(), label=f"{name} FLOPs bound")
+        ax2.axhline(1.0, color="grey", lw=1, ls=":")
         for ax, label in ((ax1, "examples/s"), (ax2, "speedup over baseline")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size")
@@ -279,8 +432,9 @@ def readme_table(results: list[dict], settings: list[str] | None = None) -> str:
     """The combined results table: one row per experiment and setting, then the command and machine."""
     lines = [
         "| experiment | setting | examples/s median [min–max] | speedup (paired) | GFLOPs/ex | FLOPs ratio "
-        "| attained | peak memory MiB (activations) | reducer time | image tokens per layer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| attained | peak memory MiB (activations) | reducer time | reducer ops/step "
+        "| training speedup (FLOPs ratio) | training activations (bound) | image tokens per layer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for s in r["settings"]:
@@ -293,7 +447,9 @@ def readme_table(results: list[dict], settings: list[str] | None = None) -> str:
                 f"| {s['flops_per_example'] / 1e9:.2f} | {_fmt(s['flops_ratio'], '.2f', '×')} "
                 f"| {_pct(s['bound_attainment'])} "
                 f"| {s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f}) "
-                f"| {_pct(s['reducer_time_share'])} | {' '.join(map(str, s['tokens_per_layer']['image']))} |"
+                f"| {_pct(s['reducer_time_share'])} | {_num(s.get('reducer_ops_per_step'), '.0f')} "
+                f"| {_train_speed(s)} | {_train_memory(s)} "
+                f"| {' '.join(map(str, s['tokens_per_layer']['image']))} |"
             )
     lines.append("")
     seen = set()
@@ -304,6 +460,18 @@ def readme_table(results: list[dict], settings: list[str] | None = None) -> str:
         seen.add(key)
         lines.append(f"- `{r['exp']}`: `{r.get('command') or '?'}`; {hardware_line(r)}; {protocol_line(r)}")
     return "\n".join(lines) + "\n"
+
+
+def _train_speed(s: dict) -> str:
+    if "train_speedup" not in s:
+        return "n/a"
+    return f"{s['train_speedup']:.2f}× ({_fmt(s.get('train_flops_ratio'), '.2f', '×')})"
+
+
+def _train_memory(s: dict) -> str:
+    if "train_activation_mem_bound" not in s:
+        return "n/a"
+    return f"{_saving(s['train_activation_mem_ratio'])} ({_saving(s['train_activation_mem_bound'])})"
 
 
 def load(paths: list[str | Path]) -> list[dict]:

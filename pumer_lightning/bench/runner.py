@@ -5,15 +5,27 @@ For each experiment and batch size:
 1. **Probe** (one forward per setting, which is also its first warm-up call): FLOPs with
    `FlopCounterMode` (+ the CPU SDPA formula), peak memory (CPU: `TensorMemoryTracker`; CUDA: a separate
    plain forward under ``max_memory_allocated``), and the tokens entering every layer from the backbone's trace,
-   checked against `ReducerSchedule.tokens_per_layer` (what `plan()` predicts).
-2. **Warm-up**: ``warmup`` plain rounds over all settings (default: one on CUDA, with ``--compile``, or when a
+   checked against `ReducerSchedule.tokens_per_layer` (what `plan()` predicts). Probes run the eager
+   reduction step, so the instruments see every op.
+2. **Launch overhead**: `OpCounter` counts the ops that do work in one forward of a batch of 2 (eager
+   reduction step): ``ops_per_forward``, and ``reducer_ops_per_step`` = (reduced - baseline) / reduction steps.
+   When the backbone has a compiled reduction step (``reducer_impl``), inductor's own kernel count for it and
+   the extern calls it leaves (`compiled_kernel_count`).
+3. **Training step** (unless ``train=False``): per setting, one forward + backward (parameter gradients
+   allocated beforehand, so the peak is what the step adds: activations kept for backward and backward's
+   temporaries) under the memory instrument, with the bytes autograd saves attributed to each block
+   (`SavedBytesByPart`), which gives the memory bound; training FLOPs of forward + backward.
+4. **Warm-up**: ``warmup`` plain rounds over all settings (default: one on CUDA, with ``--compile``, or when a
    round is short; none when a CPU round takes over 30 s, as the probe forward already warmed every setting);
    the warm-up (else the probe) times size the timed rounds.
-3. **Timed rounds**: every round times each setting once (``inner`` forwards per sample when one forward is
+5. **Timed rounds**: every round times each setting once (``inner`` forwards per sample when one forward is
    shorter than ``min_sample_s``, as on a GPU), in an order rotated by one each round so that no setting always
    runs first or after the same neighbour. Timing is wall clock around synchronised forwards under
-   ``torch.inference_mode`` (and autocast for fp16/bf16). The reducer's own time is accumulated in the same
-   forwards by `ReducerTimer`.
+   ``torch.inference_mode`` (and autocast for fp16/bf16). Nothing is instrumented in the timed forwards.
+6. **Reducer share**: one profiled sample per reduced setting; `torch.profiler` time inside the
+   ``pumer.reduce`` ranges the backbones open (`reduce_range_profile`).
+7. **Training rounds** (unless ``train=False``): forward + backward + AdamW step per setting, interleaved and
+   rotated as the inference rounds.
 
 Speedups are ratios of medians within the process; a paired speedup (baseline / setting in the same round) is
 reported too, as it cancels drift of the machine's speed between rounds.
@@ -24,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 import statistics
 import sys
 import time
@@ -33,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 from . import report
 from .experiments import (
@@ -48,18 +62,26 @@ from .experiments import (
     make_settings,
 )
 from .measure import (
-    ReducerTimer,
+    PRECISIONS,
+    REDUCE_RANGE,
+    SavedBytesByPart,
     TensorMemoryTracker,
     autocast,
+    compiled_kernel_count,
     count_flops,
+    count_ops,
     machine_info,
+    reduce_range_profile,
     synchronize,
+    weight_dtype,
 )
 
 SCHEMA = "pumer-lightning/bench/1"
 RANGE_PREFIX = "pumer."
-RANGE = "pumer.reducer"  # the profiler range the bench opens around each reducer call
 QUICK_SETTINGS = ("baseline", "pumer")
+REDUCER_IMPLS = ("auto", "eager", "compiled")
+OPS_BATCH = 2  # op counts do not depend on the batch size; 2 as the issue's counter
+TRAIN_LR = 0.0  # AdamW at lr 0 costs the same as any lr and keeps the random weights the timed forwards use
 
 
 @dataclass
@@ -75,7 +97,12 @@ class Options:
     min_rounds: int = 5
     max_rounds: int = 20
     warmup: int | None = None
-    train_memory: bool = False
+    train: bool = True
+    train_rounds: int | None = None
+    train_budget_s: float | None = None
+    reducer_impl: str | None = None
+    op_count: bool = True
+    kernel_count: str = "released"
     min_sample_s: float | None = None
     device: str = "auto"
     precision: str = "auto"
@@ -108,16 +135,46 @@ def resolve_device(options: Options) -> tuple[torch.device, str]:
     precision = options.precision
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
     return device, precision
 
 
 def default_name(
-    exp: Experiment, device: torch.device, precision: str, batch: int, compiled: bool, graphed: bool = False
+    exp: Experiment,
+    device: torch.device,
+    precision: str,
+    batch: int,
+    compiled: bool,
+    graphed: bool = False,
+    reducer_impl: str | None = None,
 ) -> str:
     tag = device.type if precision == "fp32" else f"{device.type}-{precision}"
-    return f"{exp.name}_{tag}_b{batch}" + ("_compiled" if compiled else "") + ("_graphed" if graphed else "")
+    return (
+        f"{exp.name}_{tag}_b{batch}"
+        + ("_compiled" if compiled else "")
+        + ("_graphed" if graphed else "")
+        + (f"_reducer-{reducer_impl}" if reducer_impl else "")
+    )
+
+
+def has_reducer_impl(backbone: torch.nn.Module) -> bool:
+    """Whether the backbone offers a choice of reduction step (``reducer_impl``: auto, eager or compiled)."""
+    return hasattr(backbone, "reducer_impl")
+
+
+@contextlib.contextmanager
+def reducer_impl(backbone: torch.nn.Module, impl: str | None):
+    """Use reduction step ``impl`` inside the block (nothing when ``impl`` is None or the backbone has no choice)."""
+    if impl is None or not has_reducer_impl(backbone):
+        yield
+        return
+    saved = backbone.reducer_impl
+    backbone.reducer_impl = impl
+    try:
+        yield
+    finally:
+        backbone.reducer_impl = saved
 
 
 def select_settings(exp: Experiment, options: Options) -> list[Setting]:
@@ -273,52 +330,221 @@ def _probe(
     }
 
 
-def _train_memory(
-    model: TaskModel, run: Callable, inputs: Inputs, device: torch.device, precision: str
+_BLOCK = re.compile(r"^backbone\.(?:(encoder\.layer)|cross_modal_(text|image)_layers)\.(\d+)(?:\.(\w+))?")
+_TAIL = re.compile(r"^(?:head|backbone\.(?:layernorm|pooler|cross_modal_\w+_pooler))(?:\.|$)")
+_POST = ("layernorm_after", "intermediate", "output")  # the modules of a block that run after its reduction
+_PART = re.compile(r"^(\d+)([ti]?)(\+?)$")
+
+
+def part_of(name: str) -> str:
+    """The part of the task model a module belongs to, for attributing what is saved for backward.
+
+    Block ``l`` of ViLT (``backbone.encoder.layer.l``) is split at its reduction: ``"l"`` (norm and attention,
+    before it) and ``"l+"`` (norm and MLP, after it). METER's text layer ``l`` likewise gives ``"lt"`` (self- and
+    cross-attention, before the reduction) and ``"lt+"`` (its MLP, after it), and its image layer ``"li+"`` (it
+    runs on the reduced image tokens). Ops between module calls belong to the last module entered. ``"tail"``: the final norm,
+    the poolers and the head; ``"other"``: everything before the blocks (embeddings, METER's unimodal towers).
+    """
+    match = _BLOCK.match(name)
+    if match:
+        vilt, stream, layer, sub = match.groups()
+        post = "+" if sub in _POST else ""
+        if vilt:
+            return f"{layer}{post}"
+        return f"{layer}i+" if stream == "image" else f"{layer}t{post}"
+    return "tail" if _TAIL.match(name) else "other"
+
+
+def tokens_by_part(
+    schedule, n_image: int, n_text: int, num_layers: int, passes: int, parts: list[str]
+) -> dict[str, int]:
+    """Tokens each part (`part_of`) sees in one forward of ``passes`` backbone passes, from the schedule's plan.
+
+    A part before the reduction of block ``l`` sees the tokens entering it, a part after it those leaving it
+    (entering block ``l + 1``); METER's ``lt+`` counts the text stream only and ``li+`` the image stream only,
+    while ``lt`` counts both (its cross-attention reads the image tokens); the tail sees what leaves the last
+    block. Parts without a count (``other``) are left out.
+    """
+    if schedule is None:
+        image, text = [n_image] * (num_layers + 1), [n_text] * (num_layers + 1)
+    else:
+        image, text = schedule.tokens_per_layer(n_image, n_text, num_layers + 1)
+    out: dict[str, int] = {}
+    for part in parts:
+        if part == "tail":
+            out[part] = passes * (image[num_layers] + text[num_layers])
+            continue
+        match = _PART.match(part)
+        if not match:
+            continue
+        layer, stream, post = int(match.group(1)), match.group(2), match.group(3)
+        idx = layer + 1 if post else layer
+        count = {
+            "": image[idx] + text[idx],
+            "t": text[idx] if post else image[idx] + text[idx],
+            "i": image[idx],
+        }
+        out[part] = passes * count[stream]
+    return out
+
+
+def _part_key(part: str) -> tuple:
+    match = _PART.match(part)
+    if match:
+        return (1, int(match.group(1)), match.group(2), match.group(3))
+    return (0,) if part == "other" else (2,)
+
+
+def _allocate_grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Zeroed parameter gradients, allocated before the step so that its peak is what the step itself adds."""
+    grads = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.zero_()
+        grads.append(p.grad)
+    return grads
+
+
+def _train_probe(
+    model: TaskModel, setting: Setting, run: Callable, inputs: Inputs, device: torch.device, precision: str
 ) -> dict:
-    """Peak memory of one training step without optimiser state: forward with autograd, backward of the summed
-    logits, parameter gradients allocated (the setting the paper's memory figures resemble: its harness kept the
-    autograd graph, docs/official_code_differences.md#b15)."""
-    static = [*model.parameters(), *model.buffers(), *inputs.tensors()]
-    model.zero_grad(set_to_none=True)
+    """One training forward + backward (train mode, summed logits) under the instruments.
+
+    Parameter gradients are allocated beforehand and counted with the weights, so ``activation_peak_bytes`` is
+    what the step adds: the activations kept for backward (the autograd graph) plus backward's temporaries. The
+    paper's memory figures kept the autograd graph too (docs/official_code_differences.md#b15). Also returns the
+    bytes autograd saves per block (`SavedBytesByPart`), the tokens entering each block and the FLOPs of forward +
+    backward.
+    """
+    backbone = model.backbone
+    model.train()
+    grads = _allocate_grads(model)
+    static = [*model.parameters(), *model.buffers(), *inputs.tensors(), *grads]
     tracker = TensorMemoryTracker(static) if device.type == "cpu" else None
+    saved = SavedBytesByPart(model, part_of, static)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    with torch.enable_grad():
-        if tracker is not None:
-            with tracker:
-                with autocast(device, precision):
-                    logits, _ = run()
+    try:
+        with torch.enable_grad(), tracker if tracker is not None else contextlib.nullcontext():
+            with count_flops() as flops:
+                with saved, autocast(device, precision):
+                    logits, traces = run()
                 logits.float().sum().backward()
-        else:
-            with autocast(device, precision):
-                logits, _ = run()
-            logits.float().sum().backward()
-    synchronize(device)
-    model.zero_grad(set_to_none=True)
+        synchronize(device)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_mem_bytes": int(peak), "activation_peak_bytes": int(peak - before)}
-    return {"peak_mem_bytes": tracker.peak_bytes, "activation_peak_bytes": tracker.peak_new_bytes}
+        memory = {"peak_mem_bytes": int(peak), "activation_peak_bytes": int(peak - before)}
+    else:
+        memory = {"peak_mem_bytes": tracker.peak_bytes, "activation_peak_bytes": tracker.peak_new_bytes}
+    return {
+        **memory,
+        "saved_bytes_by_part": dict(sorted(saved.by_part.items(), key=lambda kv: _part_key(kv[0]))),
+        "tokens_by_part": tokens_by_part(
+            setting.schedule,
+            backbone.num_image_tokens,
+            inputs.input_ids.shape[1],
+            backbone.num_layers,
+            len(traces),
+            list(saved.by_part),
+        ),
+        "flops": flops["total"],
+    }
 
 
-def _time_sample(
-    run: Callable, inner: int, device: torch.device, precision: str, timer: ReducerTimer | None
-) -> tuple[float, float | None]:
-    """Seconds per forward over ``inner`` forwards, and the seconds per forward spent in the reducer."""
-    if timer is not None:
-        timer.start()
+def memory_bound(base_saved: dict[str, int], base_tokens: dict[str, int], tokens: dict[str, int]) -> float:
+    """Bound on the training activation-memory ratio (setting / baseline): memory proportional to tokens.
+
+    ``bound = sum_p S_p * T_p / T0_p / sum_p S_p`` over the parts ``p`` of the model (`part_of`: each block
+    before and after its reduction, the tail, and the unreduced rest), where ``S_p`` is what part ``p`` saves
+    for backward in the baseline (bytes), ``T0_p`` the tokens it sees in the baseline and ``T_p`` in the
+    setting: every part keeps ``S_p / T0_p`` bytes per token (its per-token bytes) for each token it sees; parts
+    without a token count (embeddings, METER's unimodal towers) keep what they keep. The measured ratio stays
+    above it by what the reducer itself keeps and by backward's temporaries.
+    """
+    total = sum(base_saved.values())
+    if not total:
+        return float("nan")
+    kept = 0.0
+    for part, nbytes in base_saved.items():
+        if base_tokens.get(part):
+            kept += nbytes * tokens.get(part, base_tokens[part]) / base_tokens[part]
+        else:
+            kept += nbytes
+    return kept / total
+
+
+def _train_step(
+    model: TaskModel, run: Callable, optimizer: torch.optim.Optimizer, device: torch.device, precision: str
+) -> Callable:
+    """One training step as a fine-tune runs it: zero_grad, forward (autocast), backward, AdamW step."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            logits, _ = run()
+        logits.float().sum().backward()
+        optimizer.step()
+
+    return step
+
+
+def _time_train_step(step: Callable, device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        step()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _time_sample(run: Callable, inner: int, device: torch.device, precision: str) -> float:
+    """Seconds per forward over ``inner`` forwards."""
     synchronize(device)
     t0 = time.perf_counter()
     with torch.inference_mode(), autocast(device, precision):
         for _ in range(inner):
             run()
     synchronize(device)
-    seconds = (time.perf_counter() - t0) / inner
-    reducer = timer.elapsed() / inner if timer is not None else None
-    return seconds, reducer
+    return (time.perf_counter() - t0) / inner
+
+
+def _op_counts(model: TaskModel, setting: Setting, inputs: Inputs) -> dict:
+    """Ops that do work in one forward with the eager reduction step (`OpCounter`)."""
+    with reducer_impl(model.backbone, "eager"):
+        counter = count_ops(_eager_runner(model, setting, inputs))
+    return {
+        "total": counter.total,
+        "in_range": counter.in_range,
+        "ranges": counter.ranges,
+        "by_op": dict(counter.by_op),
+    }
+
+
+def _compiled_step_kernels(model: TaskModel, setting: Setting, inputs: Inputs) -> dict | None:
+    """Inductor's count for the backbone's compiled reduction steps of this setting (None without one)."""
+    backbone = model.backbone
+    if setting.schedule is None or not has_reducer_impl(backbone):
+        return None
+    run = _eager_runner(model, setting, inputs)
+    with torch.inference_mode(), reducer_impl(backbone, "compiled"):
+        return compiled_kernel_count(run)
+
+
+def _steps_per_forward(setting: Setting, model: TaskModel, inputs: Inputs) -> int:
+    if setting.schedule is None:
+        return 0
+    backbone = model.backbone
+    plan = setting.schedule.plan(backbone.num_image_tokens, inputs.input_ids.shape[1])
+    return len(plan) * len(inputs.pixel_values)
 
 
 def _group_modules(by_module: dict[str, int], total: int) -> dict[str, int]:
@@ -380,24 +606,30 @@ def measure_batch(
     options: Options,
 ) -> dict:
     """Run the protocol for one batch size; returns the result dict that becomes the JSON."""
-    inputs = make_inputs(exp, model.backbone, batch_size, seed=options.seed).to(device)
+    inputs = make_inputs(exp, model.backbone, batch_size, seed=options.seed).to(
+        device, weight_dtype(precision)
+    )
     n = len(settings)
-    eager = {s.name: _eager_runner(model, s, inputs) for s in settings}
-    if options.compile:
-        _raise_recompile_limits(n * exp.images_per_example)
-        runners = {
-            s.name: _compiled_runner(model, s, inputs, options.compile_backend, options.compile_mode)
-            for s in settings
-        }
-    else:
-        runners = eager
+    backbone = model.backbone
     if options.cuda_graph and device.type != "cuda":
         raise ValueError("--cuda-graph needs a CUDA device")
+    if options.reducer_impl is not None and options.reducer_impl not in REDUCER_IMPLS:
+        raise ValueError(f"reducer_impl must be one of {REDUCER_IMPLS}, got {options.reducer_impl!r}")
+    impl_available = has_reducer_impl(backbone)
+    if options.reducer_impl is not None and not impl_available:
+        print(
+            f"WARNING: the backbone has no reducer_impl; --reducer-impl {options.reducer_impl} is ignored",
+            file=sys.stderr,
+        )
+    # every compiled reduction step specialises on its plan and batch size; whole forwards on the setting
+    _raise_recompile_limits(16 * n * exp.images_per_example)
+    eager = {s.name: _eager_runner(model, s, inputs) for s in settings}
 
     log(options, f"[{exp.name} b{batch_size}] probe: FLOPs, memory, tokens per layer ({n} settings)")
     probes = {}
     for s in settings:
-        probes[s.name] = _probe(model, s, eager[s.name], inputs, device, precision)
+        with reducer_impl(backbone, "eager"):
+            probes[s.name] = _probe(model, s, eager[s.name], inputs, device, precision)
         p = probes[s.name]
         check = "ok" if p["tokens_match_plan"] else "MISMATCH with plan()"
         log(
@@ -414,14 +646,48 @@ def measure_batch(
                 file=sys.stderr,
             )
 
-    train_mem = {}
-    if options.train_memory:
-        log(options, f"[{exp.name} b{batch_size}] training-step memory (forward + backward, fp32 gradients)")
+    small = inputs.head(min(OPS_BATCH, batch_size))
+    ops = {}
+    if options.op_count:
         for s in settings:
-            train_mem[s.name] = _train_memory(model, eager[s.name], inputs, device, precision)
-            log(options, f"  {s.name:>14}: peak {train_mem[s.name]['peak_mem_bytes'] / 2**20:8.1f} MiB")
+            ops[s.name] = _op_counts(model, s, small)
+        log(
+            options,
+            f"[{exp.name}] ops per forward (batch {small.batch_size}, eager reduction step): "
+            + ", ".join(f"{name} {o['total']}" for name, o in ops.items()),
+        )
+    kernels: dict[str, dict | None] = {}
+    if options.kernel_count != "none" and impl_available:
+        for s in settings:
+            if s.schedule is None or (options.kernel_count == "released" and s.kind != "released"):
+                continue
+            log(options, f"[{exp.name}] compiling the reduction steps of {s.name} to count their kernels")
+            try:
+                kernels[s.name] = _compiled_step_kernels(model, s, small)
+            except Exception as err:  # a failed compile is reported, not fatal to the timing
+                print(
+                    f"WARNING: {exp.name}/{s.name}: compiled reduction step failed: {err!r}", file=sys.stderr
+                )
+                kernels[s.name] = {"error": repr(err)}
+
+    train_probe = {}
+    if options.train:
+        log(options, f"[{exp.name} b{batch_size}] training step: memory kept for backward, FLOPs")
+        for s in settings:
+            train_probe[s.name] = _train_probe(model, s, eager[s.name], inputs, device, precision)
+            t = train_probe[s.name]
+            log(
+                options,
+                f"  {s.name:>14}: peak {t['peak_mem_bytes'] / 2**20:8.1f} MiB, activations "
+                f"{t['activation_peak_bytes'] / 2**20:8.1f} MiB, saved for backward "
+                f"{sum(t['saved_bytes_by_part'].values()) / 2**20:8.1f} MiB",
+            )
 
     if options.compile:
+        runners = {
+            s.name: _compiled_runner(model, s, inputs, options.compile_backend, options.compile_mode)
+            for s in settings
+        }
         log(options, f"[{exp.name} b{batch_size}] compiling {n} settings (fullgraph=True, dynamic=False)")
         compile_s = {}
         for s in settings:
@@ -430,6 +696,8 @@ def measure_batch(
                 runners[s.name]()
             synchronize(device)
             compile_s[s.name] = time.perf_counter() - t0
+    else:
+        runners = eager
 
     if options.cuda_graph:
         log(options, f"[{exp.name} b{batch_size}] capturing {n} settings as CUDA graphs")
@@ -445,8 +713,7 @@ def measure_batch(
     warm = {s.name: [] for s in settings}
     for r in range(warmup):
         for s in settings:
-            t, _ = _time_sample(runners[s.name], 1, device, precision, None)
-            warm[s.name].append(t)
+            warm[s.name].append(_time_sample(runners[s.name], 1, device, precision))
         log(
             options,
             f"[{exp.name} b{batch_size}] warm-up round {r + 1}/{warmup}: " + _fmt_times(warm, -1),
@@ -454,10 +721,7 @@ def measure_batch(
     ref = {s.name: (min(warm[s.name]) if warm[s.name] else probes[s.name]["probe_s"]) for s in settings}
     inner = {name: max(1, math.ceil(min_sample_s / max(t, 1e-9))) for name, t in ref.items()}
     round_s = sum(inner[name] * t for name, t in ref.items())
-    if options.rounds is not None:
-        rounds = options.rounds
-    else:
-        rounds = int(min(options.max_rounds, max(options.min_rounds, options.budget_s // max(round_s, 1e-9))))
+    rounds = _rounds(options.rounds, round_s, options.budget_s, options)
     log(
         options,
         f"[{exp.name} b{batch_size}] timing {rounds} interleaved rounds (~{round_s:.1f} s each, about "
@@ -465,25 +729,56 @@ def measure_batch(
     )
 
     times = {s.name: [] for s in settings}
-    reducer_s = {s.name: [] for s in settings}
-    # compiled graphs hold the reducer fused in (patching the functions they traced would only force
-    # recompiles), and a replayed CUDA graph runs no Python: the reducer share is measured in eager mode only
-    static = options.compile or options.cuda_graph
-    timer = ReducerTimer(model.backbone, device)
-    with timer if not static else contextlib.nullcontext():
-        timer_used = timer if (not static and timer.available) else None
-        for r in range(rounds):
-            order = settings[r % n :] + settings[: r % n]
-            for s in order:
-                t, red = _time_sample(runners[s.name], inner[s.name], device, precision, timer_used)
-                times[s.name].append(t)
-                reducer_s[s.name].append(red)
-            log(options, f"  round {r + 1}/{rounds}: " + _fmt_times(times, -1))
-    if not static and not timer.available:
+    for r in range(rounds):
+        order = settings[r % n :] + settings[: r % n]
+        for s in order:
+            times[s.name].append(_time_sample(runners[s.name], inner[s.name], device, precision))
+        log(options, f"  round {r + 1}/{rounds}: " + _fmt_times(times, -1))
+
+    # the reducer's share: profiled samples, through the ranges the backbones open around every reduction step
+    profiled: dict[str, dict] = {}
+    for s in settings:
+        if s.schedule is None and device.type != "cuda":
+            continue  # on CUDA the baseline's kernel launches are counted too
+        with torch.inference_mode(), autocast(device, precision):
+            profiled[s.name] = reduce_range_profile(runners[s.name], device, forwards=inner[s.name])
+    shares = {name: (p if p["ranges"] else None) for name, p in profiled.items()}
+    if any(shares[s.name] is None for s in settings if s.schedule is not None) and not (
+        options.compile or options.cuda_graph
+    ):
         print(
-            "WARNING: the backbone has no _reduction_inputs/reduce to time; reducer_time_share is null",
+            f"WARNING: {exp.name}: no {REDUCE_RANGE!r} profiler ranges in the reduced forwards; "
+            "reducer_time_share is null",
             file=sys.stderr,
         )
+
+    train_times: dict[str, list[float]] = {s.name: [] for s in settings}
+    train_rounds = 0
+    if options.train:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR)
+        steps = {s.name: _train_step(model, eager[s.name], optimizer, device, precision) for s in settings}
+        model.train()
+        try:
+            warm_train = {}
+            for s in settings:  # warm-up: also allocates AdamW's state
+                warm_train[s.name] = _time_train_step(steps[s.name], device)
+            train_round_s = sum(warm_train.values())
+            train_budget = options.budget_s if options.train_budget_s is None else options.train_budget_s
+            train_rounds = _rounds(options.train_rounds, train_round_s, train_budget, options)
+            log(
+                options,
+                f"[{exp.name} b{batch_size}] timing {train_rounds} interleaved training rounds (forward + "
+                f"backward + AdamW step, ~{train_round_s:.1f} s each)",
+            )
+            for r in range(train_rounds):
+                order = settings[r % n :] + settings[: r % n]
+                for s in order:
+                    train_times[s.name].append(_time_train_step(steps[s.name], device))
+                log(options, f"  training round {r + 1}/{train_rounds}: " + _fmt_times(train_times, -1))
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            del optimizer, steps
+            model.eval()
 
     base = "baseline"
     base_times = times[base]
@@ -497,7 +792,7 @@ def measure_batch(
         speedup = _median(base_times) / _median(ts)
         paired = [b / t for b, t in zip(base_times, ts)]
         flops_ratio = base_flops / flops if flops else None
-        shares = [red / t for red, t in zip(reducer_s[s.name], ts) if red is not None]
+        share = shares.get(s.name)
         entry = {
             "name": s.name,
             "kind": s.kind,
@@ -535,18 +830,23 @@ def measure_batch(
             "tokens_planned": p["tokens_planned"],
             "tokens_match_plan": p["tokens_match_plan"],
             "outputs_finite": p["outputs_finite"],
-            "reducer_time_share": _median(shares) if shares else None,
+            "reducer_time_share": 0.0 if s.schedule is None else (share["share"] if share else None),
+            "reducer_host_time_share": 0.0
+            if s.schedule is None
+            else (share["host_share"] if share else None),
             "reducer_seconds_per_batch": (
-                _median([x for x in reducer_s[s.name] if x is not None]) if shares else None
+                0.0
+                if s.schedule is None
+                else (share.get("range_device_s", share["range_host_s"]) if share else None)
             ),
+            "reduce_ranges_per_forward": 0.0 if s.schedule is None else (share["ranges"] if share else 0.0),
         }
-        if options.train_memory:
-            tm, base_tm = train_mem[s.name], train_mem[base]
-            entry["train_peak_mem_bytes"] = tm["peak_mem_bytes"]
-            entry["train_activation_peak_bytes"] = tm["activation_peak_bytes"]
-            entry["train_activation_mem_ratio"] = (
-                tm["activation_peak_bytes"] / base_tm["activation_peak_bytes"]
-            )
+        if "launches" in profiled.get(s.name, {}):  # CUDA: launches the profiler saw in one forward
+            entry["kernel_launches_per_forward"] = profiled[s.name]["launches"]
+            entry["reducer_kernel_launches_per_forward"] = profiled[s.name]["range_launches"]
+        entry.update(_op_fields(s, ops, kernels, model, small))
+        if options.train:
+            entry.update(_train_fields(s, train_probe, train_times, batch_size))
         if options.compile:
             entry["compile_seconds"] = compile_s[s.name]
         if not p["outputs_finite"]:
@@ -560,11 +860,17 @@ def measure_batch(
         else "live tensor storage bytes tracked per op by a dispatch mode during one forward (weights, buffers "
         "and inputs included); activation = peak of storages created during the forward"
     )
-    backbone = model.backbone
+    train_instrument = (
+        "cuda max_memory_allocated after reset_peak_memory_stats"
+        if device.type == "cuda"
+        else "live tensor storage bytes tracked per op by a dispatch mode"
+    )
     return {
         "schema": SCHEMA,
         "name": options.name
-        or default_name(exp, device, precision, batch_size, options.compile, options.cuda_graph),
+        or default_name(
+            exp, device, precision, batch_size, options.compile, options.cuda_graph, options.reducer_impl
+        ),
         "exp": exp.name,
         "preset": exp.preset,
         "family": exp.family,
@@ -586,10 +892,15 @@ def measure_batch(
         "protocol": {
             "device": device.type,
             "precision": precision,
-            "autocast": precision != "fp32",
+            "autocast": precision in ("fp16", "bf16"),
+            "half_weights": precision.endswith("-true"),
             "inference_mode": True,
             "compiled": options.compile,
             "cuda_graph": options.cuda_graph,
+            "reducer_impl": getattr(backbone, "reducer_impl", None)
+            if options.reducer_impl is None
+            else (options.reducer_impl if impl_available else None),
+            "reducer_impl_available": impl_available,
             "compile": (
                 {
                     "fullgraph": True,
@@ -611,30 +922,158 @@ def measure_batch(
             "threads": torch.get_num_threads(),
             "warmup_rounds": warmup,
             "rounds": rounds,
+            "train_rounds": train_rounds,
             "order": "all settings once per round, order rotated by one setting each round",
             "min_sample_s": min_sample_s,
             "timer": "time.perf_counter around synchronised forwards",
             "flops_method": "torch.utils.flop_counter.FlopCounterMode + CPU SDPA formula, one forward of the batch",
             "memory_method": memory_method,
+            "ops_method": (
+                f"aten ops that do work (views, aten.empty*/lift_fresh/detach/alias and profiler ops skipped) "
+                f"dispatched in one forward of a batch of {small.batch_size} with the eager reduction step, counted "
+                f"by a TorchDispatchMode; reducer ops per step = (setting - baseline) / reduction steps; ops "
+                f"inside {REDUCE_RANGE!r} ranges counted too"
+                if options.op_count
+                else None
+            ),
+            "kernels_method": (
+                "the backbone's compiled reduction step (reducer_impl='compiled'), compiled from scratch "
+                "(dynamo reset, FX graph cache off) in one forward of a batch of "
+                f"{small.batch_size}: torch._inductor.metrics.generated_kernel_count / compiled graphs; kernel "
+                "and extern calls from the generated code"
+                if kernels
+                else "not measured: the backbone has no compiled reduction step (reducer_impl)"
+                if not impl_available
+                else None
+            ),
             "train_memory_method": (
-                "forward with autograd + backward of the summed logits, parameter gradients included, no "
-                "optimiser state; same instrument as memory_method"
-                if options.train_memory
+                f"one training step (train mode): forward with autograd + backward of the summed logits, parameter "
+                f"gradients allocated beforehand and counted with the weights; {train_instrument}; activation = "
+                "peak of what the step adds (saved activations + backward temporaries)"
+                if options.train
+                else None
+            ),
+            "train_memory_bound": report.MEMORY_BOUND_FORMULA if options.train else None,
+            "train_time_method": (
+                f"forward + backward + AdamW step (lr {TRAIN_LR}: the same cost, the weights unchanged), train "
+                "mode, optimizer.zero_grad(set_to_none=True) first; interleaved rounds as for inference; bound = "
+                "FLOPs of forward + backward, baseline / setting"
+                if options.train
                 else None
             ),
             "reducer_time_method": (
-                "not measured: the compiled graph fuses the reducer with the layers"
-                if options.compile
-                else "not measured: a replayed CUDA graph runs no Python to time"
-                if options.cuda_graph
-                else "backbone._reduction_inputs and reduce() wrapped with timers "
-                + ("(CUDA events)" if device.type == "cuda" else "(perf_counter)")
-                + " in the timed forwards; share = reducer time / forward time, median over rounds"
+                f"torch.profiler over one sample per setting after the timed rounds: time inside the "
+                f"{REDUCE_RANGE!r} record_function ranges the backbones open around every reduction step "
+                + (
+                    "(GPU kernel time inside the ranges / GPU time of the forward)"
+                    if device.type == "cuda"
+                    else "(host time inside the ranges / wall time of the forward)"
+                )
+                + (
+                    "; a replayed CUDA graph or a compiled whole forward may show no ranges (then null)"
+                    if options.compile or options.cuda_graph
+                    else ""
+                )
             ),
         },
         **machine_info(device),
         "settings": results,
     }
+
+
+def _rounds(fixed: int | None, round_s: float, budget_s: float, options: Options) -> int:
+    if fixed is not None:
+        return fixed
+    return int(min(options.max_rounds, max(options.min_rounds, budget_s // max(round_s, 1e-9))))
+
+
+def _op_fields(
+    s: Setting, ops: dict[str, dict], kernels: dict[str, dict | None], model: TaskModel, small: Inputs
+) -> dict:
+    """Launch-overhead fields of one setting: ops per forward, reducer ops per step, compiled-step kernels."""
+    out: dict = {"ops_per_forward": None, "reducer_ops_per_step": None, "kernels_per_step": None}
+    if not ops:
+        return out
+    o, base = ops[s.name], ops["baseline"]
+    steps = _steps_per_forward(s, model, small)
+    extra = {
+        op: o["by_op"].get(op, 0) - base["by_op"].get(op, 0) for op in set(o["by_op"]) | set(base["by_op"])
+    }
+    extra = {op: n for op, n in sorted(extra.items(), key=lambda kv: (-abs(kv[1]), kv[0])) if n}
+    out.update(
+        ops_per_forward=o["total"],
+        ops_ratio=o["total"] / base["total"],
+        reduction_steps_per_forward=steps,
+        reducer_ops_per_step=(o["total"] - base["total"]) / steps if steps else None,
+        ops_in_reduce_ranges_per_step=o["in_range"] / o["ranges"] if o["ranges"] else None,
+        reduce_ranges_counted=o["ranges"],
+        extra_ops_by_op=extra,
+    )
+    k = kernels.get(s.name)
+    if k is not None and "error" not in k and k["graphs"]:
+        graphs = k["graphs"]
+        externs_per_step = sum(k["extern_calls"].values()) / graphs
+        launches_per_step = k["kernel_calls"] / graphs + externs_per_step
+        out.update(
+            kernels_per_step=k["generated_kernels"] / graphs,
+            compiled_step={
+                "graphs": graphs,
+                "generated_kernels": k["generated_kernels"],
+                "kernel_calls_per_step": k["kernel_calls"] / graphs,
+                "extern_calls_per_step": externs_per_step,
+                "extern_calls": k["extern_calls"],
+                "compile_s": k["compile_s"],
+            },
+        )
+        if o["ranges"]:
+            # the ops outside the steps as counted, each step as the launches of its compiled code
+            launches = o["total"] - o["in_range"] + o["ranges"] * launches_per_step
+            out.update(
+                launches_per_forward_compiled_step=launches,
+                launch_ratio_compiled_step=launches / base["total"],
+            )
+    elif k is not None and "error" in k:
+        out["compiled_step"] = {"error": k["error"]}
+    return out
+
+
+def _train_fields(s: Setting, probe: dict[str, dict], times: dict[str, list[float]], batch_size: int) -> dict:
+    t, base = probe[s.name], probe["baseline"]
+    saved = sum(t["saved_bytes_by_part"].values())
+    base_saved = sum(base["saved_bytes_by_part"].values())
+    out = {
+        "train_peak_mem_bytes": t["peak_mem_bytes"],
+        "train_activation_peak_bytes": t["activation_peak_bytes"],
+        "train_activation_mem_ratio": (
+            t["activation_peak_bytes"] / base["activation_peak_bytes"]
+            if base["activation_peak_bytes"]
+            else None
+        ),
+        "train_activation_mem_bound": memory_bound(
+            base["saved_bytes_by_part"], base["tokens_by_part"], t["tokens_by_part"]
+        ),
+        "train_saved_bytes": saved,
+        "train_saved_ratio": saved / base_saved if base_saved else None,
+        "train_saved_bytes_by_part": t["saved_bytes_by_part"],
+        "train_tokens_by_part": t["tokens_by_part"],
+        "train_flops_per_example": t["flops"] / batch_size,
+        "train_flops_ratio": base["flops"] / t["flops"] if t["flops"] else None,
+    }
+    ts, base_ts = times[s.name], times["baseline"]
+    if ts:
+        paired = [b / x for b, x in zip(base_ts, ts)]
+        out.update(
+            train_examples_per_s=batch_size / _median(ts),
+            train_examples_per_s_min=batch_size / max(ts),
+            train_examples_per_s_max=batch_size / min(ts),
+            train_examples_per_s_rounds=[batch_size / x for x in ts],
+            train_seconds_per_step=_median(ts),
+            train_speedup=_median(base_ts) / _median(ts),
+            train_paired_speedup_median=_median(paired),
+            train_paired_speedup_min=min(paired),
+            train_paired_speedup_max=max(paired),
+        )
+    return out
 
 
 def _fmt_times(times: dict[str, list[float]], index: int) -> str:
@@ -664,7 +1103,8 @@ def _run_bench(exp_names: list[str], options: Options) -> list[dict]:
     for exp in exps:
         t0 = time.perf_counter()
         settings = select_settings(exp, options)
-        model = build_model(exp, seed=options.seed).to(device)
+        # half-weight precisions: the weights are cast once here, never per call
+        model = build_model(exp, seed=options.seed).to(device, weight_dtype(precision))
         n_params = sum(p.numel() for p in model.parameters())
         log(
             options,
@@ -701,14 +1141,16 @@ def profile_settings(
     """Where the time goes: `torch.profiler` self time by op for the baseline and the released setting."""
     from torch.profiler import ProfilerActivity, profile
 
-    inputs = make_inputs(exp, model.backbone, batch_size, seed=options.seed).to(device)
+    inputs = make_inputs(exp, model.backbone, batch_size, seed=options.seed).to(
+        device, weight_dtype(precision)
+    )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = {}
     for s in settings:
         if s.name not in ("baseline", "pumer"):
             continue
         run = _eager_runner(model, s, inputs)
-        with torch.inference_mode(), autocast(device, precision), ReducerTimer(model.backbone, device, RANGE):
+        with torch.inference_mode(), autocast(device, precision):
             run()  # warm
             synchronize(device)
             with profile(activities=activities) as prof:
@@ -719,8 +1161,12 @@ def profile_settings(
         device_side = device.type == "cuda"
         self_attr = "self_device_time_total" if device_side else "self_cpu_time_total"
         incl_attr = "device_time_total" if device_side else "cpu_time_total"
+        host = [e for e in prof.events() if e.device_type == DeviceType.CPU and not e.is_async]
+        ranges: dict[str, float] = {}
+        for e in host:  # the backbones' own record_function ranges (pumer.reduce ...), host-side events only
+            if e.name.startswith(RANGE_PREFIX):
+                ranges[e.name] = ranges.get(e.name, 0.0) + getattr(e, incl_attr) / 1e6
         averages = prof.key_averages()
-        ranges = {e.key: getattr(e, incl_attr) / 1e6 for e in averages if e.key.startswith(RANGE_PREFIX)}
         events = [(e.key, getattr(e, self_attr) / 1e6, e.count) for e in averages if e.key not in ranges]
         total = sum(t for _, t, _ in events) or 1.0
         events.sort(key=lambda e: -e[1])
@@ -730,8 +1176,7 @@ def profile_settings(
             "total_s": total,
             "wall_s": wall,
             "ops": [{"op": k, "self_s": t, "share": t / total, "calls": c} for k, t, c in events[:25]],
-            # inclusive time of `record_function` ranges named pumer.* (the reducer calls, and any the
-            # backbones open)
+            # inclusive time of the `record_function` ranges named pumer.* that the backbones open
             "ranges": {k: {"s": t, "share": t / range_total} for k, t in sorted(ranges.items())},
         }
         log(

@@ -13,7 +13,7 @@ import torch
 
 from pumer_lightning.bench import EXPERIMENTS, REQUIRED_FIELDS, Options, get_experiment, run_bench
 from pumer_lightning.bench.experiments import ABLATIONS
-from pumer_lightning.bench.report import readme_table
+from pumer_lightning.bench.report import TRAIN_FIELDS, load, markdown, readme_table, summary
 from pumer_lightning.models import build_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,9 @@ FULL_SETTINGS_EXP = (
 
 def _options(out: Path, **kw) -> Options:
     # one thread: tiny models gain nothing from two, and spinning threads suffer on a shared machine
-    base = dict(out_dir=out, rounds=2, warmup=0, verbose=False, plot=False, tiny=True, threads=1)
+    base = dict(
+        out_dir=out, rounds=2, train_rounds=1, warmup=0, verbose=False, plot=False, tiny=True, threads=1
+    )
     base.update(kw)
     return Options(**base)
 
@@ -72,6 +74,12 @@ def test_json_contract(results, name):
         assert s["tokens_match_plan"] is True
         assert s["flops_uncounted_ops"] == []
         assert 0.0 <= s["reducer_time_share"] < 1.0
+        missing = [f for f in TRAIN_FIELDS if f not in s]
+        assert not missing, f"{s.get('name')}: missing {missing}"
+        assert s["train_peak_mem_bytes"] > s["train_activation_peak_bytes"] > 0
+        assert s["train_examples_per_s"] > 0 and 0 < s["train_activation_mem_bound"] <= 1.0
+        assert s["ops_per_forward"] > 0
+        assert s["kernels_per_step"] is None or s["kernels_per_step"] > 0
         assert (
             len(s["examples_per_s_rounds"])
             == data["protocol"]["rounds"]
@@ -191,29 +199,79 @@ def test_profile_breaks_time_down_by_op(tmp_path):
         shares = [op["share"] for op in prof["ops"]]
         assert prof["total_s"] > 0 and 0 < sum(shares) <= 1 + 1e-9 and shares == sorted(shares, reverse=True)
         assert any("addmm" in op["op"] or "linear" in op["op"] for op in prof["ops"])
-    assert 0 < result["profile"]["pumer"]["ranges"]["pumer.reducer"]["share"] < 1
-    assert "pumer.reducer" not in result["profile"]["baseline"]["ranges"]
+    # the pumer.reduce ranges the backbone opens itself around every reduction step
+    assert 0 < result["profile"]["pumer"]["ranges"]["pumer.reduce"]["share"] < 1
+    assert "pumer.reduce" not in result["profile"]["baseline"]["ranges"]
     assert "Where the time goes" in (tmp_path / f"{result['name']}.md").read_text()
 
 
-def test_training_step_memory(tmp_path):
-    """With autograd kept, activations of every layer stay alive, so reduced layers save memory."""
-    (result,) = run_bench(
-        ["vilt_nlvr2"], _options(tmp_path, settings=["pumer"], keep_sweep=(), rounds=1, train_memory=True)
-    )
+def test_training_step_memory_throughput_and_bound(tmp_path):
+    """With autograd kept, activations of every layer stay alive, so reduced layers save memory; the bound weights
+    what each part of the model saves for backward by the tokens it sees."""
+    (result,) = run_bench(["vilt_nlvr2"], _options(tmp_path, settings=["pumer"], keep_sweep=(), rounds=1))
     settings = _by_name(result)
-    grads = sum(
+    base, pumer = settings["baseline"], settings["pumer"]
+    weights = sum(
         p.numel() * p.element_size() for p in build_backbone("vilt_tiny", num_token_types=3).parameters()
     )
     for s in settings.values():
         assert s["train_peak_mem_bytes"] > s["peak_mem_bytes"]
-        assert s["train_activation_peak_bytes"] > grads  # parameter gradients are part of a training step
+        # weights and their gradients are counted before the step; activations are what the step adds
+        assert s["train_peak_mem_bytes"] - s["train_activation_peak_bytes"] > 2 * weights
+        assert s["train_saved_bytes"] == sum(s["train_saved_bytes_by_part"].values()) > 0
+        assert s["train_examples_per_s"] > 0 and len(s["train_examples_per_s_rounds"]) == 1
+    assert base["train_activation_mem_ratio"] == base["train_activation_mem_bound"] == 1.0
+    assert base["train_speedup"] == 1.0 and base["train_flops_ratio"] == 1.0
+    # the reduced blocks keep less, the unreduced first block the same
+    assert pumer["train_saved_bytes_by_part"]["3"] < base["train_saved_bytes_by_part"]["3"]
+    assert pumer["train_tokens_by_part"]["0"] == base["train_tokens_by_part"]["0"]
+    assert pumer["train_tokens_by_part"]["3"] < base["train_tokens_by_part"]["3"]
+    assert pumer["train_activation_mem_ratio"] < 1.0 and pumer["train_saved_ratio"] < 1.0
+    assert 0.5 < pumer["train_activation_mem_bound"] < 1.0
+    # the bound holds: the step keeps what the reducer itself needs on top (tolerance for backward temporaries)
+    assert pumer["train_activation_mem_bound"] < pumer["train_activation_mem_ratio"] + 0.02
+    assert pumer["train_flops_ratio"] > 1.0
+    assert "sum_p S_p * T_p / T0_p" in result["protocol"]["train_memory_bound"]
+    table = (tmp_path / f"{result['name']}.md").read_text()
+    assert "Training step" in table and "sum_p S_p * T_p / T0_p" in table
+
+
+def test_report_renders_launch_and_training_fields(results):
+    data, _ = results["vilt_nlvr2"]
+    pumer = _by_name(data)["pumer"]
+    lines = markdown(data).splitlines()
+    launch = lines.index("Launch overhead: on a GPU every op that does work is about one kernel launch.")
+    training = lines.index("Training step (what fine-tuning with the reducer on pays).")
+    launch_row = next(line for line in lines[launch:training] if line.startswith("| `pumer` |"))
+    assert f"| {pumer['ops_per_forward']} |" in launch_row
+    assert f"| {pumer['reducer_ops_per_step']:.1f} |" in launch_row
+    assert any(line.startswith("Ops the released setting adds per forward, by op: aten.") for line in lines)
+    train_row = next(line for line in lines[training:] if line.startswith("| `pumer` |"))
+    assert f"({100 * (pumer['train_activation_mem_ratio'] - 1):+.0f}%)" in train_row
+    assert f"({100 * (pumer['train_activation_mem_bound'] - 1):+.0f}%)" in train_row
+    assert f"{pumer['train_speedup']:.2f}×" in train_row
+    assert "reducer ops/step" in summary(data) and "train activations" in summary(data)
+    rendered = readme_table([data], ["pumer"])
     assert (
-        settings["pumer"]["train_activation_mem_ratio"]
-        < 1.0
-        == settings["baseline"]["train_activation_mem_ratio"]
+        f"| {pumer['reducer_ops_per_step']:.0f} |" in rendered and "training activations (bound)" in rendered
     )
-    assert "Training-step memory" in (tmp_path / f"{result['name']}.md").read_text()
+
+
+def test_readme_table_renders_results_without_the_new_fields(tmp_path):
+    """Results written before ops and training were measured still render (n/a in the new columns)."""
+    data, _ = _old_result()
+    rendered = readme_table([data])
+    assert rendered.count("n/a") >= 3 * len(data["settings"])
+    assert "Launch overhead" not in markdown(data) and "Training step" not in markdown(data)
+
+
+def _old_result() -> tuple[dict, Path]:
+    path = ROOT / "results" / "bench" / "vilt_nlvr2_cuda-fp16_b128.json"
+    (data,) = load([path])
+    for s in data["settings"]:
+        for key in [k for k in s if k.startswith(("train_", "ops_", "reducer_ops", "kernels_"))]:
+            del s[key]
+    return data, path
 
 
 def test_readme_table_command(results, capsys):

@@ -1,4 +1,5 @@
-"""The bench's instruments and inputs: FLOP counting with SDPA, tensor memory tracking, reducer timing."""
+"""The bench's instruments and inputs: FLOP counting with SDPA, tensor memory tracking, op counting, the
+reducer's profiler ranges, inductor's kernel count, memory kept for backward and its bound."""
 
 from __future__ import annotations
 
@@ -11,10 +12,19 @@ import torch.nn.functional as F
 from pumer_lightning.bench import EXPERIMENTS, Options, get_experiment, make_inputs, make_settings
 from pumer_lightning.bench.__main__ import parse_args
 from pumer_lightning.bench.experiments import SPECIAL_IDS, build_model
-from pumer_lightning.bench.measure import ReducerTimer, TensorMemoryTracker, count_flops
-from pumer_lightning.bench.runner import select_settings
+from pumer_lightning.bench.measure import (
+    REDUCE_RANGE,
+    OpCounter,
+    SavedBytesByPart,
+    TensorMemoryTracker,
+    compiled_kernel_count,
+    count_flops,
+    count_ops,
+    parse_inductor_code,
+    reduce_range_profile,
+)
+from pumer_lightning.bench.runner import memory_bound, part_of, select_settings, tokens_by_part
 from pumer_lightning.models import build_backbone
-from pumer_lightning.models import meter as meter_module
 from pumer_lightning.reduce import ReducerSchedule
 from pumer_lightning.reduce.released import RELEASED
 
@@ -88,33 +98,193 @@ def test_memory_tracker_counts_live_storages_once():
     del b, c, e
 
 
-# ---- reducer timer ----------------------------------------------------------------------------------------------
-def test_reducer_timer_times_reducer_calls_and_restores_the_backbone():
-    backbone = build_backbone("meter_tiny").eval()
-    exp = get_experiment("meter_vqa2", tiny=True)
+# ---- op counter -------------------------------------------------------------------------------------------------
+def test_op_counter_counts_ops_that_do_work_and_those_in_reducer_ranges():
+    x = torch.randn(4, 6)
+    with torch.inference_mode(), OpCounter() as ops:
+        y = x * 2  # 1
+        y.view(6, 4)  # a view: not counted
+        y.t()  # a view
+        torch.empty(3)  # a bare allocation
+        y.detach()  # bookkeeping
+        with torch.profiler.record_function(REDUCE_RANGE):
+            z = y + 1  # 2, in range
+            z.topk(2, dim=1)  # 3, in range
+            with torch.profiler.record_function("inner"):
+                z.sum()  # 4, still inside the reducer range
+        with torch.profiler.record_function("other"):
+            z.mean()  # 5, not in a reducer range
+        with torch.profiler.record_function(REDUCE_RANGE):
+            torch.cat([z, z])  # 6, in range
+    assert ops.total == 6 and ops.in_range == 4 and ops.ranges == 2
+    assert ops.by_op == {
+        "aten.mul": 1,
+        "aten.add": 1,
+        "aten.topk": 1,
+        "aten.sum": 1,
+        "aten.mean": 1,
+        "aten.cat": 1,
+    }
+    assert ops.in_range_by_op["aten.mean"] == 0
+
+
+def _vilt_tiny_counts(reduced: bool) -> OpCounter:
+    """One vilt_tiny backbone pass, batch 2, the tiny NLVR2 released schedule (blocks 1 and 2), eager step."""
+    exp = get_experiment("vilt_nlvr2", tiny=True)
+    torch.manual_seed(0)
+    backbone = build_backbone("vilt_tiny").eval()
+    if hasattr(backbone, "reducer_impl"):
+        backbone.reducer_impl = "eager"
+    backbone.reducer = exp.released if reduced else None
     inputs = make_inputs(exp, backbone, 2)
-    original = meter_module.reduce
-    timer = ReducerTimer(backbone, torch.device("cpu"))
-    assert timer.available
-    with torch.inference_mode(), timer:
-        assert meter_module.reduce is not original
-        for reducer, calls in ((None, 0), (exp.released, 2 * len(exp.released.layers))):
-            backbone.reducer = reducer
-            timer.start()
-            backbone(inputs.pixel_values[0], inputs.input_ids, inputs.attention_mask)
-            assert timer.calls == calls  # _reduction_inputs + reduce at every reduce block
-            assert (timer.elapsed() > 0) == (calls > 0)
-    assert meter_module.reduce is original and "_reduction_inputs" not in vars(backbone)
+    return count_ops(lambda: backbone(inputs.pixel_values[0], inputs.input_ids, inputs.attention_mask))
 
 
-def test_reducer_timer_reports_unavailable_for_a_backbone_without_reducer_calls():
-    class Plain(torch.nn.Module):
-        pass
+# Pinned for torch 2.13 and the eager reduction step as it is: a change to the model or the reduction step that
+# adds or removes ops must update these on purpose (and say why in its commit).
+VILT_TINY_BASELINE_OPS = 81
+VILT_TINY_REDUCED_OPS = 330
 
-    timer = ReducerTimer(Plain(), torch.device("cpu"))
-    with timer:
-        pass
-    assert not timer.available
+
+def test_op_counts_of_vilt_tiny_are_exact_and_pinned():
+    base, reduced = _vilt_tiny_counts(False), _vilt_tiny_counts(True)
+    again = _vilt_tiny_counts(True)
+    assert (again.total, again.in_range, again.by_op) == (reduced.total, reduced.in_range, reduced.by_op)
+    assert base.total == VILT_TINY_BASELINE_OPS, f"baseline ops {base.total}"
+    assert reduced.total == VILT_TINY_REDUCED_OPS, f"reduced ops {reduced.total}"
+    assert base.ranges == base.in_range == 0
+    # the backbone opens one pumer.reduce range per reduction step, and the reducer's ops are inside them
+    assert reduced.ranges == 2
+    assert 0 < reduced.in_range <= reduced.total - base.total + reduced.in_range
+
+
+def test_bench_reports_reducer_ops_per_step_from_the_same_counter(tmp_path):
+    from pumer_lightning.bench import run_bench
+
+    (result,) = run_bench(
+        ["vilt_nlvr2"],
+        Options(
+            tiny=True, settings=["pumer"], keep_sweep=(), rounds=1, warmup=0, train=False, threads=1,
+            out_dir=tmp_path, verbose=False, plot=False,
+        ),
+    )  # fmt: skip
+    settings = {s["name"]: s for s in result["settings"]}
+    base, pumer = settings["baseline"], settings["pumer"]
+    # the task forward: two backbone passes of batch 2 and the head
+    assert pumer["reduction_steps_per_forward"] == 4 and base["reduction_steps_per_forward"] == 0
+    assert pumer["reducer_ops_per_step"] == (pumer["ops_per_forward"] - base["ops_per_forward"]) / 4
+    assert pumer["reducer_ops_per_step"] == (VILT_TINY_REDUCED_OPS - VILT_TINY_BASELINE_OPS) / 2
+    assert base["reducer_ops_per_step"] is None and pumer["ops_ratio"] > 1
+    assert sum(pumer["extra_ops_by_op"].values()) == pumer["ops_per_forward"] - base["ops_per_forward"]
+    assert pumer["reduce_ranges_counted"] == 4 and pumer["ops_in_reduce_ranges_per_step"] > 0
+
+
+# ---- reducer share through profiler ranges -----------------------------------------------------------------------
+def test_reduce_range_profile_times_the_ranges_code_opens():
+    a = torch.randn(256, 256)
+
+    def forward():
+        a @ a  # outside the reducer
+        with torch.profiler.record_function(REDUCE_RANGE):
+            (a @ a).topk(4, dim=1)
+        with torch.profiler.record_function(REDUCE_RANGE):
+            a.sum()
+
+    with torch.inference_mode():
+        prof = reduce_range_profile(forward, torch.device("cpu"), forwards=3)
+    assert prof["ranges"] == 2 and prof["forwards"] == 3
+    assert 0 < prof["range_host_s"] < prof["wall_s"] and 0 < prof["share"] < 1
+    assert prof["share"] == prof["host_share"]
+    none = reduce_range_profile(lambda: a @ a, torch.device("cpu"))
+    assert none["ranges"] == 0 and none["share"] == 0
+
+
+# ---- compiled reduction step -------------------------------------------------------------------------------------
+INDUCTOR_CODE = """
+class Runner:
+    def call(self, args):
+        arg0_1, arg1_1 = args
+        buf0 = empty_strided_cpu((20, 8), (8, 1), torch.float32)
+        extern_kernels.mm(reinterpret_tensor(arg0_1, (20, 8), (8, 1), 0), arg1_1, out=buf0)
+        cpp_fused__softmax_mean_0(buf2, buf5, buf1)
+        buf6 = torch.ops.aten.topk.default(buf5, 5, 1, True, True)
+        buf9 = torch.ops.aten.sort.stable(buf8, stable=False, dim=1, descending=False)
+        assert_size_stride(buf8, (2, 5), (5, 1), 'torch.ops.aten.topk.default')
+        cpp_fused_add_gather_mul_1(buf10, arg0_1, buf12)
+        triton_poi_fused_add_2.run(buf1, buf2, 16, stream=stream0)
+        return (buf12, buf10, )
+
+runner = Runner(partitions=[])
+call = runner.call
+
+def get_args():
+    cpp_fused_not_a_call_3(x)
+"""
+
+
+def test_inductor_code_is_parsed_into_kernel_and_extern_calls():
+    parsed = parse_inductor_code(INDUCTOR_CODE)
+    assert parsed["kernel_calls"] == 3
+    assert parsed["extern_calls"] == {"mm": 1, "aten.topk": 1, "aten.sort": 1}
+
+
+@pytest.mark.slow
+def test_compiled_kernel_count_uses_inductors_own_count():
+    def step(x, w):
+        scores = (x @ w).softmax(-1).mean(-1)
+        index = scores.topk(3, dim=1).indices
+        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1])) * 2
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    x, w = torch.randn(2, 10, 8), torch.randn(8, 8)
+    with torch.inference_mode():
+        first = compiled_kernel_count(lambda: compiled(x, w))
+        again = compiled_kernel_count(lambda: compiled(x, w))  # caches cleared: compiled and counted again
+    torch._dynamo.reset()
+    assert first["graphs"] == again["graphs"] == 1
+    assert first["generated_kernels"] == again["generated_kernels"] >= first["kernel_calls"] >= 1
+    assert first["extern_calls"]["mm"] == 1 and first["extern_calls"]["aten.topk"] == 1
+
+
+# ---- memory kept for backward -------------------------------------------------------------------------------------
+def test_saved_bytes_are_attributed_to_the_module_that_saved_them():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    with SavedBytesByPart(model, lambda name: name or "root", [*model.parameters(), x]) as saved:
+        y = model(x)
+    y.sum().backward()
+    # Linear 0 saves only its input (static: not counted); tanh saves its output (5 x 16 floats); Linear 2 saves
+    # its input, the same storage as tanh's output (counted once, by tanh)
+    assert saved.by_part == {"1": 5 * 16 * 4}
+
+
+def test_parts_split_blocks_at_the_reduction():
+    assert part_of("backbone.encoder.layer.3.attention.attention.query") == "3"
+    assert part_of("backbone.encoder.layer.3.attention.output.dense") == "3"
+    assert part_of("backbone.encoder.layer.3.layernorm_after") == "3+"
+    assert part_of("backbone.encoder.layer.11.output.dense") == "11+"
+    assert part_of("backbone.cross_modal_text_layers.2.crossattention.self.key") == "2t"
+    assert part_of("backbone.cross_modal_text_layers.2.output.dense") == "2t+"
+    assert part_of("backbone.cross_modal_image_layers.2.attention.self.query") == "2i+"
+    assert part_of("backbone.vit_model.encoder.layers.3.mlp.fc1") == "other"
+    assert part_of("backbone.embeddings.patch_embeddings") == "other"
+    assert part_of("backbone.layernorm") == part_of("backbone.cross_modal_image_pooler.dense") == "tail"
+    assert part_of("head.0") == "tail"
+
+
+def test_tokens_by_part_follow_the_plan_and_the_bound_weights_them():
+    schedule = ReducerSchedule(layers=[1], keep_ratio=0.5, merge_ratio=0.0, text_merge_ratio=0.0)
+    parts = ["other", "0", "0+", "1", "1+", "2", "2+", "tail"]
+    base = tokens_by_part(None, 11, 4, 3, 2, parts)
+    reduced = tokens_by_part(schedule, 11, 4, 3, 2, parts)
+    assert base == {p: 2 * 15 for p in parts if p != "other"}
+    # block 1 prunes the image tokens: its MLP half and everything after see the kept ones and the 4 text tokens
+    after = 2 * (schedule.plan(11, 4)[0].image_out + 4)
+    assert after < 30
+    assert reduced == {"0": 30, "0+": 30, "1": 30, "1+": after, "2": after, "2+": after, "tail": after}
+    saved = {"other": 100, "0": 50, "0+": 50, "1": 50, "1+": 50, "2": 50, "2+": 50, "tail": 0}
+    assert memory_bound(saved, base, reduced) == pytest.approx((100 + 3 * 50 + 3 * 50 * after / 30) / 400)
+    assert memory_bound(saved, base, base) == 1.0
 
 
 # ---- experiments, inputs, settings -------------------------------------------------------------------------------
