@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
     )
     p.add_argument("--train-budget", type=float, help="seconds of timed training rounds (default: --budget)")
     p.add_argument(
+        "--train-min-rounds", type=int, default=3, help="fewest timed training rounds (default: 3)"
+    )
+    p.add_argument(
+        "--train-memory", action="store_true", help=argparse.SUPPRESS
+    )  # the default now; kept for old commands
+    p.add_argument(
         "--reducer-impl",
         choices=["auto", "eager", "compiled"],
         help="the backbone's reduction step (default: the backbone's own default); ignored, with a warning, "
@@ -137,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
         train=a.train,
         train_rounds=a.train_rounds,
         train_budget_s=a.train_budget,
+        train_min_rounds=a.train_min_rounds,
         reducer_impl=a.reducer_impl,
         kernel_count=a.kernel_count,
         op_count=a.op_count,

@@ -302,19 +302,20 @@ def _is_launch(name: str) -> bool:
 
 
 # ---- compiled reduction step ----------------------------------------------------------------------------------
-_CALL_BODY = re.compile(r"\n\s*def call\((?:self, )?args\):(.*?)(?:\nrunner = |\ndef get_args|\Z)", re.S)
+_CODE_TAIL = re.compile(r"^(?:def get_args|def benchmark_compiled_module|if __name__)", re.M)
 _KERNEL_CALL = re.compile(r"^\s+((?:cpp|triton)_\w+?)(?:\.run)?\(", re.M)
 _EXTERN_CALL = re.compile(r"\bextern_kernels\.(\w+)\(|\btorch\.ops\.(\w+)\.(\w+)\.\w+\(")
 
 
 def parse_inductor_code(code: str) -> dict:
-    """Kernel and extern calls in the ``call`` function of one module inductor generated.
+    """Kernel and extern calls in one module inductor generated (its ``call`` and any graph partitions).
 
-    Returns ``kernel_calls`` (calls of generated ``cpp_*``/``triton_*`` kernels) and ``extern_calls`` (op name:
-    calls of library kernels inductor leaves in place, e.g. ``mm``, ``bmm``, ``aten.topk``).
+    Returns ``kernel_calls`` (call sites of generated ``cpp_*``/``triton_*`` kernels; their definitions and the
+    module's benchmarking tail do not count) and ``extern_calls`` (op name: call sites of library kernels inductor
+    leaves in place, e.g. ``mm``, ``bmm``, ``aten.topk``).
     """
-    match = _CALL_BODY.search(code)
-    body = match.group(1) if match else code
+    tail = _CODE_TAIL.search(code)
+    body = code[: tail.start()] if tail else code
     kernels = len(_KERNEL_CALL.findall(body))
     externs: Counter[str] = Counter()
     for extern, namespace, op in _EXTERN_CALL.findall(body):

@@ -100,6 +100,7 @@ class Options:
     train: bool = True
     train_rounds: int | None = None
     train_budget_s: float | None = None
+    train_min_rounds: int = 3  # a training round of every full-size setting takes minutes on a CPU
     reducer_impl: str | None = None
     op_count: bool = True
     kernel_count: str = "released"
@@ -764,7 +765,9 @@ def measure_batch(
                 warm_train[s.name] = _time_train_step(steps[s.name], device)
             train_round_s = sum(warm_train.values())
             train_budget = options.budget_s if options.train_budget_s is None else options.train_budget_s
-            train_rounds = _rounds(options.train_rounds, train_round_s, train_budget, options)
+            train_rounds = _rounds(
+                options.train_rounds, train_round_s, train_budget, options, options.train_min_rounds
+            )
             log(
                 options,
                 f"[{exp.name} b{batch_size}] timing {train_rounds} interleaved training rounds (forward + "
@@ -981,10 +984,13 @@ def measure_batch(
     }
 
 
-def _rounds(fixed: int | None, round_s: float, budget_s: float, options: Options) -> int:
+def _rounds(
+    fixed: int | None, round_s: float, budget_s: float, options: Options, min_rounds: int | None = None
+) -> int:
     if fixed is not None:
         return fixed
-    return int(min(options.max_rounds, max(options.min_rounds, budget_s // max(round_s, 1e-9))))
+    low = options.min_rounds if min_rounds is None else min_rounds
+    return int(min(options.max_rounds, max(low, budget_s // max(round_s, 1e-9))))
 
 
 def _op_fields(

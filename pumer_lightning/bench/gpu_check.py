@@ -1,0 +1,242 @@
+"""The summary of `scripts/gpu_check.sh`: every run it made, in one table, against issue 13's GPU targets.
+
+    python -m pumer_lightning.bench.gpu_check results/bench/gpu [--stages results/bench/gpu/stages.tsv]
+
+Reads every bench JSON in the directory (not the batch-sweep summaries), joins the batch sweeps the script ran
+in two calls (batch 32 and 128 with the other modes, 1, 8 and 256 afterwards) into one sweep per experiment and
+mode (``*_batch_sweep.{json,md,png}``), and writes ``summary.md`` and ``summary.json``: one row per run and
+setting, then the targets (speedup of the path users get, reducer share) with the figures that decide them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from .report import hardware_line, write_batch_sweep
+
+# issue 13, "Done when", GPU: fp16 via the path users get (half weights, graph capture, default reduction step)
+SPEEDUP_TARGETS = {("vilt_nlvr2", 32): 1.6, ("vilt_nlvr2", 128): 1.65, ("meter_nlvr2", 32): 1.3}
+REDUCER_SHARE_TARGET = 0.05
+RELEASED = "pumer"
+
+
+def mode_of(result: dict) -> str:
+    """How a run executed the model: precision, graph capture, compiled forward, reduction step."""
+    pr = result["protocol"]
+    parts = [pr["precision"]]
+    if pr.get("cuda_graph"):
+        parts.append("CUDA graph")
+    if pr.get("compiled"):
+        parts.append("compiled forward")
+    parts.append(f"reducer {pr.get('reducer_impl') or 'n/a'}")
+    return ", ".join(parts)
+
+
+def is_user_path(result: dict) -> bool:
+    """The path `python -m pumer_lightning test|predict` takes on a GPU: half weights, graph-captured forward,
+    the backbone's default reduction step (auto: compiled on CUDA)."""
+    pr = result["protocol"]
+    return (
+        pr["device"] == "cuda"
+        and pr["precision"].endswith("-true")
+        and bool(pr.get("cuda_graph"))
+        and pr.get("reducer_impl") in ("auto", "compiled")
+    )
+
+
+def load_runs(out_dir: Path) -> list[dict]:
+    runs = []
+    for path in sorted(Path(out_dir).glob("*.json")):
+        if path.name.endswith("_batch_sweep.json") or path.name.startswith("summary"):
+            continue
+        data = json.loads(path.read_text())
+        if isinstance(data.get("settings"), list):
+            data["_file"] = path.name
+            runs.append(data)
+    return runs
+
+
+def join_sweeps(runs: list[dict], out_dir: Path, plot: bool = True) -> list[Path]:
+    """One batch sweep per experiment and mode with every batch size measured (at least three)."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        key = re.sub(r"_b\d+(?=_|$)", "", r["name"], count=1)
+        groups.setdefault(key, []).append(r)
+    paths = []
+    for group in groups.values():
+        batches = {r["batch_size"]: r for r in group}
+        if len(batches) < 3:
+            continue
+        ordered = [batches[b] for b in sorted(batches)]
+        names = [s["name"] for s in ordered[0]["settings"]]
+        if all([s["name"] for s in r["settings"]] == names for r in ordered):
+            paths += write_batch_sweep(ordered, out_dir, plot=plot)
+    return paths
+
+
+def _setting(result: dict, name: str) -> dict | None:
+    return next((s for s in result["settings"] if s["name"] == name), None)
+
+
+def _f(x, spec: str, suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def summarize(runs: list[dict], stages: list[dict] | None = None) -> tuple[str, dict]:
+    rows = []
+    for r in sorted(runs, key=lambda r: (r["exp"], mode_of(r), r["batch_size"])):
+        s = _setting(r, RELEASED)
+        if s is None:
+            continue
+        rows.append(
+            {
+                "file": r["_file"],
+                "exp": r["exp"],
+                "batch": r["batch_size"],
+                "mode": mode_of(r),
+                "user_path": is_user_path(r),
+                "speedup": s["speedup"],
+                "paired_speedup": s["paired_speedup_median"],
+                "flops_ratio": s["flops_ratio"],
+                "examples_per_s": s["examples_per_s"],
+                "baseline_examples_per_s": _setting(r, "baseline")["examples_per_s"],
+                "reducer_time_share": s.get("reducer_time_share"),
+                "ops_per_forward": s.get("ops_per_forward"),
+                "reducer_ops_per_step": s.get("reducer_ops_per_step"),
+                "kernels_per_step": s.get("kernels_per_step"),
+                "kernel_launches_per_forward": s.get("kernel_launches_per_forward"),
+                "baseline_kernel_launches_per_forward": _setting(r, "baseline").get(
+                    "kernel_launches_per_forward"
+                ),
+                "train_speedup": s.get("train_speedup"),
+                "train_flops_ratio": s.get("train_flops_ratio"),
+                "train_activation_mem_ratio": s.get("train_activation_mem_ratio"),
+                "train_activation_mem_bound": s.get("train_activation_mem_bound"),
+                "peak_mem_ratio": s.get("peak_mem_ratio"),
+                "compile_s": (s.get("compiled_step") or {}).get("compile_s"),
+                "extern_calls": (s.get("compiled_step") or {}).get("extern_calls"),
+            }
+        )
+    targets = []
+    for (exp, batch), want in SPEEDUP_TARGETS.items():
+        got = [
+            x
+            for x in rows
+            if x["exp"].removeprefix("tiny_") == exp and x["batch"] == batch and x["user_path"]
+        ]
+        best = got[0] if got else None
+        targets.append(
+            {
+                "target": f"{exp} released, batch {batch}, path users get: speedup >= {want}x",
+                "measured": best["speedup"] if best else None,
+                "file": best["file"] if best else None,
+                "met": (best["speedup"] >= want) if best else None,
+            }
+        )
+    for exp in ("vilt_nlvr2", "meter_nlvr2"):
+        got = [
+            x
+            for x in rows
+            if x["exp"].removeprefix("tiny_") == exp
+            and x["reducer_time_share"] is not None
+            and "reducer compiled" in x["mode"]
+            and "-true" in x["mode"]
+        ]
+        got += [
+            x for x in rows if x["exp"].removeprefix("tiny_") == exp and x["reducer_time_share"] is not None
+        ]
+        best = got[0] if got else None
+        targets.append(
+            {
+                "target": f"{exp} released: reducer share of GPU time <= {REDUCER_SHARE_TARGET:.0%}",
+                "measured": best["reducer_time_share"] if best else None,
+                "file": best["file"] if best else None,
+                "met": (best["reducer_time_share"] <= REDUCER_SHARE_TARGET) if best else None,
+            }
+        )
+    first = runs[0] if runs else None
+    tiny = any(r.get("tiny") for r in runs)
+    lines = [
+        "# GPU check (issue 13)",
+        "",
+        f"- Machine: {hardware_line(first) if first else 'no results'}",
+        "- Tiny presets on this machine: a smoke run of the script, not figures."
+        if tiny
+        else "- Full-size models, random weights, released settings against the unreduced model.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met | from |",
+        "|---|---|---|---|",
+    ]
+    for t in targets:
+        measured = t["measured"]
+        if measured is not None:
+            measured = f"{100 * measured:.1f}%" if "share" in t["target"] else f"{measured:.2f}x"
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {measured or 'n/a'} | {met} | {t['file'] or '-'} |")
+    lines += [
+        "",
+        "## Every run (released setting against the baseline in the same process)",
+        "",
+        "| experiment | batch | mode | examples/s (baseline) | speedup (paired) | FLOPs ratio | reducer share "
+        "| reducer ops/step (eager) | compiled step kernels/step | launches/forward (baseline) "
+        "| training speedup (FLOPs ratio) | training activations (bound) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in rows:
+        lines.append(
+            f"| {x['exp']} | {x['batch']} | {x['mode']}{' (users)' if x['user_path'] else ''} "
+            f"| {x['examples_per_s']:.4g} ({x['baseline_examples_per_s']:.4g}) "
+            f"| {x['speedup']:.2f}x ({x['paired_speedup']:.2f}x) | {_f(x['flops_ratio'], '.2f', 'x')} "
+            f"| {_f(x['reducer_time_share'] and 100 * x['reducer_time_share'], '.1f', '%')} "
+            f"| {_f(x['reducer_ops_per_step'], '.0f')} | {_f(x['kernels_per_step'], '.1f')} "
+            f"| {_f(x['kernel_launches_per_forward'], '.0f')} ({_f(x['baseline_kernel_launches_per_forward'], '.0f')}) "
+            f"| {_f(x['train_speedup'], '.2f', 'x')} ({_f(x['train_flops_ratio'], '.2f', 'x')}) "
+            f"| {_f(x['train_activation_mem_ratio'], '.3f')} ({_f(x['train_activation_mem_bound'], '.3f')}) |"
+        )
+    externs = [x for x in rows if x["extern_calls"] is not None]
+    if externs:
+        lines += ["", "Extern calls the compiled reduction steps leave (per forward's compiled graphs):", ""]
+        for x in externs:
+            calls = ", ".join(f"{k} {v}" for k, v in x["extern_calls"].items()) or "none"
+            lines.append(
+                f"- {x['exp']} b{x['batch']} ({x['mode']}): {calls}; compiled in {x['compile_s']:.1f} s"
+            )
+    if stages:
+        lines += ["", "## Stages of the script", "", "| stage | status | seconds |", "|---|---|---|"]
+        lines += [f"| {st['stage']} | {st['status']} | {st['seconds']} |" for st in stages]
+    return "\n".join(lines) + "\n", {"targets": targets, "runs": rows, "stages": stages or []}
+
+
+def read_stages(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3:
+            out.append({"stage": parts[0], "status": parts[1], "seconds": parts[2]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pumer_lightning.bench.gpu_check", description=__doc__)
+    parser.add_argument("out", type=Path, help="the directory scripts/gpu_check.sh wrote to")
+    parser.add_argument("--stages", type=Path, help="stages.tsv (default: <out>/stages.tsv)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.out)
+    sweeps = join_sweeps(runs, args.out, plot=not args.no_plot)
+    text, data = summarize(runs, read_stages(args.stages or args.out / "stages.tsv"))
+    (args.out / "summary.md").write_text(text)
+    (args.out / "summary.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(text, end="")
+    print("wrote " + ", ".join(str(p) for p in [args.out / "summary.md", args.out / "summary.json", *sweeps]))
+
+
+if __name__ == "__main__":
+    main()
