@@ -66,23 +66,36 @@ def test_split_with_shards_but_no_meta(shapes, tmp_path):
         _setup(data_dir, shapes[1])
 
 
-def test_meta_listing_shards_missing_on_disk(shapes, tmp_path):
-    """Shared storage not mounted, or only meta.json copied: the missing shard files are named at setup."""
+def test_meta_listing_shards_missing_on_disk(shapes, tmp_path, caplog):
+    """Shared storage not mounted, or only meta.json copied: the missing shard files are named at setup; with
+    some shards there the run goes on (the missing ones are shard_error skips), with none it stops."""
     data_dir = _copy(shapes, tmp_path)
     tars = sorted((data_dir / "train").glob("*.tar"))
     assert len(tars) >= 2
     for tar in tars[1:]:
         tar.unlink()
-    with pytest.raises(FileNotFoundError, match=f"missing on disk: {tars[1].name}"):
+    with caplog.at_level("WARNING", logger="pumer_lightning.data"):
+        dm = _setup(data_dir, shapes[1])
+    assert f"missing on disk: {tars[1].name}" in caplog.text
+    assert next(iter(dm.train_dataloader()))["labels"].shape == (4,)
+    tars[0].unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing on disk: {tars[0].name}"):
         _setup(data_dir, shapes[1])
 
 
-def test_meta_listing_no_nonempty_shard(shapes, tmp_path):
+def test_meta_listing_no_nonempty_shard(shapes, tmp_path, caplog):
+    """Shard entries are claims: entries that say 0 do not keep their shards from being read (a warning names
+    them); a split whose meta.json says it holds no example at all cannot size an epoch and stops."""
     data_dir = _copy(shapes, tmp_path)
     meta_path = data_dir / "train" / "meta.json"
     meta = json.loads(meta_path.read_text())
     for shard in meta["shards"]:
         shard["records"] = shard["samples"] = 0
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="pumer_lightning.data"):
+        batch = next(iter(_setup(data_dir, shapes[1]).train_dataloader()))
+    assert batch["labels"].shape == (4,) and "meta.json entry says 0 record(s)" in caplog.text
+    meta["num_samples"] = 0
     meta_path.write_text(json.dumps(meta))
     dm = _setup(data_dir, shapes[1])
     with pytest.raises(ValueError, match="train: meta.json lists no non-empty shard"):
