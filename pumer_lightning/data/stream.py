@@ -554,7 +554,10 @@ class TrainStream(_StreamBase):
                 tensors = decode_example_images(ex, self.transform, counter, rng)
                 if tensors is None:
                     health.fails_since_ok += 1
-                    if health.fails_since_ok > self.shuffle_buffer + 2 * max(1, health.pass_size):
+                    if (
+                        health.pass_size
+                        and health.fails_since_ok > self.shuffle_buffer + 2 * health.pass_size
+                    ):
                         health.dead = True  # a full pass and more without one decodable image
                     continue
                 health.fails_since_ok = 0

@@ -169,6 +169,27 @@ def test_no_usable_example_anywhere_stops_with_one_message(tmp_path, tok):
     assert "shard_error" in message
 
 
+def test_undecodable_images_everywhere_stop_with_one_message_not_a_hang(tmp_path, tok):
+    recs = [dict(r, **{"img0.png": b"not an image"}) for r in nlvr2_records("train0", 6)]
+    write_train(tmp_path, [recs[:3], recs[3:]])
+    loader = dm_for(tmp_path, tok, num_workers=0, shuffle_buffer=0).train_dataloader()
+    with pytest.raises(RuntimeError, match="no usable example in any of the 2 shard"):
+        next(iter(loader))
+
+
+def test_a_run_of_undecodable_images_is_skipped_not_taken_for_a_dead_slot(tmp_path, tok, caplog):
+    recs = nlvr2_records("train0", 12)
+    for i in range(4):
+        recs[i] = dict(recs[i], **{"img0.png": b"not an image"})
+    write_train(tmp_path, [recs])
+    dm = dm_for(tmp_path, tok, num_workers=0, shuffle_buffer=0, batch_size=2)
+    with caplog.at_level("WARNING", logger="pumer_lightning.data"):
+        keys = [k for b in dm.train_dataloader() for k in b["keys"]]
+    # 6 steps of 2 = 12 examples: the 8 good ones, then (a new pass: the 4 bad ones skipped again) 4 more
+    assert keys == [f"train0-{i}-0-0" for i in [*range(4, 12), *range(4, 8)]]
+    assert dm.skipped == {"train/decode_error": 8} and "reads every shard" not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ mid-epoch resume
 @pytest.mark.parametrize("stop_at", [3, 8])
 def test_mid_epoch_resume_continues_the_epoch_stream(tmp_path, tok, stop_at):
