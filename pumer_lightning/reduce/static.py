@@ -13,12 +13,13 @@ _CACHE: dict[tuple, Tensor] = {}
 def cached(key: tuple, device: torch.device, build: Callable[[torch.device], Tensor]) -> Tensor:
     """The tensor ``build(device)`` for ``key``, built once per device.
 
-    Inside a compiled region it is built in the graph instead (inductor folds it into a constant). Tensors are
-    built outside inference mode and without autograd, so they serve training and inference alike.
+    Tensors are built outside inference mode and without autograd, so they serve training and inference alike.
+    A compiled region only looks them up (the eager warm-up call that precedes compiling built them), so tracing
+    never walks the Python that builds them; the compiled graph takes them as inputs.
     """
-    if torch.compiler.is_compiling():
-        return build(device)
     full_key = (*key, device)
+    if torch.compiler.is_compiling():
+        return _CACHE[full_key]
     value = _CACHE.get(full_key)
     if value is None:
         with torch.inference_mode(False), torch.no_grad():

@@ -60,11 +60,14 @@ def ref_image(x, size, metric, scores, plan):
     return ref_merge(x, size, metric, plan.n_merge, a, b)[:2]
 
 
-def ref_text(x, size, mask, metric, plan, ratio):
+def ref_text(x, size, mask, metric, plan, ratio, policy="real"):
     real = [i for i in range(len(mask)) if mask[i]]
     pads = [i for i in range(len(mask)) if not mask[i]]
     n_real = len(real)
-    n_merge = min(round(ratio * n_real), max(n_real - 1, 0) // 2, plan.n_text_merge)
+    if policy == "real":
+        n_merge = min(round(ratio * n_real), max(n_real - 1, 0) // 2, plan.n_text_merge)
+    else:  # pads first: real tokens merge only for what the pads cannot cover
+        n_merge = max(plan.n_text_merge - len(pads), 0)
     n_drop = plan.n_text_merge - n_merge
     a = [real[r] for r in range(2, n_real, 2)]
     b = [real[r] for r in range(1, n_real, 2)]
@@ -105,18 +108,23 @@ def run(schedule, layer, image, text, mask, scores, image_metric, text_metric, t
     return plan, state, out
 
 
+@pytest.mark.parametrize("policy", ["real", "pads_first"])
 @pytest.mark.parametrize("seed", range(4))
-def test_vectorised_matches_per_example_reference(seed):
+def test_vectorised_matches_per_example_reference(seed, policy):
     batch, n_image, n_text = 4, 37, 12
     lengths = [12, 9, 3, 1]
     image, text, mask, scores, im_metric, tx_metric = make_inputs(batch, n_image, n_text, lengths, seed=seed)
-    schedule = ReducerSchedule(layers=[0], keep_ratio=0.7, merge_ratio=0.3, text_merge_ratio=0.3)
+    schedule = ReducerSchedule(
+        layers=[0], keep_ratio=0.7, merge_ratio=0.3, text_merge_ratio=0.3, text_merge_policy=policy
+    )
     plan, _, out = run(schedule, 0, image, text, mask, scores, im_metric, tx_metric)
     for b in range(batch):
         ref_x, ref_size = ref_image(image[b], torch.ones(n_image), im_metric[b], scores[b], plan)
         torch.testing.assert_close(out.image[b], ref_x)
         torch.testing.assert_close(out.image_size[b], ref_size.double())
-        ref_t, ref_tsize, ref_mask = ref_text(text[b], torch.ones(n_text), mask[b], tx_metric[b], plan, 0.3)
+        ref_t, ref_tsize, ref_mask = ref_text(
+            text[b], torch.ones(n_text), mask[b], tx_metric[b], plan, 0.3, policy
+        )
         torch.testing.assert_close(out.text[b], ref_t)
         torch.testing.assert_close(out.text_size[b], ref_tsize.double())
         assert out.text_mask[b].tolist() == ref_mask.tolist()
@@ -132,16 +140,21 @@ def reduction_cases(draw):
     merge = draw(st.floats(0.0, 0.5))
     text = draw(st.floats(0.0, 0.5))
     seed = draw(st.integers(0, 2**16))
-    return batch, n_image, n_text, lengths, keep, merge, text, seed
+    policy = draw(st.sampled_from(["real", "pads_first"]))
+    partition = draw(st.sampled_from(["spatial", "score"]))
+    return batch, n_image, n_text, lengths, keep, merge, text, seed, policy, partition
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(reduction_cases())
 def test_invariants(case):
-    batch, n_image, n_text, lengths, keep, merge, text_ratio, seed = case
+    batch, n_image, n_text, lengths, keep, merge, text_ratio, seed, policy, partition = case
     image, text, mask, scores, im_metric, tx_metric = make_inputs(batch, n_image, n_text, lengths, seed=seed)
     text = text.masked_fill(~mask.bool()[..., None], 1e6)  # a pad absorbed by a real token would show
-    schedule = ReducerSchedule(layers=[0], keep_ratio=keep, merge_ratio=merge, text_merge_ratio=text_ratio)
+    schedule = ReducerSchedule(
+        layers=[0], keep_ratio=keep, merge_ratio=merge, text_merge_ratio=text_ratio,
+        text_merge_policy=policy, partition=partition,
+    )  # fmt: skip
     plan = schedule.step(0, n_image, n_text)
     if plan is None:
         assert round((1 - keep) * n_image) == 0 or n_image <= 2
