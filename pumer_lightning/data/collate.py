@@ -72,6 +72,8 @@ class Collator:
         num_answers: size of the VQA soft-score vector.
         labeled: emit ``labels`` (False for unlabelled test splits).
         pad_multiple: ``shorter_side`` images are padded to a multiple of this (the patch size).
+        text_padding: ``longest`` (pad to the batch's longest text) or ``max_length`` (always ``max_text_len``:
+            static shapes for compiled / graph-captured inference, and the official code's padding).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Collator:
         num_answers: int = 0,
         labeled: bool = True,
         pad_multiple: int = 32,
+        text_padding: str = "longest",
     ):
         if max_text_len < 2:
             raise ValueError(f"max_text_len must be >= 2 (room for the special tokens), got {max_text_len}")
@@ -91,6 +94,9 @@ class Collator:
         self.num_answers = num_answers
         self.labeled = labeled
         self.pad_multiple = pad_multiple
+        if text_padding not in ("longest", "max_length"):
+            raise ValueError(f"text_padding must be 'longest' or 'max_length', got {text_padding!r}")
+        self.text_padding = text_padding
         self._tokenizer = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -107,7 +113,7 @@ class Collator:
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
             texts,
-            padding="longest",
+            padding=self.text_padding,
             truncation=True,
             max_length=self.max_text_len,
             return_tensors="pt",

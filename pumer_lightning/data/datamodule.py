@@ -52,8 +52,10 @@ class VLDataModule(pl.LightningDataModule):
         task: which task the shards hold; checked against each split's ``meta.json``.
         data_dir: dataset root holding the split directories, e.g. ``data/shapes/nlvr2`` or ``data/vqa2``.
         tokenizer: local tokenizer directory, loaded with ``transformers.AutoTokenizer.from_pretrained``.
-        max_text_len: texts are truncated to this many tokens (special tokens included); batches are padded
-            only to their longest text.
+        max_text_len: texts are truncated to this many tokens (special tokens included).
+        text_padding: ``longest`` pads each batch to its longest text; ``max_length`` always pads to
+            ``max_text_len`` (static shapes, so a compiled or graph-captured model never recompiles per batch; the
+            official PuMer padding, which the ``pads_first`` text-merge policy is defined against).
         image_size: output side for square resizes, shorter side for ``shorter_side``.
         image_mean: per-channel mean in 0..1 pixel units (CLIP's for METER, 0.5 for ViLT).
         image_std: per-channel std in 0..1 pixel units.
@@ -90,6 +92,7 @@ class VLDataModule(pl.LightningDataModule):
         data_dir: str,
         tokenizer: str,
         max_text_len: int = 40,
+        text_padding: Literal["longest", "max_length"] = "longest",
         image_size: int = 384,
         image_mean: tuple[float, float, float] = HALF,
         image_std: tuple[float, float, float] = HALF,
@@ -125,6 +128,7 @@ class VLDataModule(pl.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.tokenizer_dir = Path(tokenizer)
         self.max_text_len = max_text_len
+        self.text_padding = text_padding
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -278,6 +282,7 @@ class VLDataModule(pl.LightningDataModule):
             num_answers=len(meta.labels or []) if self.task == "vqa2" else 0,
             labeled=meta.labeled,
             pad_multiple=self.pad_multiple,
+            text_padding=self.text_padding,
         )
 
     def _current_epoch(self) -> int | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pumer_lightning.data.collate import Collator, Example
@@ -32,6 +33,18 @@ def test_pads_to_longest_text_of_the_batch_not_max_len(tokenizer_dir):
     assert batch["pixel_values"][0, 1].eq(1).all()  # image order kept: img0 then img1
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.int64
     assert batch["keys"] == ["a red circle", "there is a blue square left of the green circle"]
+
+
+def test_max_length_padding_gives_static_width(tokenizer_dir):
+    c = Collator("nlvr2", tokenizer_dir, max_text_len=40, text_padding="max_length")
+    batch = c([_ex("a red circle", 1, 2), _ex("there is a blue square", 0, 2)])
+    assert batch["input_ids"].shape == (2, 40)
+    assert batch["attention_mask"].sum(1).tolist() == [5, 7]
+
+
+def test_unknown_text_padding_is_named(tokenizer_dir):
+    with pytest.raises(ValueError, match="text_padding must be 'longest' or 'max_length'"):
+        Collator("nlvr2", tokenizer_dir, text_padding="max")
 
 
 def test_truncates_to_max_text_len_keeping_sep(tokenizer_dir):
