@@ -74,11 +74,12 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    # ~45 min on 2 CPU cores, data generation included
+    # pre-training (11 min on 2 idle CPU cores) and baseline (~10 min) are cached; then 3 seeds x 4 fine-tunes of
+    # 200 steps (~15 min idle). Changing pretrain_steps or num_train moves the pre-training's cache key (a retrain).
     "default": Budget(
         pretrain_steps=2500,
-        baseline_steps=3000,
-        finetune_steps=800,
+        baseline_steps=1500,
+        finetune_steps=200,
         num_train=60000,
         num_val=600,
         num_test=1800,
@@ -126,6 +127,21 @@ class StudyConfig:
         }
     )
     keep_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    #: seeds of the fine-tuning stages (data order, dropout; every one starts from the same baseline). The
+    #: pre-training and the baseline use ``seed`` alone and are shared.
+    seeds: tuple[int, ...] = (0, 1, 2)
+    #: the text-merge policies compared (``ReducerSchedule.text_merge_policy``); the default is chosen among them
+    #: on the validation split
+    policies: tuple[str, ...] = ("real", "pads_first")
+    #: seeds of the PuMer + distillation fine-tune (under the chosen policy); () drops it (the default: the
+    #: costliest stage, and not needed for the headline)
+    distil_seeds: tuple[int, ...] = ()
+    #: how the fine-tuning and evaluation batches pad their texts: ``max_length`` pads every text to
+    #: ``max_text_len`` (as the official code pads to 40, so ``pads_first`` is per-example deterministic);
+    #: ``longest`` pads to the batch's longest text (the data module's default). The cached pre-training and
+    #: baseline stages train on ``longest`` batches; with reducers off, padding does not change a model's outputs
+    #: (pads are masked out of attention).
+    text_padding: str = "max_length"
     #: a type counts as learned when the baseline's validation accuracy on it exceeds chance (0.5) by this many
     #: standard errors
     learned_z: float = 3.0
@@ -173,7 +189,8 @@ class Study:
         self.root = root
         return root
 
-    def datamodule(self, task: str):
+    def datamodule(self, task: str, seed: int | None = None, padding: str = "longest"):
+        """The task's data module; ``padding="max_length"`` pads every text to ``max_text_len``."""
         from pumer_lightning.cli import backbone_image_settings
         from pumer_lightning.data import VLDataModule
 
@@ -183,9 +200,9 @@ class Study:
         gc.collect()
         dm = VLDataModule(
             task=task, data_dir=str(self.root / task), tokenizer=str(self.root / "tokenizer"),
-            max_text_len=self.cfg.max_text_len, image_size=img["image_size"], image_mean=img["mean"],
+            max_text_len=self.cfg.max_text_len, text_padding=padding, image_size=img["image_size"], image_mean=img["mean"],
             image_std=img["std"], resize=img["resize"], batch_size=self.cfg.batch_size, eval_batch_size=300,
-            num_workers=self.workers, randaugment=False, seed=self.cfg.seed,
+            num_workers=self.workers, randaugment=False, seed=self.cfg.seed if seed is None else seed,
             persistent_workers=self.workers > 0,
         )  # fmt: skip
         dm.setup(None)
@@ -206,12 +223,12 @@ class Study:
             return VQATask(backbone=spec, reducer=reducer, optim=optim, num_answers=len(VQA_ANSWERS), **kw)
         return NLVR2Task(backbone=spec, reducer=reducer, optim=optim, **kw)
 
-    def fit(self, name: str, model, dm, steps: int):
+    def fit(self, name: str, model, dm, steps: int, seed: int | None = None):
         from lightning.pytorch.loggers import TensorBoardLogger
 
         from pumer_lightning.callbacks import TokenStatsCallback
 
-        pl.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        pl.seed_everything(self.cfg.seed if seed is None else seed, workers=True, verbose=False)
         trainer = pl.Trainer(
             accelerator=self.device.type, devices=1, max_steps=steps, max_epochs=-1, limit_val_batches=0,
             num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,
@@ -228,30 +245,36 @@ class Study:
     # ---- stages
     def train(self, name: str, kind: str, start: Path | None, schedule: ReducerSchedule | None, steps: int,
               lr: float, init_state: Path | None = None, distill: Path | None = None,
-              path: Path | None = None) -> Path:  # fmt: skip
+              path: Path | None = None, seed: int | None = None, padding: str = "longest") -> Path:  # fmt: skip
         """Train one stage and save its Lightning checkpoint (cached under a hash of what determines it).
 
         ``start``: a pre-trained backbone (converted format) or None (random initialisation); ``init_state``: a
-        Lightning checkpoint of the same task to continue from; ``distill``: the teacher's Lightning checkpoint.
+        Lightning checkpoint of the same task to continue from; ``distill``: the teacher's Lightning checkpoint;
+        ``seed``: the stage's seed (default ``cfg.seed``); ``padding``: how its batches pad their texts. The key
+        of a stage with the defaults (``seed`` None or ``cfg.seed``, ``longest``) is the one earlier versions
+        used, so the cached pre-training and baseline stay valid.
         """
         from pumer_lightning.tasks import DistillConfig
 
         c = self.cfg
+        seed = c.seed if seed is None else seed
         sched = dataclasses.asdict(schedule) if schedule is not None else None
         if path is None:  # start / init_state paths carry their own hashes
-            key = _key(
-                name, str(start), str(init_state), str(distill), sched, steps, lr, c.seed, c.batch_size
-            )
-            path = self.cache / f"{name}-{key}.ckpt"
+            parts: list[Any] = [name, str(start), str(init_state), str(distill), sched, steps, lr, seed,
+                                c.batch_size]  # fmt: skip
+            if padding != "longest":
+                parts.append({"padding": padding, "max_text_len": c.max_text_len})
+            path = self.cache / f"{name}-{_key(*parts)}.ckpt"
+        label = name if seed == c.seed else f"{name}@seed{seed}"
         if path.exists() and not self.fresh:
-            log(f"{name}: from cache {path}")
-            self._cached_time(name, path)
+            log(f"{label}: from cache {path}")
+            self._cached_time(label, path)
             return path
-        dm = self.datamodule(kind)
+        dm = self.datamodule(kind, seed=seed, padding=padding)
         kw = {"distill": DistillConfig(teacher=str(distill))} if distill is not None else {}
         # seed before the model exists: its random initialisation (a new head, or everything from scratch) must
         # not depend on what ran earlier in the process (torch's initial seed differs from process to process)
-        pl.seed_everything(c.seed, workers=True, verbose=False)
+        pl.seed_everything(seed, workers=True, verbose=False)
         model = self.task(kind, schedule, str(start) if start else None, lr, **kw)
         if init_state is not None:
             state = torch.load(init_state, map_location="cpu", weights_only=False)["state_dict"]
@@ -262,12 +285,12 @@ class Study:
             if missing:
                 raise RuntimeError(f"{init_state} lacks {missing[:5]}")
         origin = "random init" if start is None and init_state is None else "trained weights"
-        log(f"{name}: {steps} {kind} steps from {origin}, lr {lr:g}, reducer {_describe(schedule)}"
+        log(f"{name}: {steps} {kind} steps from {origin}, lr {lr:g}, seed {seed}, reducer {_describe(schedule)}"
             + (", distilled from the baseline" if distill else ""))  # fmt: skip
-        trainer = self.fit(name, model, dm, steps)
+        trainer = self.fit(label, model, dm, steps, seed=seed)
         trainer.save_checkpoint(str(path), weights_only=True)
         path.with_suffix(".json").write_text(
-            json.dumps({"train_seconds": self.timings[name], "steps": steps})
+            json.dumps({"train_seconds": self.timings[label], "steps": steps})
         )
         return path
 
@@ -313,9 +336,15 @@ class Study:
 def _describe(schedule: ReducerSchedule | None) -> str:
     if schedule is None or not schedule.is_active:
         return "off"
+    text = f"text {schedule.text_merge_ratio:g}"
+    policy = getattr(schedule, "text_merge_policy", "real")
+    if schedule.text_merge_ratio > 0 and policy != "real":
+        text += f" ({policy})"
+    partition = getattr(schedule, "partition", "spatial")
+    extra = f", {partition} partition" if partition != "spatial" else ""
     return (
-        f"keep {schedule.keep_ratio:g} / merge {schedule.merge_ratio:g} / text {schedule.text_merge_ratio:g} "
-        f"@ {list(schedule.layers)} ({schedule.importance})"
+        f"keep {schedule.keep_ratio:g} / merge {schedule.merge_ratio:g} / {text} "
+        f"@ {list(schedule.layers)} ({schedule.importance}{extra})"
     )
 
 
@@ -393,6 +422,68 @@ def paired(a: list[float], b: list[float], types: list[str], only: tuple[str, ..
     return {"diff": mean, "se": math.sqrt(var / n), "n": n}
 
 
+def _between(values: list[float]) -> float:
+    """Standard error of the mean of per-seed values (sample sd / sqrt(S)); 0 for a single seed."""
+    k = len(values)
+    return statistics.stdev(values) / math.sqrt(k) if k > 1 else 0.0
+
+
+def over_seeds(
+    per_seed: list[list[float]], types: list[str], only: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """`accuracy` of a setting trained with several seeds (one score list per seed, same test examples).
+
+    The figure is the mean over seeds. Its standard error combines the two sources of uncertainty:
+
+        se = sqrt(se_seeds**2 + se_sample**2)
+        se_seeds  = sd over seeds of the per-seed accuracies / sqrt(S)       (training noise: seed-to-seed spread)
+        se_sample = sd over examples of the seed-averaged score / sqrt(n)    (test-sample noise)
+
+    The seed term also carries part of the sampling noise, so the sum is conservative. With one seed it is
+    `accuracy`'s standard error exactly.
+    """
+    mean = [sum(xs) / len(per_seed) for xs in zip(*per_seed)]
+    out = accuracy(mean, types, only)
+    groups = {"all": lambda t: True, **{t: (lambda t, u=t: t == u) for t in sorted(set(types))}}
+    if only is not None:
+        groups["learned"] = lambda t: t in only
+    for name, keep in groups.items():
+        stat = out[name] if name in ("all", "learned") else out["by_type"][name]
+        accs = []
+        for xs in per_seed:
+            sel = [x for x, t in zip(xs, types) if keep(t)]
+            accs.append(sum(sel) / len(sel) if sel else float("nan"))
+        stat["se_sample"] = stat["se"]
+        stat["se_seeds"] = _between(accs)
+        stat["se"] = math.sqrt(stat["se_sample"] ** 2 + stat["se_seeds"] ** 2)
+        stat["per_seed"] = accs
+    return out
+
+
+def paired_over_seeds(a: list[list[float]], b: list[list[float]], types: list[str],
+                      only: tuple[str, ...]) -> dict[str, Any]:  # fmt: skip
+    """Mean over seeds of the paired difference a - b (seed s of ``a`` against seed s of ``b``, same examples).
+
+    ``se = sqrt(se_seeds**2 + se_sample**2)``: ``se_seeds`` is the sd over seeds of the per-seed paired
+    differences / sqrt(S); ``se_sample`` is the paired standard error over examples of the seed-averaged
+    per-example difference. One seed (or ``b`` a single model repeated): `paired`'s standard error when S = 1.
+    """
+    if len(b) == 1 and len(a) > 1:
+        b = b * len(a)
+    if len(a) == 1 and len(b) > 1:
+        a = a * len(b)
+    per = [paired(x, y, types, only)["diff"] for x, y in zip(a, b)]
+    mean_a = [sum(xs) / len(a) for xs in zip(*a)]
+    mean_b = [sum(ys) / len(b) for ys in zip(*b)]
+    out = paired(mean_a, mean_b, types, only)
+    out["se_sample"] = out["se"]
+    out["se_seeds"] = _between(per)
+    out["se"] = math.sqrt(out["se_sample"] ** 2 + out["se_seeds"] ** 2)
+    out["per_seed"] = per
+    out["seeds"] = len(per)
+    return out
+
+
 @torch.inference_mode()
 def speed(model, batches: list[dict[str, Any]], settings: dict[str, ReducerSchedule | None], rounds: int = 5):
     """FLOPs per example and examples/s of each setting: same weights, same batches, interleaved rounds, median."""
@@ -440,6 +531,38 @@ def speed(model, batches: list[dict[str, Any]], settings: dict[str, ReducerSched
 
 
 # ---------------------------------------------------------------------------------------------- the study
+SE_RULE = (
+    "mean over seeds; standard error sqrt(se_seeds^2 + se_sample^2), where se_seeds is the standard deviation over "
+    "seeds of the per-seed figure (accuracy, or paired difference seed s against seed s) divided by sqrt(S), and "
+    "se_sample is the standard error over test examples of the seed-averaged per-example score (paired: of the "
+    "seed-averaged per-example difference); single-model rows have se_seeds = 0"
+)
+
+
+def _targets(c: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The documented accuracy targets, met or missed, from the comparisons (points = 100 x accuracy)."""
+    free, ft = c["pumer_free_minus_baseline"], c["pumer_ft_minus_control_ft"]
+    out = {
+        "training_free_loss_at_most_5": {
+            "target": "training-free, the chosen policy loses <= 5 points against the baseline (learned types)",
+            "value": 100 * free["diff"], "se": 100 * free["se"], "met": free["diff"] >= -0.05,
+        },
+        "finetuned_within_1_point": {
+            "target": "fine-tuned PuMer vs matched control within 1 point, >= 3 seeds, seed-inclusive SE <= 0.7",
+            "value": 100 * ft["diff"], "se": 100 * ft["se"], "seeds": ft["seeds"],
+            "met": abs(ft["diff"]) <= 0.01 and ft["seeds"] >= 3 and ft["se"] <= 0.007,
+        },
+    }  # fmt: skip
+    if "random_keep0.5_minus_pumer_keep0.5" in c:
+        r = c["random_keep0.5_minus_pumer_keep0.5"]
+        out["random_5_below_text_at_keep_0.5"] = {
+            "target": "training-free at keep 0.5 (same merge and text settings), random pruning >= 5 points below "
+            "text-informed pruning",
+            "value": 100 * r["diff"], "se": 100 * r["se"], "met": r["diff"] <= -0.05,
+        }  # fmt: skip
+    return out
+
+
 def run_study(
     cfg: StudyConfig,
     work: Path,
@@ -461,25 +584,43 @@ def run_study(
         base_ckpt = st.train("baseline", kind, start, None, b.baseline_steps, cfg.baseline_lr)
     else:  # the VQA model trained from scratch is the baseline itself
         start, base_ckpt = None, pre_ckpt
-    pumer = cfg.schedule()
-    ft = {
-        "ft_pumer": st.train("ft_pumer", kind, start, pumer, b.finetune_steps, cfg.finetune_lr, base_ckpt),
-        "ft_control": st.train("ft_control", kind, start, None, b.finetune_steps, cfg.finetune_lr, base_ckpt),
-        "ft_pumer_distil": st.train(
-            "ft_pumer_distil",
-            kind,
-            start,
-            pumer,
-            b.finetune_steps,
-            cfg.finetune_lr,
-            base_ckpt,
-            distill=base_ckpt,
-        ),
-    }
+    pad, seeds, policies = cfg.text_padding, list(cfg.seeds), list(cfg.policies)
+    if not seeds or not policies:
+        raise ValueError("StudyConfig.seeds and StudyConfig.policies must not be empty")
 
-    dm = st.datamodule(kind)
+    def policy(name: str, **changes: Any) -> ReducerSchedule:
+        return cfg.schedule(text_merge_policy=name, **changes)
+
+    # fine-tuning from the baseline, every seed: the matched control (reducers off), PuMer under each text-merge
+    # policy, PuMer without text merging. Seed-major order: an interrupted run leaves whole seeds in the cache.
+    ft_sched: dict[str, ReducerSchedule | None] = {"ft_control": None}
+    ft_sched.update({f"ft_pumer_{p}": policy(p) for p in policies})
+    ft_sched["ft_pumer_no_text"] = cfg.schedule(text_merge_ratio=0.0)
+    ckpts: dict[str, list[Path]] = {name: [] for name in ft_sched}
+    for seed in seeds:
+        for name, sched in ft_sched.items():
+            ckpts[name].append(
+                st.train(
+                    name,
+                    kind,
+                    start,
+                    sched,
+                    b.finetune_steps,
+                    cfg.finetune_lr,
+                    base_ckpt,
+                    seed=seed,
+                    padding=pad,
+                )  # fmt: skip
+            )
+
+    dm = st.datamodule(kind, padding=pad)
     val = [_to(x, st.device) for x in dm.eval_dataloader(dm.val_split)]
     test = [_to(x, st.device) for x in dm.eval_dataloader(dm.test_split)]
+    # the same test examples padded to their batch's longest text (where pads_first depends on the batch)
+    test_longest = test
+    if pad != "longest":
+        dm_longest = st.datamodule(kind, padding="longest")
+        test_longest = [_to(x, st.device) for x in dm_longest.eval_dataloader(dm_longest.test_split)]
     base = st.load(base_ckpt, start, kind)
 
     # which types did the baseline learn? decided on validation, before any test figure is looked at
@@ -494,91 +635,228 @@ def run_study(
     log(f"baseline validation score {val_acc['all']['acc']:.3f}; learned types: {learned or 'none'}")
     only = learned or TYPES
 
+    # fine-tuned models on validation (the policy choice) and test; PuMer models also with reducers off and with
+    # random pruning at the same budget (the random-pruning control on fine-tuned weights)
+    log(f"evaluating {sum(len(v) for v in ckpts.values())} fine-tuned models")
+    ft_val: dict[str, list[list[float]]] = {}
+    ft_test: dict[str, list[list[float]]] = {}
+    types: list[str] = []
+    for name, paths in ckpts.items():
+        sched = ft_sched[name]
+        for path in paths:
+            model = st.load(path, start, kind)
+            ft_val.setdefault(name, []).append(predictions(model, val, sched)[0])
+            scores, types = predictions(model, test, sched)
+            ft_test.setdefault(name, []).append(scores)
+            if sched is not None and name != "ft_pumer_no_text":
+                ft_test.setdefault(f"{name}:eval_off", []).append(predictions(model, test, None)[0])
+                ft_test.setdefault(f"{name}:eval_random", []).append(
+                    predictions(model, test, dataclasses.replace(sched, importance="random"))[0]
+                )
+            del model
+
+    # the default text-merge policy, chosen on validation (before any test figure is looked at)
+    free_val = {p: predictions(base, val, policy(p))[0] for p in policies}
+    choice = {
+        p: {
+            "ft_val": over_seeds(ft_val[f"ft_pumer_{p}"], vt, only)["learned"],
+            "free_val": accuracy(free_val[p], vt, only)["learned"],
+        }
+        for p in policies
+    }
+    chosen = max(policies, key=lambda p: (choice[p]["ft_val"]["acc"], choice[p]["free_val"]["acc"]))
+    log("validation, learned types: " + "; ".join(
+        f"{p}: fine-tuned {100 * c['ft_val']['acc']:.1f}, training-free {100 * c['free_val']['acc']:.1f}"
+        for p, c in choice.items()) + f" -> chosen policy {chosen}")  # fmt: skip
+    pumer = policy(chosen)
+
+    # PuMer + distillation from the baseline, under the chosen policy (fewer seeds: the costliest stage)
+    distil = [
+        st.train(
+            "ft_pumer_distil",
+            kind,
+            start,
+            pumer,
+            b.finetune_steps,
+            cfg.finetune_lr,
+            base_ckpt,
+            distill=base_ckpt,
+            seed=seed,
+            padding=pad,
+        )  # fmt: skip
+        for seed in cfg.distil_seeds
+    ]
+    for path in distil:
+        model = st.load(path, start, kind)
+        ft_test.setdefault("ft_pumer_distil", []).append(predictions(model, test, pumer)[0])
+        del model
+
     # training-free settings on the baseline's weights
     keep = pumer.keep_ratio
-    free: dict[str, tuple[str, ReducerSchedule | None]] = {
-        "baseline": ("no reduction", None),
-        "pumer": ("PuMer (text-informed prune + merge + text merge)", pumer),
+    free: dict[str, tuple[str, ReducerSchedule | None]] = {"baseline": ("no reduction", None)}
+    for p in policies:
+        free[f"pumer_{p}"] = (
+            f"PuMer, text-merge policy {p}" + (" (chosen)" if p == chosen else ""),
+            policy(p),
+        )
+    if "pads_first" in policies and pad != "longest":
+        free["pumer_pads_first_longest"] = (
+            "PuMer, pads_first, batches padded to their longest text",
+            policy("pads_first"),
+        )
+    free["pumer_no_text"] = ("PuMer without text merging", cfg.schedule(text_merge_ratio=0.0))
+    if any(f.name == "partition" for f in dataclasses.fields(ReducerSchedule)):
+        free["pumer_score_partition"] = (
+            "PuMer, bipartite A/B split in score order (official code)",
+            policy(chosen, partition="score"),
+        )
+    free.update({
         "prune_only": ("text-informed pruning only", cfg.schedule(merge_ratio=0.0, text_merge_ratio=0.0)),
-        "merge_only": ("merging only (ToMe image + text)", cfg.schedule(keep_ratio=1.0)),
-        "no_text_merge": ("PuMer without text merging", cfg.schedule(text_merge_ratio=0.0)),
-        "random_prune": (f"random pruning at keep {keep:g} + merge", cfg.schedule(importance="random")),
-        "cls_prune": (
-            f"image-CLS-attention pruning at keep {keep:g} + merge",
-            cfg.schedule(importance="cls"),
-        ),
-    }
+        "merge_only": ("merging only (ToMe image + text)", policy(chosen, keep_ratio=1.0)),
+        "random_prune": (f"random pruning at keep {keep:g} + merge", policy(chosen, importance="random")),
+        "cls_prune": (f"image-CLS-attention pruning at keep {keep:g} + merge", policy(chosen, importance="cls")),
+    })  # fmt: skip
     for k in cfg.keep_sweep:
         if k != keep:
-            free[f"keep_{k:g}"] = (f"PuMer at keep {k:g}", cfg.schedule(keep_ratio=k))
+            free[f"keep_{k:g}"] = (f"PuMer at keep {k:g}", policy(chosen, keep_ratio=k))
             free[f"random_keep_{k:g}"] = (
                 f"random pruning at keep {k:g}",
-                cfg.schedule(keep_ratio=k, importance="random"),
+                policy(chosen, keep_ratio=k, importance="random"),
             )
+    if 0.5 in cfg.keep_sweep and keep != 0.5:
+        free["keep_0.5_no_text"] = ("PuMer at keep 0.5 without text merging",
+                                    cfg.schedule(keep_ratio=0.5, text_merge_ratio=0.0))  # fmt: skip
+        free["random_keep_0.5_no_text"] = ("random pruning at keep 0.5 without text merging",
+                                           cfg.schedule(keep_ratio=0.5, text_merge_ratio=0.0,
+                                                        importance="random"))  # fmt: skip
     log(
         f"evaluating {len(free)} training-free settings on {sum(len(x['labels']) for x in test)} test examples"
     )
-    preds: dict[str, list[float]] = {}
-    types: list[str] = []
+    preds: dict[str, list[list[float]]] = {}
     rows = []
     for name, (desc, sched) in free.items():
-        preds[name], types = predictions(base, test, sched)
+        batches = test_longest if name.endswith("_longest") else test
+        scores, t = predictions(base, batches, sched)
+        if t != types:
+            raise RuntimeError(f"{name}: the test examples came in another order")
+        preds[name] = [scores]
         rows.append({"name": name, "stage": "training-free", "weights": "baseline", "description": desc,
                      "schedule": _describe(sched), "eval_reducer": sched})  # fmt: skip
-    # fine-tuned models, each evaluated with the reducer it was trained with (and controls)
-    ft_eval = {
-        "ft_pumer": [("ft_pumer", pumer, "fine-tuned with PuMer on"),
-                     ("ft_pumer_eval_off", None, "fine-tuned with PuMer on, evaluated with reducers off"),
-                     ("ft_pumer_eval_random", cfg.schedule(importance="random"),
-                      "fine-tuned with PuMer on, evaluated with random pruning")],
-        "ft_control": [("ft_control", None, "fine-tuned with reducers off (matched control)")],
-        "ft_pumer_distil": [("ft_pumer_distil", pumer, "fine-tuned with PuMer on + distillation from the baseline")],
-    }  # fmt: skip
-    for key, evals in ft_eval.items():
-        model = st.load(ft[key], start, kind)
-        for name, sched, desc in evals:
-            preds[name], _ = predictions(model, test, sched)
-            rows.append({"name": name, "stage": "fine-tuned", "weights": key, "description": desc,
-                         "schedule": _describe(sched), "eval_reducer": sched})  # fmt: skip
-        del model
+    # fine-tuned models (mean over seeds), each evaluated with the reducer it was trained with, and controls
+    ft_rows = [(f"ft_pumer_{p}", f"ft_pumer_{p}", ft_sched[f"ft_pumer_{p}"],
+                f"fine-tuned with PuMer on, text-merge policy {p}" + (" (chosen)" if p == chosen else ""))
+               for p in policies]  # fmt: skip
+    ft_rows += [
+        ("ft_pumer_no_text", "ft_pumer_no_text", ft_sched["ft_pumer_no_text"],
+         "fine-tuned with PuMer on, without text merging"),
+        ("ft_control", "ft_control", None, "fine-tuned with reducers off (matched control)"),
+        (f"ft_pumer_{chosen}:eval_off", f"ft_pumer_{chosen}", None,
+         "fine-tuned with PuMer on (chosen policy), evaluated with reducers off"),
+        (f"ft_pumer_{chosen}:eval_random", f"ft_pumer_{chosen}", dataclasses.replace(pumer, importance="random"),
+         "fine-tuned with PuMer on (chosen policy), evaluated with random pruning at the same budget"),
+    ]  # fmt: skip
+    if distil:
+        ft_rows.append(("ft_pumer_distil", "ft_pumer_distil", pumer,
+                        "fine-tuned with PuMer on (chosen policy) + distillation from the baseline"))  # fmt: skip
+    ft_seeds = {name: seeds for name in ft_test}
+    ft_seeds["ft_pumer_distil"] = list(cfg.distil_seeds)
+    for name, weights, sched, desc in ft_rows:
+        preds[name] = ft_test[name]
+        rows.append({"name": name, "stage": "fine-tuned", "weights": weights, "description": desc,
+                     "schedule": _describe(sched), "eval_reducer": sched, "seeds": ft_seeds[name]})  # fmt: skip
 
     log("timing every setting (same weights, interleaved rounds)")
     timing_batches = test[: max(1, min(len(test), 4))]
     distinct = {r["name"]: r["eval_reducer"] for r in rows if r["stage"] == "training-free"}
     speeds = speed(base, timing_batches, distinct, rounds=timing_rounds)
+    if "pumer_pads_first_longest" in distinct:  # its batches are padded differently: timed on its own batches
+        longest = speed(base, test_longest[: len(timing_batches)],
+                        {"baseline": None, "pumer_pads_first_longest": distinct["pumer_pads_first_longest"]},
+                        rounds=timing_rounds)  # fmt: skip
+        speeds["pumer_pads_first_longest"] = {
+            **longest["pumer_pads_first_longest"],
+            "relative_to": longest["baseline"],
+        }
     for r in rows:
         sched = r.pop("eval_reducer")
         key = r["name"] if r["stage"] == "training-free" else next(
-            (n for n, s in distinct.items() if s == sched), "baseline"
+            (n for n, s in distinct.items() if s == sched and not n.endswith("_longest")), "baseline"
         )  # fmt: skip
         s = speeds[key]
-        r.update(accuracy(preds[r["name"]], types, only))
+        ref = s.get("relative_to", speeds["baseline"])
+        r.update(over_seeds(preds[r["name"]], types, only))
         r.update(
             gflops_per_example=s["gflops_per_example"],
-            flops_ratio=speeds["baseline"]["gflops_per_example"] / s["gflops_per_example"],
+            flops_ratio=ref["gflops_per_example"] / s["gflops_per_example"],
             examples_per_s=s["examples_per_s"],
-            speedup=s["examples_per_s"] / speeds["baseline"]["examples_per_s"],
+            speedup=s["examples_per_s"] / ref["examples_per_s"],
             image_tokens_per_layer=s["image_tokens_per_layer"],
         )
 
+    def cmp(a: str, b: str, what: str) -> dict[str, Any]:
+        pa, pb = preds[a], preds[b]
+        sa, sb = ft_seeds.get(a), ft_seeds.get(b)
+        if sa is not None and sb is not None:  # two fine-tuned settings: seed s against seed s
+            common = [x for x in sa if x in sb]
+            pa, pb = [pa[sa.index(x)] for x in common], [pb[sb.index(x)] for x in common]
+        return {"a": a, "b": b, "what": what, **paired_over_seeds(pa, pb, types, only)}
+
+    ch = f"ft_pumer_{chosen}"
     comparisons = {
-        "pumer_ft_minus_control_ft": paired(preds["ft_pumer"], preds["ft_control"], types, only),
-        "pumer_distil_ft_minus_control_ft": paired(
-            preds["ft_pumer_distil"], preds["ft_control"], types, only
-        ),
-        "pumer_free_minus_baseline": paired(preds["pumer"], preds["baseline"], types, only),
-        "random_free_minus_pumer_free": paired(preds["random_prune"], preds["pumer"], types, only),
-        "cls_free_minus_pumer_free": paired(preds["cls_prune"], preds["pumer"], types, only),
-    }
+        "pumer_ft_minus_control_ft": cmp(ch, "ft_control", f"headline: fine-tuned PuMer ({chosen}) vs control"),
+        **{f"pumer_ft_{p}_minus_control_ft": cmp(f"ft_pumer_{p}", "ft_control", f"fine-tuned PuMer ({p}) vs control")
+           for p in policies},
+        "pumer_ft_no_text_minus_control_ft": cmp("ft_pumer_no_text", "ft_control",
+                                                 "fine-tuned PuMer without text merging vs control"),
+        "pumer_ft_eval_random_minus_pumer_ft": cmp(f"{ch}:eval_random", ch,
+                                                   "fine-tuned PuMer weights: random vs text-informed pruning"),
+        "pumer_free_minus_baseline": cmp(f"pumer_{chosen}", "baseline", f"training-free PuMer ({chosen}) vs baseline"),
+        **{f"pumer_free_{p}_minus_baseline": cmp(f"pumer_{p}", "baseline", f"training-free PuMer ({p}) vs baseline")
+           for p in policies},
+    }  # fmt: skip
+    if distil:
+        comparisons["pumer_distil_ft_minus_control_ft"] = cmp(
+            "ft_pumer_distil", "ft_control", "fine-tuned PuMer + distillation vs control (matching seeds)"
+        )
+    if "pumer_pads_first_longest" in preds:
+        comparisons["pumer_free_pads_first_longest_minus_baseline"] = cmp(
+            "pumer_pads_first_longest",
+            "baseline",
+            "training-free pads_first on batch-longest padding vs baseline",
+        )
+    comparisons["pumer_free_no_text_minus_baseline"] = cmp(
+        "pumer_no_text", "baseline", "training-free PuMer without text merging vs baseline"
+    )
+    comparisons["random_free_minus_pumer_free"] = cmp(
+        "random_prune", f"pumer_{chosen}", "random vs text pruning, keep 0.7"
+    )
+    comparisons["cls_free_minus_pumer_free"] = cmp(
+        "cls_prune", f"pumer_{chosen}", "CLS vs text pruning, keep 0.7"
+    )
     if "keep_0.5" in preds:
-        comparisons["random_keep0.5_minus_pumer_keep0.5"] = paired(
-            preds["random_keep_0.5"], preds["keep_0.5"], types, only
+        comparisons["random_keep0.5_minus_pumer_keep0.5"] = cmp(
+            "random_keep_0.5", "keep_0.5", f"random vs text pruning at keep 0.5 (merge, text {chosen})"
         )
-        comparisons["random_keep0.5_minus_baseline"] = paired(
-            preds["random_keep_0.5"], preds["baseline"], types, only
+        comparisons["random_keep0.5_minus_baseline"] = cmp(
+            "random_keep_0.5", "baseline", "random keep 0.5 vs baseline"
         )
+    if "keep_0.5_no_text" in preds:
+        comparisons["random_keep0.5_no_text_minus_pumer_keep0.5_no_text"] = cmp(
+            "random_keep_0.5_no_text",
+            "keep_0.5_no_text",
+            "random vs text pruning at keep 0.5, no text merging",
+        )
+    targets = _targets(comparisons)
+    policy_choice = {
+        "rule": (
+            "the policy whose PuMer fine-tunes score highest on the validation split (learned types, mean over "
+            "seeds); ties go to the higher training-free validation score, then to the first listed"
+        ),
+        "validation": choice,
+        "chosen": chosen,
+    }
     result = {
-        "schema": "pumer-lightning/study/v1",
+        "schema": "pumer-lightning/study/v2",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m pumer_lightning.study", *sys.argv[1:]]),
         "config": {**dataclasses.asdict(cfg), "steps": dataclasses.asdict(cfg.steps)},
@@ -600,8 +878,13 @@ def run_study(
         ),
         "validation": val_acc,
         "learned_types": list(learned),
+        "seeds": seeds,
+        "text_padding": pad,
+        "policy_choice": policy_choice,
+        "se_rule": SE_RULE,
         "settings": rows,
         "comparisons": comparisons,
+        "targets": targets,
         "train_seconds": st.timings,
         "cached_stages_train_seconds": st.cached_timings,
         "wall_seconds": time.perf_counter() - t_start,
@@ -639,7 +922,11 @@ def _training_text(r: dict[str, Any]) -> str:
         )
     else:
         text = f"Trained unreduced from scratch for {steps['pretrain_steps']} steps: the baseline."
-    return text + f" Every fine-tuning run continues from the baseline for {steps['finetune_steps']} steps."
+    seeds = r.get("seeds", [r["config"]["seed"]])
+    return text + (
+        f" Every fine-tuning run continues from the baseline for {steps['finetune_steps']} steps, once per seed "
+        f"({', '.join(map(str, seeds))}: data order and dropout)."
+    )
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -654,22 +941,53 @@ def markdown(r: dict[str, Any]) -> str:
         f"- Task: {r['task']}; metric: {r['metric']}; model `{cfg['preset']}`. " + _training_text(r),
         f"- Learned types: **{', '.join(learned) or 'none'}** ({r['learned_rule']}). Accuracy ± one standard error "
         f"on {r['settings'][0]['all']['n']} test examples.",
+    ]
+    if "se_rule" in r:
+        lines += [
+            f"- Fine-tuned rows and comparisons: {r['se_rule']}.",
+            f"- Texts padded: `{r['text_padding']}` (`max_length`: every text to max_text_len = "
+            f"{cfg['max_text_len']} tokens, as the official code pads to 40; FLOPs include the pads, as there).",
+        ]
+    lines += [
         "",
-        "| setting | weights | reducer at test | learned types % | all % | "
+        "| setting | weights | seeds | reducer at test | learned types % | all % | "
         + " | ".join(f"{t} %" for t in types)
         + " | GFLOPs/ex | FLOPs ratio | speedup |",
-        "|---|---|---|---|---|" + "---|" * len(types) + "---|---|---|",
+        "|---|---|---|---|---|---|" + "---|" * len(types) + "---|---|---|",
     ]
     for row in r["settings"]:
+        seeds = row.get("seeds")
         lines.append(
-            f"| `{row['name']}` | {row['weights']} | {row['schedule']} | **{_pct(row['learned'])}** | {_pct(row['all'])} | "
+            f"| `{row['name']}` | {row['weights']} | {len(seeds) if seeds else '-'} | {row['schedule']} | "
+            f"**{_pct(row['learned'])}** | {_pct(row['all'])} | "
             + " | ".join(_pct(row["by_type"][t]) if t in row["by_type"] else "" for t in types)
             + f" | {row['gflops_per_example']:.3f} | {row['flops_ratio']:.2f}× | {row['speedup']:.2f}× |"
         )
+    if "policy_choice" in r:
+        pc = r["policy_choice"]
+        lines += ["", f"Text-merge policy chosen on validation: **{pc['chosen']}** (rule: {pc['rule']}).", ""]
+        lines += ["| policy | fine-tuned validation % (learned) | training-free validation % (learned) |",
+                  "|---|---|---|"]  # fmt: skip
+        for name, c in pc["validation"].items():
+            lines.append(f"| {name} | {_pct(c['ft_val'])} | {_pct(c['free_val'])} |")
     lines += ["", "Paired differences on the learned types (same test examples; ± one standard error):", ""]
-    lines += ["| comparison | difference (points) |", "|---|---|"]
+    lines += [
+        "| comparison | difference (points) | seeds | per seed | SE seeds / sample |",
+        "|---|---|---|---|---|",
+    ]
     for name, c in r["comparisons"].items():
-        lines.append(f"| {name} | {100 * c['diff']:+.1f} ± {100 * c['se']:.1f} |")
+        per = ", ".join(f"{100 * x:+.1f}" for x in c.get("per_seed", [c["diff"]]))
+        lines.append(
+            f"| {name} | {100 * c['diff']:+.1f} ± {100 * c['se']:.1f} | {c.get('seeds', 1)} | {per} | "
+            f"{100 * c.get('se_seeds', 0.0):.1f} / {100 * c.get('se_sample', c['se']):.1f} |"
+        )
+    if r.get("targets"):
+        lines += ["", "Targets:", ""]
+        for t in r["targets"].values():
+            lines.append(
+                f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['value']:+.1f} ± {t['se']:.1f} points"
+                + (f" over {t['seeds']} seeds" if "seeds" in t else "")
+            )
     return "\n".join(lines)
 
 

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from pumer_lightning import study
-from pumer_lightning.study import Budget, StudyConfig, accuracy, chance, paired, run_study
+from pumer_lightning.study import (
+    Budget,
+    StudyConfig,
+    accuracy,
+    chance,
+    over_seeds,
+    paired,
+    paired_over_seeds,
+    run_study,
+)
 
 
 def test_accuracy_reports_mean_and_standard_error_per_type():
@@ -32,6 +41,86 @@ def test_paired_difference_uses_the_same_examples():
     assert d["se"] == pytest.approx(0.25)
 
 
+def test_over_seeds_combines_seed_spread_and_sampling_error():
+    types = ["shape"] * 4
+    per_seed = [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]  # accuracies 0.5, 0.75, 1.0
+    out = over_seeds(per_seed, types, only=("shape",))
+    stat = out["learned"]
+    assert stat["acc"] == pytest.approx(0.75) and stat["per_seed"] == [0.5, 0.75, 1.0]
+    assert stat["se_seeds"] == pytest.approx(0.25 / math.sqrt(3))  # sd 0.25 over 3 seeds
+    means = [1, 1, 2 / 3, 1 / 3]  # the seed-averaged per-example scores
+    m = sum(means) / 4
+    se_sample = math.sqrt(sum((x - m) ** 2 for x in means) / 3 / 4)
+    assert stat["se_sample"] == pytest.approx(se_sample)
+    assert stat["se"] == pytest.approx(math.hypot(se_sample, 0.25 / math.sqrt(3)))
+    # one seed: exactly `accuracy`
+    single = over_seeds([[1, 0, 1, 1]], types, only=("shape",))["learned"]
+    assert single["se"] == accuracy([1, 0, 1, 1], types, only=("shape",))["learned"]["se"]
+
+
+def test_paired_over_seeds_matches_seeds_and_includes_their_spread():
+    types = ["shape"] * 4
+    a = [[1, 1, 0, 0], [1, 1, 1, 1]]
+    b = [[1, 0, 0, 0], [1, 1, 1, 1]]  # per-seed differences 0.25, 0.0
+    d = paired_over_seeds(a, b, types, only=("shape",))
+    assert d["diff"] == pytest.approx(0.125) and d["per_seed"] == [0.25, 0.0] and d["seeds"] == 2
+    assert d["se_seeds"] == pytest.approx(math.sqrt(0.125**2 * 2) / math.sqrt(2))
+    assert d["se_sample"] == pytest.approx(
+        paired([1, 1, 0.5, 0.5], [1, 0.5, 0.5, 0.5], types, ("shape",))["se"]
+    )
+    assert d["se"] == pytest.approx(math.hypot(d["se_seeds"], d["se_sample"]))
+    # a single model on one side (training-free) is compared with every seed of the other
+    one = paired_over_seeds(a, [[1, 0, 0, 0]], types, only=("shape",))
+    assert one["per_seed"] == [0.25, 0.75]
+    # one seed each: exactly `paired`
+    assert (
+        paired_over_seeds(a[:1], b[:1], types, ("shape",))["se"]
+        == paired(a[0], b[0], types, ("shape",))["se"]
+    )
+
+
+def test_fine_tune_seeds_and_padding_leave_the_shared_stages_cache_keys_alone(tmp_path):
+    """Pre-training and baseline are cached under the keys earlier versions used; new fine-tune options (seed,
+    fixed padding) only enter the keys of the stages that use them."""
+    st = study.Study(StudyConfig(), tmp_path, False, "cpu", 0)
+    c = st.cfg
+    legacy = study._key("baseline", "pre.pt", "None", "None", None, 3000, c.baseline_lr, c.seed, c.batch_size)
+    key = {}
+
+    def fake_fit(label, model, dm, steps, seed=None):  # record the path instead of training
+        raise AssertionError("cached stages must not train")
+
+    st.fit = fake_fit
+    (tmp_path / "cache" / f"baseline-{legacy}.ckpt").write_bytes(b"")
+    path = st.train("baseline", "nlvr2", "pre.pt", None, 3000, c.baseline_lr)
+    assert path.name == f"baseline-{legacy}.ckpt"
+    for seed, padding in ((0, "max_length"), (1, "longest"), (1, "max_length")):
+        parts = ["ft_control", "pre.pt", "b.ckpt", "None", None, 300, c.finetune_lr, seed, c.batch_size]
+        if padding != "longest":
+            parts.append({"padding": padding, "max_text_len": c.max_text_len})
+        key[(seed, padding)] = study._key(*parts)
+    assert len(set(key.values())) == 3
+
+
+def test_fine_tune_batches_pad_texts_to_max_text_len(tmp_path, monkeypatch):
+    """The fine-tuning and evaluation batches pad every text to max_text_len (the official fixed padding that
+    ``pads_first`` is defined against); the shared pre-training and baseline keep the batch-longest default."""
+    monkeypatch.setitem(study.BUDGETS, "tiny", Budget(pretrain_steps=1, baseline_steps=1, finetune_steps=1,
+                                                      num_train=32, num_val=16, num_test=16))  # fmt: skip
+    st = study.Study(
+        StudyConfig(budget="tiny", preset="vilt_tiny", max_text_len=14), tmp_path, False, "cpu", 0
+    )
+    st.data()
+    dm_fixed, dm_loose = st.datamodule("nlvr2", padding="max_length"), st.datamodule("nlvr2")
+    fixed = next(iter(dm_fixed.eval_dataloader(dm_fixed.val_split)))
+    loose = next(iter(dm_loose.eval_dataloader(dm_loose.val_split)))
+    assert fixed["input_ids"].shape[1] == 14 and loose["input_ids"].shape[1] < 14
+    n = loose["input_ids"].shape[1]
+    assert torch.equal(fixed["input_ids"][:, :n], loose["input_ids"])
+    assert fixed["attention_mask"][:, n:].sum() == 0
+    assert StudyConfig().text_padding == "max_length"
+
+
 def test_chance_is_the_best_constant_answer_per_type():
     nlvr2 = [{"labels": torch.tensor([1, 0, 1, 1]), "meta": [{"statement_type": t} for t in "aabb"]}]
     assert chance(nlvr2, num_classes=2) == {"a": 0.5, "b": 1.0}
@@ -52,7 +141,14 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         study.BUDGETS, "tiny", Budget(pretrain_steps=3, baseline_steps=3, finetune_steps=2, num_train=96,
                                       num_val=48, num_test=48),
     )  # fmt: skip
-    cfg = StudyConfig(budget="tiny", preset="vilt_tiny", batch_size=16, keep_sweep=(0.5, 0.7))
+    cfg = StudyConfig(
+        budget="tiny",
+        preset="vilt_tiny",
+        batch_size=16,
+        keep_sweep=(0.5, 0.7),
+        seeds=(0, 1),
+        distil_seeds=(0,),
+    )
     out = tmp_path / "out"
     result = run_study(cfg, tmp_path / "work", out, workers=0, timing_rounds=1)
     stored = json.loads((out / "shapes_tiny.json").read_text())
@@ -60,23 +156,44 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     assert (out / "shapes_tiny.md").read_text().startswith("# PuMer accuracy study")
     assert (out / "shapes_tiny.png").stat().st_size > 0
     names = [s["name"] for s in result["settings"]]
-    for required in ("baseline", "pumer", "random_prune", "cls_prune", "keep_0.5", "random_keep_0.5",
-                     "ft_pumer", "ft_control", "ft_pumer_distil"):  # fmt: skip
+    chosen = result["policy_choice"]["chosen"]
+    assert chosen in ("real", "pads_first") and set(result["policy_choice"]["validation"]) == {
+        "real",
+        "pads_first",
+    }
+    for required in ("baseline", "pumer_real", "pumer_pads_first", "pumer_pads_first_longest", "pumer_no_text",
+                     "random_prune", "cls_prune", "keep_0.5", "random_keep_0.5", "keep_0.5_no_text",
+                     "random_keep_0.5_no_text", "ft_pumer_real", "ft_pumer_pads_first", "ft_pumer_no_text",
+                     "ft_control", f"ft_pumer_{chosen}:eval_off", f"ft_pumer_{chosen}:eval_random",
+                     "ft_pumer_distil"):  # fmt: skip
         assert required in names
     by = {s["name"]: s for s in result["settings"]}
+    pumer = by[f"pumer_{chosen}"]
     assert by["baseline"]["flops_ratio"] == 1.0
-    assert by["pumer"]["flops_ratio"] > 1.0 and by["keep_0.5"]["flops_ratio"] > by["pumer"]["flops_ratio"]
+    assert pumer["flops_ratio"] > 1.0 and by["keep_0.5"]["flops_ratio"] > pumer["flops_ratio"]
+    # the policies move the same number of tokens: same FLOPs
+    assert by["pumer_real"]["gflops_per_example"] == by["pumer_pads_first"]["gflops_per_example"]
     # the same budget costs the same FLOPs whichever tokens are chosen, and fine-tuned weights cost the same
-    assert by["random_prune"]["gflops_per_example"] == pytest.approx(
-        by["pumer"]["gflops_per_example"], rel=0.02
-    )
-    assert by["ft_pumer"]["gflops_per_example"] == by["pumer"]["gflops_per_example"]
+    assert by["random_prune"]["gflops_per_example"] == pytest.approx(pumer["gflops_per_example"], rel=0.02)
+    assert by[f"ft_pumer_{chosen}"]["gflops_per_example"] == pumer["gflops_per_example"]
     assert by["ft_control"]["gflops_per_example"] == by["baseline"]["gflops_per_example"]
-    assert by["pumer"]["image_tokens_per_layer"][0] > by["pumer"]["image_tokens_per_layer"][-1]
+    assert pumer["image_tokens_per_layer"][0] > pumer["image_tokens_per_layer"][-1]
+    # fine-tuned rows average the seeds, with the seed spread in their standard error
+    assert by["ft_control"]["seeds"] == [0, 1] and len(by["ft_control"]["learned"]["per_seed"]) == 2
+    assert by["ft_pumer_distil"]["seeds"] == [0] and "seeds" not in by["baseline"]
     for s in result["settings"]:
         assert s["all"]["n"] == 48 and 0.0 <= s["all"]["acc"] <= 1.0
         assert set(s["by_type"]) == {"shape", "color", "exist"}
-    assert {"pumer_ft_minus_control_ft", "random_keep0.5_minus_pumer_keep0.5"} <= set(result["comparisons"])
+        assert s["learned"]["se"] >= s["learned"]["se_sample"]
+    comparisons = result["comparisons"]
+    assert {"pumer_ft_minus_control_ft", "pumer_ft_real_minus_control_ft", "pumer_ft_pads_first_minus_control_ft",
+            "pumer_ft_no_text_minus_control_ft", "random_keep0.5_minus_pumer_keep0.5",
+            "pumer_free_pads_first_longest_minus_baseline"} <= set(comparisons)  # fmt: skip
+    assert comparisons["pumer_ft_minus_control_ft"]["seeds"] == 2
+    assert comparisons["pumer_distil_ft_minus_control_ft"]["seeds"] == 1
+    assert set(result["targets"]) == {"training_free_loss_at_most_5", "finetuned_within_1_point",
+                                      "random_5_below_text_at_keep_0.5"}  # fmt: skip
+    assert "Text-merge policy chosen on validation" in (out / "shapes_tiny.md").read_text()
     assert all(st["chance"] == 0.5 for st in result["validation"]["by_type"].values())
     # a second run finds every stage in the cache and trains nothing
     again = run_study(cfg, tmp_path / "work", out, workers=0, timing_rounds=1)
