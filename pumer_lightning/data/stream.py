@@ -823,6 +823,18 @@ class StreamLoader:
         """Continue the epoch of ``state_dict`` where it stopped, the next time the loader runs that epoch."""
         self._resume = dict(state_dict) if state_dict else None
 
+    def _resumed_epoch(self) -> int | None:
+        """The epoch a loaded state continues: its own when it stopped inside it, else the next one.
+
+        Taken from the state rather than from ``epoch_fn``, so that the continued epoch does not depend on when
+        the caller (a trainer restoring its loops, or a script without one) updates its own epoch count.
+        """
+        state = self._resume
+        if not state or "epoch" not in state:
+            return None
+        done = int(state.get("batches", 0)) >= int(state.get("num_batches") or self.num_batches or 0)
+        return int(state["epoch"]) + (1 if done else 0)
+
     def _resume_position(self, epoch: int) -> tuple[int, list[int]]:
         """(batches already consumed, pulls per worker) for a pass over ``epoch``; (0, zeros) to start afresh."""
         workers = max(1, self.num_workers)
@@ -853,8 +865,11 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n = 0
         if isinstance(self.stream, TrainStream):
-            epoch = self.epoch_fn() if self.epoch_fn is not None else None
-            epoch = self._epochs_started if epoch is None else epoch
+            epoch = self._resumed_epoch()
+            if epoch is None:
+                epoch = self.epoch_fn() if self.epoch_fn is not None else None
+                epoch = self._epochs_started if epoch is None else epoch
+            self._epochs_started = epoch
             n, pulls = self._resume_position(epoch)
             self.stream.set_epoch(epoch)
             if n and pulls[0] >= 0:
