@@ -956,6 +956,7 @@ def scan_retrieval_texts(split_dir: str | Path, meta: SplitMeta, collator: Colla
     counter = SkipCounter(f"{meta.task}/{meta.split} captions")
     for s in meta.shards:
         path = Path(split_dir) / s.name
+        before = len(texts) + sum(counter.total.values())  # captions accounted for before this shard
         try:
             with tarfile.open(path, "r:") as tar:
                 for member in tar:
@@ -1000,7 +1001,9 @@ def scan_retrieval_texts(split_dir: str | Path, meta: SplitMeta, collator: Colla
                         texts.append(text)
                         pairs.append(image_index)
         except (OSError, tarfile.TarError) as exc:
-            counter.skip("shard_error", "(captions)", path.name, f"could not be read to its end ({exc})")
+            seen = len(texts) + sum(counter.total.values()) - before
+            counter.skip("shard_error", "(captions)", path.name, f"could not be read to its end ({exc})",
+                         n=max(1, s.samples - seen))  # fmt: skip
     return RetrievalTexts(
         text_ids=text_ids,
         texts=texts,
