@@ -1,4 +1,4 @@
-"""SIGTERM at a random step, then the documented resume: every global step runs exactly once.
+"""SIGTERM at a random step, then the documented resume: every global step and every example of an epoch once.
 
 ``python -m pumer_lightning fit`` stopped by SIGTERM must exit non-zero (143, as a scheduler expects), say which
 file holds the state and the command that resumes it, and ``--ckpt_path=last`` (or the printed command) must
@@ -34,7 +34,8 @@ STEPS_PER_EPOCH = 9  # the shapes_snli fixture: 72 training examples, batch 8
 
 
 class RecordSteps(pl.Callback):
-    """Appends ``[global_step, epoch, batch_idx]`` after every training batch to ``record`` (JSON lines); sends
+    """Appends ``[global_step, epoch, batch_idx, example keys]`` after every training batch to ``record`` (JSON
+    lines); sends
     SIGTERM to its own process after global step ``sigterm_at``, or sleeps ``sleep`` s per batch (so that a signal
     from outside lands mid-epoch)."""
 
@@ -43,7 +44,8 @@ class RecordSteps(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         with self.record.open("a") as f:
-            f.write(json.dumps([trainer.global_step, trainer.current_epoch, batch_idx]) + "\n")
+            keys = [str(k) for k in batch.get("keys", [])]
+            f.write(json.dumps([trainer.global_step, trainer.current_epoch, batch_idx, keys]) + "\n")
         if self.sigterm_at and trainer.global_step == self.sigterm_at:
             if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
                 raise RuntimeError("no SIGTERM handler installed: refusing to kill the test process")
@@ -99,8 +101,17 @@ def test_sigterm_in_process_then_ckpt_path_last_runs_every_step_once(shapes_snli
     assert sorted(p.name for p in run_dir.parent.iterdir()) == [run_dir.name], "a second version directory"
     steps = [s[0] for s in _steps(first) + _steps(second)]
     assert steps == list(range(1, total + 1)), f"SIGTERM after step {stop}: global steps {steps}"
-    positions = [tuple(s[1:]) for s in _steps(first) + _steps(second)]
+    positions = [tuple(s[1:3]) for s in _steps(first) + _steps(second)]
     assert positions == [(e, b) for e in range(epochs) for b in range(batches)], positions
+    # the resumed epoch continues its stream: the two runs together see the batches of the uninterrupted run
+    reference = tmp_path / "reference.jsonl"
+    PumerCLI(args=["fit", *args, f"--trainer.default_root_dir={tmp_path / 'ref'}",
+                   f"--trainer.logger.init_args.save_dir={tmp_path / 'ref'}", _callbacks(reference)])  # fmt: skip
+    assert [s[0] for s in _steps(reference)] == list(range(1, total + 1))
+    got = [s[3] for s in _steps(first) + _steps(second)]
+    assert got == [s[3] for s in _steps(reference)], (
+        f"SIGTERM after step {stop}: other examples than uninterrupted"
+    )
     assert not saved.exists(), "interrupted.ckpt must go once the resumed run has finished"
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == total
@@ -161,7 +172,9 @@ def test_cli_sigterm_subprocess_then_the_printed_command_matches_an_uninterrupte
     assert proc.returncode == 0, proc.stderr[-3000:]
     both = _steps(first) + _steps(second)
     assert [s[0] for s in both] == [s[0] for s in _steps(reference)], f"stopped at {stopped}: {both}"
-    assert [s[1:] for s in both] == [s[1:] for s in _steps(reference)]
+    assert [s[1:3] for s in both] == [s[1:3] for s in _steps(reference)]
+    # each step trains on the examples of the same step of the uninterrupted run (the stream continues mid-epoch)
+    assert [s[3] for s in both] == [s[3] for s in _steps(reference)], f"stopped at {stopped}: other examples"
     versions = list((out / "shapes_vilt").iterdir())
     assert len(versions) == 1, f"the resumed run must continue in the same run directory: {versions}"
 
@@ -173,7 +186,9 @@ def test_make_exp_sigterm_prints_a_summary_and_resumes(shapes_snli, tmp_path):
     epochs = 1
     out = tmp_path / "run"
     out.mkdir()
-    args = cli_fit_args(shapes_snli, out, epochs=epochs)[6:]  # after "-m pumer_lightning fit -c base -c demo"
+    args = cli_fit_args(shapes_snli, out, epochs=epochs)[
+        8:
+    ]  # after "python -m pumer_lightning fit -c B -c D"
     exp = [sys.executable, "-m", "pumer_lightning.exp", "shapes_vilt", "--timing-batches=1", "--timing-rounds=1",
            "--no-controls", "--full-size=none", *args]  # fmt: skip
     first = out / "first.jsonl"
