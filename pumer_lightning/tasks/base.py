@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from pumer_lightning.models import Backbone, build_backbone, build_head, load_head_weights, preset_family
+from pumer_lightning.models.graphed import CudaGraphs
 from pumer_lightning.models.build import preset_image_size
 from pumer_lightning.reduce import ReducerSchedule, ReductionTrace
 
@@ -54,6 +55,10 @@ class BackboneSpec:
         vocab_size: rows of the text embedding. None: the tokenizer's size for a random initialisation, the
             checkpoint's table otherwise; a tokenizer with more tokens than the table is an error.
         attn_impl: ``sdpa`` (fused attention kernels) or ``eager`` (explicit softmax).
+        reducer_impl: reduction steps ``auto`` (compiled with ``torch.compile`` on CUDA, eager elsewhere),
+            ``eager`` or ``compiled``.
+        cuda_graphs: on CUDA, run evaluation and prediction forwards as captured CUDA graphs (one per input shape;
+            pad texts to a fixed length with ``--data.text_padding max_length`` to need only one or two).
     """
 
     preset: str = "vilt_tiny"
@@ -61,6 +66,8 @@ class BackboneSpec:
     tokenizer: str | None = None
     vocab_size: int | None = None
     attn_impl: Literal["sdpa", "eager"] = "sdpa"
+    reducer_impl: Literal["auto", "eager", "compiled"] = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         # jsonargparse 4.53 hands ``--model.backbone.checkpoint=null`` to a dataclass inside a subclass's init_args
@@ -267,6 +274,7 @@ class VLTask(pl.LightningModule):
         self.teacher: nn.ModuleDict | None = self._build_teacher() if distill is not None else None
         self.build_metrics()
         self.step_tally = TokenTally()
+        self.cuda_graphs = CudaGraphs()
         self._predictions: list[dict[str, Any]] = []
         self.predictions_path: Path | None = None
 
@@ -290,6 +298,7 @@ class VLTask(pl.LightningModule):
             vocab_size=vocab,
             reducer=reducer,
             attn_impl=spec.attn_impl,
+            reducer_impl=spec.reducer_impl,
         )
         rows = _text_embedding_rows(backbone)
         if tokens is not None and rows is not None and tokens > rows:
@@ -361,6 +370,7 @@ class VLTask(pl.LightningModule):
                     num_token_types=self.num_token_types,
                     vocab_size=self.spec.vocab_size,
                     attn_impl=self.spec.attn_impl,
+                    reducer_impl=self.spec.reducer_impl,
                 )
                 load_head_weights(teacher["head"], source, self.task_name)
         teacher.requires_grad_(False)
@@ -415,13 +425,14 @@ class VLTask(pl.LightningModule):
         self, backbone: Backbone, pixel_values: Tensor, batch: dict[str, Any], image_index: int, tally: bool,
         input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
     ):  # fmt: skip
-        """One backbone pass; adds its token counts to ``step_tally`` when ``tally``."""
-        out = backbone(
-            pixel_values,
-            batch["input_ids"] if input_ids is None else input_ids,
-            batch["attention_mask"] if attention_mask is None else attention_mask,
-            image_index=image_index,
-        )
+        """One backbone pass (replayed from a CUDA graph in CUDA inference); adds its token counts to ``step_tally``
+        when ``tally``."""
+        ids = batch["input_ids"] if input_ids is None else input_ids
+        mask = batch["attention_mask"] if attention_mask is None else attention_mask
+        if self.spec.cuda_graphs and CudaGraphs.applies(backbone, pixel_values):
+            out = self.cuda_graphs(backbone, pixel_values, ids, mask, image_index)
+        else:
+            out = backbone(pixel_values, ids, mask, image_index=image_index)
         if tally:
             self.step_tally.add(out.trace, pixel_values.shape[0])
         return out
