@@ -285,7 +285,7 @@ def resolve_resume(
             )
         path = max(candidates, key=lambda p: p.stat().st_mtime_ns)
         if trainer.is_global_zero:
-            print(f"--ckpt_path=last: resuming {path}", file=sys.stderr)
+            print(f"--ckpt_path=last: {'resuming' if continue_run else 'loading'} {path}", file=sys.stderr)
     elif str(ckpt_path) in ("best", "hpc") or "://" in str(ckpt_path):
         return str(ckpt_path)
     else:
