@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,6 +84,16 @@ class Backbone(nn.Module):
                 raise TypeError(f"reducer must be a ReducerSchedule or None, got {type(schedule).__name__}")
             schedule.check_depth(self.num_layers, f"{self.family} backbone")
         self._reducer = schedule
+
+    @contextlib.contextmanager
+    def using(self, schedule: ReducerSchedule | None) -> Iterator[Backbone]:
+        """Run with ``schedule`` (None: unreduced) inside the block, then restore the backbone's own schedule."""
+        own = self._reducer
+        self.reducer = schedule
+        try:
+            yield self
+        finally:
+            self._reducer = own
 
     def set_attn_impl(self, attn_impl: AttnImpl) -> None:
         """Switch between fused (``"sdpa"``) and explicit-softmax (``"eager"``) attention."""

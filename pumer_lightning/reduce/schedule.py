@@ -170,6 +170,21 @@ class ReducerSchedule:
             layers=list(layers), keep_ratio=round(1.0 - p, 12), merge_ratio=r, text_merge_ratio=t, **kwargs
         )
 
+    def __str__(self) -> str:
+        """One line for logs and reports: ``keep 0.7 / merge 0.2 / text 0.2 @ [1, 2]`` (+ what differs from the
+        defaults), or ``off`` when the schedule reduces nothing."""
+        if not self.is_active:
+            return "off"
+        text = f"keep {self.keep_ratio:g} / merge {self.merge_ratio:g} / text {self.text_merge_ratio:g} @ {self.layers}"
+        notes = [f"{self.importance} importance"] if self.importance != "text" else []
+        if self.text_merge_ratio and self.text_merge_policy != "real":
+            notes.append(f"text merge {self.text_merge_policy}")
+        if self.merge_ratio and self.partition != "spatial":
+            notes.append(f"{self.partition}-order partition")
+        if self.prop_attn:
+            notes.append("prop attn")
+        return text + (f" ({', '.join(notes)})" if notes else "")
+
     @property
     def is_active(self) -> bool:
         """True when at least one layer would change a token count."""

@@ -264,11 +264,10 @@ class VLTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.spec = backbone if backbone is not None else BackboneSpec()
-        self.schedule = reducer if reducer is not None else ReducerSchedule()
         self.optim = optim if optim is not None else OptimConfig()
         self.distill = distill
         self.predictions_dir = predictions_dir
-        self.backbone: Backbone = self._build_backbone(self.schedule)
+        self.backbone: Backbone = self._build_backbone(reducer if reducer is not None else ReducerSchedule())
         self.head = self.build_head()
         self.load_initial_head()
         self.teacher: nn.ModuleDict | None = self._build_teacher() if distill is not None else None
@@ -691,9 +690,3 @@ class VLTask(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ------------------------------------------------------------------------------------------ utilities
-    def set_reducer(self, schedule: ReducerSchedule | None) -> None:
-        """Change the student's reducer schedule (e.g. to time the unreduced model on the same weights)."""
-        self.backbone.reducer = schedule
-        self.schedule = schedule if schedule is not None else ReducerSchedule()

@@ -204,12 +204,8 @@ class RetrievalTask(VLTask):
             pixels = pixels[:, 0]
         self.step_tally = TokenTally()
         schedule = self.rerank.first_pass if self.rerank is not None else self.backbone.reducer
-        own = self.backbone.reducer
-        self.backbone.reducer = schedule
-        try:
+        with self.backbone.using(schedule):
             scores = self.score_images(pixels, stage, self.step_tally)
-        finally:
-            self.backbone.reducer = own
         self.step_tally.examples = self.step_tally.rows
         rows = self._rows.setdefault(stage, _EvalRows())
         rows.image_ids.append(batch["image_ids"].cpu())

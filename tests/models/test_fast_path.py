@@ -57,3 +57,18 @@ def test_cuda_graph_replay_equals_eager_on_gpu():
             out = graphs(backbone, px, ids, mask, 0)
         torch.testing.assert_close(out.pooled, ref.pooled)
     assert len(graphs._graphs) == 1
+
+
+def test_using_swaps_and_restores_the_schedule_even_on_error():
+    own = ReducerSchedule(**SCHEDULE)
+    backbone = build_backbone("vilt_tiny", reducer=own)
+    with backbone.using(None):
+        assert backbone.reducer is None
+    assert backbone.reducer is own
+    with pytest.raises(RuntimeError), backbone.using(ReducerSchedule(layers=[0], keep_ratio=0.5)):
+        assert backbone.reducer.layers == [0]
+        raise RuntimeError("boom")
+    assert backbone.reducer is own
+    with pytest.raises(ValueError, match="out of range"), backbone.using(ReducerSchedule(layers=[9], keep_ratio=0.5)):
+        pass
+    assert backbone.reducer is own

@@ -107,3 +107,18 @@ def test_check_depth_names_the_bad_layer():
 
 def test_layers_are_sorted():
     assert ReducerSchedule(layers=[8, 2, 5]).layers == [2, 5, 8]
+
+
+def test_schedule_prints_as_one_line():
+    from pumer_lightning.reduce import ReducerSchedule
+
+    assert str(ReducerSchedule()) == "off"
+    assert str(ReducerSchedule(layers=[1, 2], keep_ratio=0.7, merge_ratio=0.2)) == "keep 0.7 / merge 0.2 / text 0 @ [1, 2]"
+    odd = ReducerSchedule(
+        layers=[3], keep_ratio=0.5, merge_ratio=0.1, text_merge_ratio=0.2, importance="random",
+        text_merge_policy="pads_first", partition="score", prop_attn=True,
+    )  # fmt: skip
+    assert str(odd) == (
+        "keep 0.5 / merge 0.1 / text 0.2 @ [3] "
+        "(random importance, text merge pads_first, score-order partition, prop attn)"
+    )
