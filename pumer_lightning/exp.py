@@ -88,7 +88,7 @@ def time_reduction(model: Any, batches: list[dict[str, Any]], rounds: int = 5) -
     rounds); the medians of the per-round times give examples/s and their ratio. FLOPs come from
     ``torch.utils.flop_counter`` on the first batch.
     """
-    from pumer_lightning.callbacks.token_stats import flop_counter
+    from pumer_lightning.measure import flop_counter
 
     schedule = model.backbone.reducer
     device = model.device

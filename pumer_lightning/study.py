@@ -487,7 +487,7 @@ def paired_over_seeds(a: list[list[float]], b: list[list[float]], types: list[st
 @torch.inference_mode()
 def speed(model, batches: list[dict[str, Any]], settings: dict[str, ReducerSchedule | None], rounds: int = 5):
     """FLOPs per example and examples/s of each setting: same weights, same batches, interleaved rounds, median."""
-    from pumer_lightning.callbacks.token_stats import flop_counter
+    from pumer_lightning.measure import flop_counter
 
     own = model.backbone.reducer
     device = next(model.parameters()).device

@@ -3,7 +3,7 @@
 * **FLOPs** come from `torch.utils.flop_counter.FlopCounterMode` (matmul, conv and attention; 2 FLOPs per
   multiply-add; softmax, norms, activations, gathers and top-k are not counted). Its registry has no formula for
   the CPU fused attention kernel ``aten._scaled_dot_product_flash_attention_for_cpu``, so on CPU every SDPA call
-  would count 0 FLOPs (docs/bench.md#flops); `SDPA_FLOP_MAPPING` adds torch's own SDPA formula
+  would count 0 FLOPs (docs/bench.md#flops); `pumer_lightning.measure.SDPA_FLOP_MAPPING` adds torch's own SDPA formula
   (QK^T + AV) for it. `count_flops` also lists any matmul-like or attention op that ran without a formula, so a
   new kernel cannot silently drop out of the count.
 * **Peak memory on CPU** (`TensorMemoryTracker`): a dispatch mode that sees every tensor an op creates during
@@ -45,19 +45,13 @@ from torch import Tensor
 from torch.autograd import DeviceType
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from pumer_lightning.measure import flop_counter  # the one FLOP counter (SDPA_FLOP_MAPPING lives there)
 
 aten = torch.ops.aten
 
 
 # ---- FLOPs ------------------------------------------------------------------------------------------------------
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-SDPA_FLOP_MAPPING: dict = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-"""Formulas `FlopCounterMode` lacks (torch 2.13): the CPU fused SDPA kernel."""
-
 _FLOP_HEAVY = re.compile(r"mm|matmul|conv|attention|einsum|linear|addbmm|baddbmm")
 
 
@@ -83,7 +77,7 @@ def count_flops():
     """
     result: dict = {}
     recorder = _OpRecorder()
-    counter = FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
+    counter = flop_counter()
     with recorder, counter:  # the counter is innermost: the recorder sees the ops it lets through
         yield result
     result["total"] = int(counter.get_total_flops())

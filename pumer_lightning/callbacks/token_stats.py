@@ -37,6 +37,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.flop_counter import FlopCounterMode
 
+from pumer_lightning.measure import flop_counter
 from pumer_lightning.tasks.base import TokenTally
 
 LAYOUT: dict[str, dict[str, list[Any]]] = {
@@ -54,16 +55,6 @@ LAYOUT: dict[str, dict[str, list[Any]]] = {
         "forward time per layer (ms)": ["Multiline", [r"^(val|test)/time/layer_\d+_ms$"]],
     },
 }
-
-
-def flop_counter() -> FlopCounterMode:
-    """`FlopCounterMode` that also counts the CPU fused attention kernel (torch 2.13 has no formula for it;
-    the bench's `SDPA_FLOP_MAPPING` adds torch's own SDPA formula)."""
-    try:
-        from pumer_lightning.bench.measure import SDPA_FLOP_MAPPING
-    except ImportError:  # the bench package is optional for the callbacks
-        SDPA_FLOP_MAPPING = {}
-    return FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
 
 
 def tensorboard_writer(trainer: pl.Trainer):
