@@ -104,14 +104,19 @@ def layout(n_text: int, n_image: int, device: torch.device) -> Layout:
     )
 
 
-def _stream_ranks(values: Tensor, lay: Layout) -> Tensor:
+def _stream_ranks(values: Tensor, lay: Layout, n_text: int) -> Tensor:
     """Rank (0 = largest) of every entry of (B, n) ``values`` within its stream; ties broken by position.
 
-    Counted as a comparison matrix rather than sorted: one fused reduction when compiled, no sort kernels.
+    Eager: two stable sorts per stream (the fewest ops). Compiled: counted from a comparison matrix instead, which
+    inductor fuses into one reduction kernel where sorts would stay separate library calls. Both give the same
+    ranks.
     """
-    above = values[:, None, :] > values[:, :, None]
-    tied_before = (values[:, None, :] == values[:, :, None]) & lay.earlier
-    return ((above & lay.same) | tied_before).sum(dim=-1)
+    if torch.compiler.is_compiling():
+        above = values[:, None, :] > values[:, :, None]
+        tied_before = (values[:, None, :] == values[:, :, None]) & lay.earlier
+        return ((above & lay.same) | tied_before).sum(dim=-1)
+    streams = (values[:, :n_text], values[:, n_text:])
+    return torch.cat([v.argsort(dim=1, descending=True, stable=True).argsort(dim=1) for v in streams], dim=1)
 
 
 @torch.no_grad()
@@ -145,7 +150,7 @@ def match_slots(
     sim = sim.masked_fill(lay.pairs >= n_real[:, None, None], float("-inf"))
     best, partner = sim.max(dim=-1)
     quota = torch.where(lay.text_pos >= 0, counts[:, :1], plan.n_merge)  # sources each token's stream gives up
-    is_src = _stream_ranks(best, lay) < quota
+    is_src = _stream_ranks(best, lay, n_text) < quota
     drop = lay.text_pos >= counts[:, 1:2]
     kept_slot = lay.pos - (is_src | drop).cumsum(dim=1)
     slot = torch.where(is_src, kept_slot.gather(1, partner), kept_slot).masked_fill_(drop, n_out)
