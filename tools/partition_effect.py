@@ -27,7 +27,9 @@ def merged_groups(patch_map: torch.Tensor) -> list[set[frozenset[int]]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -42,7 +42,12 @@ class CudaGraphs:
         return pixel_values.is_cuda and not backbone.training and not torch.is_grad_enabled()
 
     def __call__(
-        self, backbone: Backbone, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, image_index: int
+        self,
+        backbone: Backbone,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_index: int,
     ) -> BackboneOutput:
         inputs = (pixel_values, input_ids, attention_mask)
         autocast = torch.is_autocast_enabled("cuda")
@@ -82,8 +87,14 @@ class CudaGraphs:
         device = inputs[0].device
         static = tuple(t.clone() for t in inputs)
 
-        def amp() -> Any:  # autocast's weight cache must be off inside a capture (its casts would live in the pool)
-            return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+        def amp() -> (
+            Any
+        ):  # autocast's weight cache must be off inside a capture (its casts would live in the pool)
+            return (
+                torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+                if dtype
+                else contextlib.nullcontext()
+            )
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

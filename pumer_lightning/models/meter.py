@@ -354,9 +354,13 @@ class MeterBackbone(Backbone):
                 assert state is not None and schedule is not None
                 # ---- PuMer: reduce inside text layer b; image layer b consumes the reduced image tokens ----
                 with record_function("pumer.reduce"):
-                    scores, metric = self._reduction_inputs(parts, image_layer, y, image_bias32, state, plan, schedule)
+                    scores, metric = self._reduction_inputs(
+                        parts, image_layer, y, image_bias32, state, plan, schedule
+                    )
                     state = replace(state, tokens=torch.cat([x_mid, y], dim=1), n_text=x_mid.shape[1])
-                    state = reduce(state, plan, scores=scores, metric=metric, compiled=self.reduce_compiled(x))
+                    state = reduce(
+                        state, plan, scores=scores, metric=metric, compiled=self.reduce_compiled(x)
+                    )
                     trace.record_maps(state)
                     bias32, bias = reduction_bias(state, schedule.prop_attn, dtype)
                     n_text = state.n_text

@@ -188,7 +188,11 @@ class ViltBackbone(Backbone):
             with record_function("pumer.reduce"):
                 scores, metric = self._reduction_inputs(q, k, n_text, key_bias32, state, plan, schedule)
                 state = reduce(
-                    replace(state, tokens=x), plan, scores=scores, metric=metric, compiled=self.reduce_compiled(x)
+                    replace(state, tokens=x),
+                    plan,
+                    scores=scores,
+                    metric=metric,
+                    compiled=self.reduce_compiled(x),
                 )
             x = state.tokens
         # ---- end PuMer ----

@@ -23,6 +23,7 @@ from torch import Tensor
 from .schedule import LayerPlan
 from .static import cached, positions
 
+
 def text_table(plan: LayerPlan, device: torch.device) -> Tensor:
     """(text_in + 1, 3) long: for ``R`` real tokens, (real tokens merged, first dropped position, real tokens left).
 
@@ -149,7 +150,9 @@ def match_slots(
     sim = torch.bmm(unit, unit.transpose(1, 2))
     sim = sim.masked_fill(lay.pairs >= n_real[:, None, None], float("-inf"))
     best, partner = sim.max(dim=-1)
-    quota = torch.where(lay.text_pos >= 0, counts[:, :1], plan.n_merge)  # sources each token's stream gives up
+    quota = torch.where(
+        lay.text_pos >= 0, counts[:, :1], plan.n_merge
+    )  # sources each token's stream gives up
     is_src = _stream_ranks(best, lay, n_text) < quota
     drop = lay.text_pos >= counts[:, 1:2]
     kept_slot = lay.pos - (is_src | drop).cumsum(dim=1)

@@ -47,9 +47,7 @@ class ReductionState:
     text_map: Tensor | None = None
 
     @classmethod
-    def init(
-        cls, image: Tensor, text: Tensor, text_mask: Tensor, track_maps: bool = False
-    ) -> ReductionState:
+    def init(cls, image: Tensor, text: Tensor, text_mask: Tensor, track_maps: bool = False) -> ReductionState:
         """From separate streams (``text_mask`` (B, Lt), 1 for real tokens, right padding)."""
         return cls.init_joint(torch.cat([text, image], dim=1), text.shape[1], text_mask, track_maps)
 
@@ -225,7 +223,9 @@ def reduce(
             f"expects {plan.image_in} / {plan.text_in}"
         )
     if scores is None and (plan.n_prune or (plan.partition == "score" and plan.n_merge)):
-        raise ValueError("reduce: the plan prunes image tokens (or merges in score order) but no scores were given")
+        raise ValueError(
+            "reduce: the plan prunes image tokens (or merges in score order) but no scores were given"
+        )
     if metric is None and (plan.n_merge or plan.n_text_merge):
         raise ValueError("reduce: the plan merges tokens but no similarity metric was given")
     if plan.image_out == n_image and plan.text_out == n_text:
@@ -234,7 +234,9 @@ def reduce(
         step = _compiled_step()
         first = plan not in COMPILE_SECONDS
         start = time.perf_counter()
-        if first:  # an eager warm-up builds the plan's constants, which the compiled graph then takes as inputs
+        if (
+            first
+        ):  # an eager warm-up builds the plan's constants, which the compiled graph then takes as inputs
             _step(state.tokens, state.size, state.n_real, scores, metric, plan)
         out = step(state.tokens, state.size, state.n_real, scores, metric, plan)
         if first:
@@ -262,6 +264,10 @@ def _remap(
     moved = slot
     if col is not None:  # positions of the step's input -> output slot (pruned -> n_out)
         moved = torch.full((batch, n_in), n_out, dtype=slot.dtype, device=slot.device).scatter(1, col, slot)
-    patch_map = None if state.patch_map is None else remap(state.patch_map, moved, (plan.text_in, plan.text_out), n_out)
+    patch_map = (
+        None
+        if state.patch_map is None
+        else remap(state.patch_map, moved, (plan.text_in, plan.text_out), n_out)
+    )
     text_map = None if state.text_map is None else remap(state.text_map, moved, (0, 0), n_out)
     return patch_map, text_map

@@ -86,7 +86,9 @@ class LayerPlan:
             merged = min(round_count(self.text_ratio, n_real), max(n_real - 1, 0) // 2, n_remove)
         dropped = n_remove - merged
         if not (0 <= merged <= max(n_real - 1, 0) // 2 and 0 <= dropped <= n_pads):
-            raise AssertionError(f"text counts {merged}/{dropped} impossible for {n_real} of {self.text_in} tokens")
+            raise AssertionError(
+                f"text counts {merged}/{dropped} impossible for {n_real} of {self.text_in} tokens"
+            )
         return merged, dropped
 
 

@@ -30,4 +30,6 @@ def cached(key: tuple, device: torch.device, build: Callable[[torch.device], Ten
 
 def positions(n: int, device: torch.device) -> Tensor:
     """``arange(n)`` (long), cached."""
-    return cached(("arange", n), device, lambda dev: torch.tensor(list(range(n)), dtype=torch.long, device=dev))
+    return cached(
+        ("arange", n), device, lambda dev: torch.tensor(list(range(n)), dtype=torch.long, device=dev)
+    )

@@ -69,6 +69,9 @@ def test_using_swaps_and_restores_the_schedule_even_on_error():
         assert backbone.reducer.layers == [0]
         raise RuntimeError("boom")
     assert backbone.reducer is own
-    with pytest.raises(ValueError, match="out of range"), backbone.using(ReducerSchedule(layers=[9], keep_ratio=0.5)):
+    with (
+        pytest.raises(ValueError, match="out of range"),
+        backbone.using(ReducerSchedule(layers=[9], keep_ratio=0.5)),
+    ):
         pass
     assert backbone.reducer is own

@@ -5,8 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pumer_lightning.reduce import ReducerSchedule, ReductionState, reduce
-from pumer_lightning.reduce.released import RELEASED
 from pumer_lightning.reduce.reducer import _step
+from pumer_lightning.reduce.released import RELEASED
 
 
 def _text_case(n_text, lengths, seed=0, dim=6, channels=4):
@@ -51,7 +51,9 @@ def test_pads_first_is_per_example_under_fixed_padding():
     together = reduce(ReductionState.init(image, text, mask), plan, metric=metric)
     for b in range(4):
         alone = reduce(
-            ReductionState.init(image[b : b + 1], text[b : b + 1], mask[b : b + 1]), plan, metric=metric[b : b + 1]
+            ReductionState.init(image[b : b + 1], text[b : b + 1], mask[b : b + 1]),
+            plan,
+            metric=metric[b : b + 1],
         )
         torch.testing.assert_close(alone.tokens[0], together.tokens[b])
 
@@ -66,7 +68,9 @@ def test_policy_and_partition_leave_the_released_counts_alone():
                     text_merge_ratio=base.text_merge_ratio, text_merge_policy=policy, partition=partition,
                 )  # fmt: skip
                 counts = [(p.image_out, p.text_out) for p in other.plan(setting.n_image, setting.n_text)]
-                assert counts == [(p.image_out, p.text_out) for p in base.plan(setting.n_image, setting.n_text)]
+                assert counts == [
+                    (p.image_out, p.text_out) for p in base.plan(setting.n_image, setting.n_text)
+                ]
 
 
 def test_bad_policy_and_partition_are_named():
@@ -91,7 +95,9 @@ SCORES = [0.0, 0.8, 0.6, 0.7, 0.5, 0.9]
     [("score", [[0], [2], [3], [1, 4], [5]]), ("spatial", [[0], [1, 4], [2], [3], [5]])],
 )
 def test_partition_order_worked_example(partition, groups):
-    image = torch.arange(6, dtype=torch.float64)[None, :, None] * torch.tensor([1.0, 10.0], dtype=torch.float64)
+    image = torch.arange(6, dtype=torch.float64)[None, :, None] * torch.tensor(
+        [1.0, 10.0], dtype=torch.float64
+    )
     text = torch.zeros(1, 1, 2, dtype=torch.float64)
     metric = torch.tensor([[[0.0, 0.0, 1.0], *IMAGE_METRIC]], dtype=torch.float64)
     schedule = ReducerSchedule(layers=[0], merge_ratio=0.2, partition=partition)
@@ -133,7 +139,10 @@ class _Ops(TorchDispatchMode):
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (getattr(func, "is_view", False) or str(func).startswith(("aten.empty", "aten.lift_fresh", "aten.detach"))):
+        if not (
+            getattr(func, "is_view", False)
+            or str(func).startswith(("aten.empty", "aten.lift_fresh", "aten.detach"))
+        ):
             self.n += 1
         return func(*args, **(kwargs or {}))
 

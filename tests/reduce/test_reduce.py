@@ -199,7 +199,9 @@ def test_merge_conserves_size_weighted_sum(batch, n, ratio, seed):
     metric = torch.randn(batch, n, 4, generator=gen, dtype=torch.float64)
     n_merge = min(round(ratio * n), (n - 1) // 2)
     plan = LayerPlan(0, n, n, n - n_merge, 1, 1)
-    joint = torch.cat([torch.zeros(batch, 1, 4, dtype=metric.dtype), metric], dim=1)  # one text token (its CLS)
+    joint = torch.cat(
+        [torch.zeros(batch, 1, 4, dtype=metric.dtype), metric], dim=1
+    )  # one text token (its CLS)
     slot, _, _ = match_slots(joint, torch.ones(batch, dtype=torch.long), plan, n)
     assert slot[:, 0].eq(0).all()
     out, out_size = merge_by_slots(x, size, slot[:, 1:] - 1, n - n_merge)
@@ -300,6 +302,8 @@ def test_half_precision_merge_keeps_dtype_and_accuracy():
     schedule = ReducerSchedule(layers=[0], keep_ratio=0.8, merge_ratio=0.3, text_merge_ratio=0.25)
     plan = schedule.step(0, 40, 8)
     ref = step(ReductionState.init(image.float(), text.float(), mask), scores, im_metric, tx_metric, plan)
-    half = step(ReductionState.init(image.bfloat16(), text.bfloat16(), mask), scores, im_metric, tx_metric, plan)
+    half = step(
+        ReductionState.init(image.bfloat16(), text.bfloat16(), mask), scores, im_metric, tx_metric, plan
+    )
     assert half.image.dtype == torch.bfloat16
     torch.testing.assert_close(half.image.float(), ref.image, atol=0.05, rtol=0.05)

@@ -113,7 +113,10 @@ def test_schedule_prints_as_one_line():
     from pumer_lightning.reduce import ReducerSchedule
 
     assert str(ReducerSchedule()) == "off"
-    assert str(ReducerSchedule(layers=[1, 2], keep_ratio=0.7, merge_ratio=0.2)) == "keep 0.7 / merge 0.2 / text 0 @ [1, 2]"
+    assert (
+        str(ReducerSchedule(layers=[1, 2], keep_ratio=0.7, merge_ratio=0.2))
+        == "keep 0.7 / merge 0.2 / text 0 @ [1, 2]"
+    )
     odd = ReducerSchedule(
         layers=[3], keep_ratio=0.5, merge_ratio=0.1, text_merge_ratio=0.2, importance="random",
         text_merge_policy="pads_first", partition="score", prop_attn=True,
