@@ -60,7 +60,9 @@ CASES = {
     ),
     "layer_depth": (
         ["--model.reducer.layers=[1,7]"],
-        ["--model.reducer.layers: block index [7] out of range for vilt_tiny backbone with 4 reducible blocks"],
+        [
+            "--model.reducer.layers: block index [7] out of range for vilt_tiny backbone with 4 reducible blocks"
+        ],
     ),
     "importance": (
         ["--model.reducer.importance=attention"],
