@@ -19,7 +19,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 def _run(out: Path, batches: list[int], **kw) -> list[dict]:
     options = Options(
         tiny=True, settings=["pumer"], keep_sweep=(), batch_sizes=batches, rounds=1, train=False, warmup=0,
-        threads=1, out_dir=out, verbose=False, plot=False, **kw,
+        threads=1, kernel_count="none", out_dir=out, verbose=False, plot=False, **kw,
     )  # fmt: skip
     return run_bench(["vilt_nlvr2"], options)
 
