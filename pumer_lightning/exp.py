@@ -75,7 +75,7 @@ def eval_batches(datamodule: Any, n: int) -> list[dict[str, Any]]:
 def _forward(model: Any, batch: dict[str, Any]) -> None:
     if model.task_name == "retrieval":
         pixels = batch["pixel_values"][:, 0]
-        model.score_images(pixels, "test", None)
+        model.score_images(pixels, "test")
     else:
         model(batch)
 

@@ -13,6 +13,9 @@ Tags (``XX`` = zero-padded layer index; ``<stage>`` = ``val`` or ``test``):
 | ``<stage>/time/layer_XX_ms`` | epoch end, with ``layer_time=True`` | forward time of layer XX per batch |
 | ``data/skipped/<split>/<reason>`` | epoch end | examples the data pipeline dropped |
 
+The counts come from the step's return value: every training, validation and test step of a `VLTask` returns a
+`StepOutput` whose ``tokens`` (`TokenTally`) this callback reads as Lightning's ``outputs`` in ``on_*_batch_end``.
+
 Under DDP every value is the logging rank's own (rank 0's reaches TensorBoard): no collective runs, so ranks
 that saw different batches or skip reasons cannot deadlock each other. Throughput is therefore per rank.
 
@@ -38,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.flop_counter import FlopCounterMode
 
 from pumer_lightning.measure import flop_counter
-from pumer_lightning.tasks.base import TokenTally
+from pumer_lightning.tasks.base import TokenTally, step_tokens
 
 LAYOUT: dict[str, dict[str, list[Any]]] = {
     "Token reduction": {
@@ -140,6 +143,9 @@ class TokenStatsCallback(pl.Callback):
             that batch is left out of the throughput.
         layer_time: time every layer's forward pass during evaluation (hooks; a little overhead).
         skip_first: training steps left out of throughput at the start of each epoch (warm-up, loader start).
+
+    ``last_tokens`` holds the `TokenTally` of the last step it saw (for inspection), ``last`` the last value of
+    every tag it logged.
     """
 
     def __init__(
@@ -160,6 +166,7 @@ class TokenStatsCallback(pl.Callback):
         self._flop_mode: FlopCounterMode | None = None
         self._timer: _LayerTimer | None = None
         self.last: dict[str, float] = {}
+        self.last_tokens: TokenTally | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
     @staticmethod
@@ -201,7 +208,7 @@ class TokenStatsCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        tally: TokenTally = pl_module.step_tally
+        tally = self.last_tokens = step_tokens(outputs)
         self._sync(pl_module)
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         self._log_layers(pl_module, "", tally, on_step=True)
@@ -240,10 +247,10 @@ class TokenStatsCallback(pl.Callback):
         self._sync(pl_module)
         self._t0 = time.perf_counter()
 
-    def _eval_batch_end(self, pl_module: pl.LightningModule) -> None:
+    def _eval_batch_end(self, pl_module: pl.LightningModule, outputs: Any) -> None:
         self._sync(pl_module)
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        tally: TokenTally = pl_module.step_tally
+        tally = self.last_tokens = step_tokens(outputs)
         ev = self._eval
         ev["tally"].merge(tally)
         if self._timer is not None:
@@ -297,7 +304,7 @@ class TokenStatsCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        self._eval_batch_end(pl_module)
+        self._eval_batch_end(pl_module, outputs)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -322,7 +329,7 @@ class TokenStatsCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        self._eval_batch_end(pl_module)
+        self._eval_batch_end(pl_module, outputs)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_end(trainer, pl_module, "test")

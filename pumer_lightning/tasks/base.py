@@ -7,7 +7,11 @@ A task subclass says how a batch becomes logits (`compute_logits`), how logits b
 * AdamW with three learning-rate groups (backbone / cross-modal / head) and no weight decay on biases and
   normalisation weights, warmup then linear decay sized from ``trainer.estimated_stepping_batches``,
 * knowledge distillation from a frozen teacher (a checkpoint, or a frozen copy of the starting weights),
-* token bookkeeping (`TokenTally`) that the callbacks turn into per-layer token counts and throughput.
+* token bookkeeping: every step returns a `StepOutput` whose ``tokens`` (a `TokenTally` built from the
+  backbone's `ReductionTrace`) the callbacks read as Lightning's ``outputs`` in ``on_*_batch_end``.
+
+The path from batch to dashboard is one-way: ``compute_logits`` returns the logits with the tokens of its
+backbone passes (`Scored`), the step returns them, the callbacks read them; nothing is written on the module.
 """
 
 from __future__ import annotations
@@ -19,15 +23,22 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from pumer_lightning.models import Backbone, build_backbone, build_head, load_head_weights, preset_family
-from pumer_lightning.models.graphed import CudaGraphs
+from pumer_lightning.models import (
+    Backbone,
+    BackboneOutput,
+    build_backbone,
+    build_head,
+    load_head_weights,
+    preset_family,
+)
 from pumer_lightning.models.build import preset_image_size
+from pumer_lightning.models.graphed import CudaGraphs
 from pumer_lightning.reduce import ReducerSchedule, ReductionTrace
 
 log = logging.getLogger("pumer_lightning.tasks")
@@ -160,6 +171,8 @@ class TokenTally:
 
     ``image[i]`` / ``text[i]``: image / text tokens entering layer ``i``, summed over rows; ``rows``: image-text
     pairs that went through the backbone (NLVR2: two per example; retrieval: every scored pair).
+    ``examples``: the units throughput counts: the batch's task examples, except in retrieval evaluation, where
+    one example is one scored image-text pair (``examples == rows``). Plain Python numbers only (no tensors).
     """
 
     examples: int = 0
@@ -198,6 +211,37 @@ class TokenTally:
     def input_tokens(self) -> float:
         """Tokens entering the first layer, summed over rows (what tokens/s counts)."""
         return (self.image[0] + self.text[0]) if self.image else 0.0
+
+
+class Scored(NamedTuple):
+    """What `VLTask.compute_logits` returns: the logits and the tokens its backbone passes processed."""
+
+    logits: Any
+    tokens: TokenTally
+
+
+class StepOutput(TypedDict, total=False):
+    """What ``training_step``, ``validation_step`` and ``test_step`` return; callbacks receive it as ``outputs``
+    in ``on_train_batch_end`` / ``on_validation_batch_end`` / ``on_test_batch_end``.
+
+    ``loss``: the step's loss (what training back-propagates; absent or None for an unlabelled batch).
+    ``tokens``: the tokens the model's own backbone processed in the step (a teacher's passes are not counted),
+    with ``examples`` set.
+    """
+
+    loss: Tensor | None
+    tokens: TokenTally
+
+
+def step_tokens(outputs: Any) -> TokenTally:
+    """The `TokenTally` of a step's ``outputs`` (a `StepOutput`); a clear error for a module that returns none."""
+    tokens = outputs.get("tokens") if isinstance(outputs, dict) else None
+    if not isinstance(tokens, TokenTally):
+        raise TypeError(
+            "the step returned no token tally: the module's training/validation/test step must return a "
+            f"StepOutput dict with a 'tokens' TokenTally (pumer_lightning.tasks.VLTask does), got {type(outputs)}"
+        )
+    return tokens
 
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.RMSNorm)
@@ -252,6 +296,8 @@ class VLTask(pl.LightningModule):
 
     task_name: str = ""
     num_token_types: int = 2
+    #: Images per example, one backbone pass each (NLVR2: 2); see `compute_logits`.
+    images_per_example: int = 1
 
     def __init__(
         self,
@@ -272,7 +318,6 @@ class VLTask(pl.LightningModule):
         self.load_initial_head()
         self.teacher: nn.ModuleDict | None = self._build_teacher() if distill is not None else None
         self.build_metrics()
-        self.step_tally = TokenTally()
         self.cuda_graphs = CudaGraphs()
         self._predictions: list[dict[str, Any]] = []
         self.predictions_path: Path | None = None
@@ -383,9 +428,30 @@ class VLTask(pl.LightningModule):
         return self
 
     # ------------------------------------------------------------------------------------------ task interface
-    def compute_logits(self, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool) -> Any:
-        """Logits of a batch from ``backbone`` and ``head`` (the student's or the teacher's)."""
-        raise NotImplementedError
+    def compute_logits(self, batch: dict[str, Any], backbone: Backbone, head: nn.Module) -> Scored:
+        """Logits of a batch from ``backbone`` and ``head`` (the student's or the teacher's), with the tokens the
+        backbone passes processed (``examples`` left for the step to set).
+
+        Default (VQA, SNLI-VE, NLVR2): one pass per image of the example, image ``i`` with modality type ``i + 1``
+        and the example's text; the pooled features are concatenated, then the head.
+        """
+        pixels = batch["pixel_values"]  # (B, images_per_example, 3, H, W); (B, 3, H, W) for one image
+        n = self.images_per_example
+        if n == 1:
+            images = [pixels[:, 0] if pixels.dim() == 5 else pixels]
+        elif pixels.dim() == 5 and pixels.shape[1] == n:
+            images = list(pixels.unbind(1))
+        else:
+            raise ValueError(
+                f"{self.task_name.upper()} needs pixel_values of shape (B, {n}, 3, H, W), got {tuple(pixels.shape)}"
+            )
+        tokens = TokenTally()
+        pooled = []
+        for index, image in enumerate(images):
+            out = self.encode(backbone, image, batch, index)
+            tokens.add(out.trace, image.shape[0])
+            pooled.append(out.pooled)
+        return Scored(head(pooled[0] if n == 1 else torch.cat(pooled, dim=-1)), tokens)
 
     def build_metrics(self) -> None:
         """Create the metric modules (one set per stage)."""
@@ -421,20 +487,15 @@ class VLTask(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ helpers
     def encode(
-        self, backbone: Backbone, pixel_values: Tensor, batch: dict[str, Any], image_index: int, tally: bool,
+        self, backbone: Backbone, pixel_values: Tensor, batch: dict[str, Any], image_index: int,
         input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-    ):  # fmt: skip
-        """One backbone pass (replayed from a CUDA graph in CUDA inference); adds its token counts to ``step_tally``
-        when ``tally``."""
+    ) -> BackboneOutput:  # fmt: skip
+        """One backbone pass (replayed from a CUDA graph in CUDA inference); its ``trace`` holds the token counts."""
         ids = batch["input_ids"] if input_ids is None else input_ids
         mask = batch["attention_mask"] if attention_mask is None else attention_mask
         if self.spec.cuda_graphs and CudaGraphs.applies(backbone, pixel_values):
-            out = self.cuda_graphs(backbone, pixel_values, ids, mask, image_index)
-        else:
-            out = backbone(pixel_values, ids, mask, image_index=image_index)
-        if tally:
-            self.step_tally.add(out.trace, pixel_values.shape[0])
-        return out
+            return self.cuda_graphs(backbone, pixel_values, ids, mask, image_index)
+        return backbone(pixel_values, ids, mask, image_index=image_index)
 
     @staticmethod
     def batch_size_of(batch: dict[str, Any]) -> int:
@@ -450,23 +511,22 @@ class VLTask(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ steps
     def forward(self, batch: dict[str, Any]) -> Any:
-        return self.compute_logits(batch, self.backbone, self.head, tally=False)
+        return self.compute_logits(batch, self.backbone, self.head).logits
 
-    def shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
-        """The step of every stage: logits, loss (if labelled), distillation (training), metrics, predictions."""
-        self.step_tally = TokenTally(examples=self.batch_size_of(batch))
-        logits = self.compute_logits(batch, self.backbone, self.head, tally=True)
+    def shared_step(self, batch: dict[str, Any], stage: str) -> StepOutput:
+        """The step of every stage: logits, loss (if labelled), distillation (training), metrics, predictions;
+        returns the loss and the step's tokens."""
+        logits, tokens = self.compute_logits(batch, self.backbone, self.head)
         bs = self.batch_size_of(batch)
+        tokens.examples = bs
         loss = None
         if "labels" in batch:
             loss = self.task_loss(logits, batch)
             if stage == "train" and self.teacher is not None:
                 assert self.distill is not None
                 with torch.no_grad():
-                    teacher_logits = self.compute_logits(
-                        batch, self.teacher["backbone"], self.teacher["head"], tally=False
-                    )
-                kd = self.distill_loss(logits, teacher_logits)
+                    teacher = self.compute_logits(batch, self.teacher["backbone"], self.teacher["head"])
+                kd = self.distill_loss(logits, teacher.logits)
                 self.log("train/loss_task", loss, batch_size=bs)
                 self.log("train/loss_distill", kd, batch_size=bs)
                 loss = self.distill.task_weight * loss + self.distill.weight * kd
@@ -478,25 +538,24 @@ class VLTask(pl.LightningModule):
             self.update_metrics(stage, logits, batch)
         if stage in ("test", "predict"):
             self._predictions.extend(self.prediction_rows(logits, batch))
-        return loss
+        return {"loss": loss, "tokens": tokens}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.shared_step(batch, "train")
-        if loss is None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> StepOutput:
+        out = self.shared_step(batch, "train")
+        if out["loss"] is None:
             raise ValueError("training batches must carry labels (is the train split unlabelled?)")
-        return loss
+        return out
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.shared_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> StepOutput:
+        return self.shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.shared_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> StepOutput:
+        return self.shared_step(batch, "test")
 
     def predict_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
     ) -> list[dict[str, Any]]:
-        self.step_tally = TokenTally(examples=self.batch_size_of(batch))
-        logits = self.compute_logits(batch, self.backbone, self.head, tally=True)
+        logits = self.compute_logits(batch, self.backbone, self.head).logits
         rows = self.prediction_rows(logits, batch)
         self._predictions.extend(rows)
         return rows

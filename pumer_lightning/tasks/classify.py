@@ -6,12 +6,9 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
-
-from pumer_lightning.models import Backbone
 
 from .base import STAGES, VLTask, stage_key
 from .metrics import GroupedScore
@@ -79,24 +76,3 @@ class ClassificationTask(VLTask):
             for row in sorted(rows, key=lambda r: r["key"]):
                 writer.writerow([row["key"], names[row["pred"]]])
         return path
-
-
-def two_image_logits(
-    task: VLTask, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool
-) -> Tensor:
-    """NLVR2: one pass per image (modality types 1 and 2), pooled features concatenated, then the head."""
-    pixels = batch["pixel_values"]  # (B, 2, 3, H, W)
-    if pixels.dim() != 5 or pixels.shape[1] != 2:
-        raise ValueError(f"NLVR2 needs pixel_values of shape (B, 2, 3, H, W), got {tuple(pixels.shape)}")
-    left = task.encode(backbone, pixels[:, 0], batch, 0, tally).pooled
-    right = task.encode(backbone, pixels[:, 1], batch, 1, tally).pooled
-    return head(torch.cat([left, right], dim=-1))
-
-
-def one_image_logits(
-    task: VLTask, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool
-) -> Tensor:
-    pixels = batch["pixel_values"]  # (B, 1, 3, H, W)
-    if pixels.dim() == 5:
-        pixels = pixels[:, 0]
-    return head(task.encode(backbone, pixels, batch, 0, tally).pooled)

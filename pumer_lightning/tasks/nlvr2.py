@@ -5,11 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from torch import Tensor, nn
-
-from pumer_lightning.models import Backbone
-
-from .classify import ClassificationTask, two_image_logits
+from .classify import ClassificationTask
 
 
 class NLVR2Task(ClassificationTask):
@@ -25,11 +21,7 @@ class NLVR2Task(ClassificationTask):
     task_name = "nlvr2"
     num_classes = 2
     num_token_types = 3
-
-    def compute_logits(
-        self, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool
-    ) -> Tensor:
-        return two_image_logits(self, batch, backbone, head, tally)
+    images_per_example = 2
 
     def prediction_metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """Consistency: the fraction of statements all of whose examples are right. NLVR2 identifiers are

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from pumer_lightning.models import Backbone
 from pumer_lightning.reduce import ReducerSchedule
 
-from .base import BackboneSpec, DistillConfig, OptimConfig, TokenTally, VLTask
+from .base import BackboneSpec, DistillConfig, OptimConfig, Scored, StepOutput, TokenTally, VLTask
 from .metrics import recall_at_k, rerank_recall, topk_candidates
 
 log = logging.getLogger("pumer_lightning.tasks")
@@ -117,8 +117,9 @@ class RetrievalTask(VLTask):
         k = min(self.num_negatives, available)
         return torch.multinomial(other.float(), k, replacement=False)
 
-    def compute_logits(self, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool) -> Any:
-        """Rank scores (B, 1 + K) and ITM logits (B, 1 + K, 2) for each caption with its image and negatives.
+    def compute_logits(self, batch: dict[str, Any], backbone: Backbone, head: nn.Module) -> Scored:
+        """Rank scores (B, 1 + K) and ITM logits (B, 1 + K, 2) for each caption with its image and negatives,
+        with the tokens of the B * (1 + K) pairs.
 
         The negatives are ``batch["negatives"]`` (drawn once per step, so a teacher scores the same pairs).
         """
@@ -131,11 +132,14 @@ class RetrievalTask(VLTask):
         flat = text_index.reshape(-1)  # (B * (1 + K),) caption of each pair; the image is the row's
         images = pixels.repeat_interleave(1 + k, dim=0)
         out = self.encode(
-            backbone, images, batch, 0, tally,
+            backbone, images, batch, 0,
             input_ids=batch["input_ids"][flat], attention_mask=batch["attention_mask"][flat],
         )  # fmt: skip
+        tokens = TokenTally()
+        tokens.add(out.trace, images.shape[0])
         scores = head(out.pooled)
-        return {"rank": scores.rank.reshape(bsz, 1 + k), "itm": scores.itm.reshape(bsz, 1 + k, 2)}
+        logits = {"rank": scores.rank.reshape(bsz, 1 + k), "itm": scores.itm.reshape(bsz, 1 + k, 2)}
+        return Scored(logits, tokens)
 
     def task_loss(self, logits: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
         rank, itm = logits["rank"].float(), logits["itm"].float()
@@ -149,7 +153,7 @@ class RetrievalTask(VLTask):
     def distill_loss(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> Tensor:
         return super().distill_loss(student["rank"], teacher["rank"])
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> StepOutput:
         batch = dict(batch)
         batch["negatives"] = self.sample_negatives(batch["image_ids"])
         batch["labels"] = batch["image_ids"]  # marks the batch as supervised for the shared step
@@ -177,9 +181,11 @@ class RetrievalTask(VLTask):
         return self.trainer.datamodule.retrieval_texts(self._split(stage))
 
     @torch.no_grad()
-    def score_images(self, pixels: Tensor, stage: str, tally: TokenTally | None, desc: str = "") -> Tensor:
-        """Rank scores (n_images, N_text) of a batch of images against every caption of the split."""
+    def score_images(self, pixels: Tensor, stage: str, desc: str = "") -> Scored:
+        """Rank scores (n_images, N_text) of a batch of images against every caption of the split, with the
+        tokens of every scored pair (``examples == rows``: a scored pair is retrieval evaluation's example)."""
         texts = self._texts(stage)
+        tokens = TokenTally()
         n_img = pixels.shape[0]
         chunk = max(1, self.pair_batch // n_img)
         rows = torch.empty(n_img, len(texts), device=pixels.device)
@@ -191,31 +197,30 @@ class RetrievalTask(VLTask):
             n_txt = ids.shape[0]
             images = pixels.repeat_interleave(n_txt, dim=0)
             out = self.backbone(images, ids.repeat(n_img, 1), mask.repeat(n_img, 1))
-            if tally is not None:
-                tally.add(out.trace, images.shape[0])
+            tokens.add(out.trace, images.shape[0])
             score = self.head(out.pooled).rank.reshape(n_img, n_txt)
             index = part["text_index"].to(pixels.device)
             rows[:, index] = score.float()
-        return rows
+        tokens.examples = tokens.rows
+        return Scored(rows, tokens)
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> StepOutput:
         pixels = batch["pixel_values"]
         if pixels.dim() == 5:
             pixels = pixels[:, 0]
-        self.step_tally = TokenTally()
         schedule = self.rerank.first_pass if self.rerank is not None else self.backbone.reducer
         with self.backbone.using(schedule):
-            scores = self.score_images(pixels, stage, self.step_tally)
-        self.step_tally.examples = self.step_tally.rows
+            scores, tokens = self.score_images(pixels, stage)
         rows = self._rows.setdefault(stage, _EvalRows())
         rows.image_ids.append(batch["image_ids"].cpu())
         rows.scores.append(scores.cpu())
+        return {"tokens": tokens}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> StepOutput:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> StepOutput:
+        return self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "predict")

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor, nn
-
-from pumer_lightning.models import Backbone
-
-from .classify import ClassificationTask, one_image_logits
+from .classify import ClassificationTask
 
 
 class SNLIVETask(ClassificationTask):
@@ -19,8 +13,3 @@ class SNLIVETask(ClassificationTask):
 
     task_name = "snli_ve"
     num_classes = 3
-
-    def compute_logits(
-        self, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool
-    ) -> Tensor:
-        return one_image_logits(self, batch, backbone, head, tally)

@@ -9,11 +9,11 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pumer_lightning.models import Backbone, build_head
+from pumer_lightning.models import build_head
 from pumer_lightning.reduce import ReducerSchedule
 
 from .base import STAGES, BackboneSpec, DistillConfig, OptimConfig, VLTask, stage_key
-from .classify import GROUPS, group_tag, one_image_logits
+from .classify import GROUPS, group_tag
 from .metrics import GroupedScore, VQAScore
 
 
@@ -63,11 +63,6 @@ class VQATask(VLTask):
                 f"the data's answer vocabulary has {n} answers but --model.init_args.num_answers is "
                 f"{self.num_answers}; set --model.init_args.num_answers={n}"
             )
-
-    def compute_logits(
-        self, batch: dict[str, Any], backbone: Backbone, head: nn.Module, tally: bool
-    ) -> Tensor:
-        return one_image_logits(self, batch, backbone, head, tally)
 
     def task_loss(self, logits: Tensor, batch: dict[str, Any]) -> Tensor:
         targets = batch["labels"]

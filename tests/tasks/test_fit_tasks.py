@@ -10,6 +10,7 @@ import math
 import pytest
 from pumer_test_utils import run_args
 
+from pumer_lightning.callbacks import TokenStatsCallback
 from pumer_lightning.cli import PumerCLI
 
 TASKS = ("nlvr2", "vqa2", "snli_ve", "retrieval")
@@ -25,7 +26,8 @@ def test_fast_dev_run_fits_every_task(task, preset, shapes, tmp_path):
     loss = trainer.callback_metrics["train/loss"]
     assert math.isfinite(float(loss))
     # the reducer ran inside the backbone: fewer image tokens leave block 2 than entered block 0
-    tally = model.step_tally
+    stats = next(cb for cb in trainer.callbacks if isinstance(cb, TokenStatsCallback))
+    tally = stats.last_tokens  # the last step's StepOutput["tokens"], as the callback received it
     assert tally.rows > 0 and tally.image[-1] < tally.image[0]
     main = {"nlvr2": "val/acc", "snli_ve": "val/acc", "vqa2": "val/vqa_score", "retrieval": "val/ir_r1"}[task]
     assert main in trainer.callback_metrics

@@ -139,6 +139,7 @@ def test_distillation_from_a_frozen_copy_of_the_start(shapes, tmp_path):
                 {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")}
             )
             seen["teacher_mode"] = pl_module.teacher.training
+            seen["tokens"], seen["batch"] = outputs["tokens"], int(batch["pixel_values"].shape[0])
 
     trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[Capture()])
     trainer.fit(model, _data(shapes, "nlvr2"))
@@ -151,6 +152,11 @@ def test_distillation_from_a_frozen_copy_of_the_start(shapes, tmp_path):
         seen["train/loss_task"] + 0.5 * seen["train/loss_distill"], rel=1e-4
     )
     assert seen["train/loss_distill"] > 0  # pruning makes the student differ from the unreduced teacher
+    # the step returns its tokens (StepOutput): the student's two NLVR2 passes, not the teacher's
+    tokens = seen["tokens"]
+    assert tokens.examples == seen["batch"] and tokens.rows == 2 * seen["batch"]
+    assert tokens.image[-1] < tokens.image[0]
+    assert not hasattr(model, "step_tally")
 
 
 def test_teacher_from_a_lightning_checkpoint(shapes, tmp_path):
