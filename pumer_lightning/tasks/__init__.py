@@ -9,7 +9,18 @@ task = NLVR2Task(backbone=BackboneSpec("vilt_tiny", tokenizer="data/shapes/token
 ```
 """
 
-from .base import BackboneSpec, DistillConfig, OptimConfig, TokenTally, VLTask, no_decay_names, warmup_decay
+from .base import (
+    BackboneSpec,
+    DistillConfig,
+    OptimConfig,
+    Scored,
+    StepOutput,
+    TokenTally,
+    VLTask,
+    no_decay_names,
+    step_tokens,
+    warmup_decay,
+)
 from .metrics import GroupedScore, VQAScore, recall_at_k, rerank_recall, topk_candidates
 from .nlvr2 import NLVR2Task
 from .retrieval import RerankConfig, RetrievalTask
@@ -34,6 +45,8 @@ __all__ = [
     "RerankConfig",
     "RetrievalTask",
     "SNLIVETask",
+    "Scored",
+    "StepOutput",
     "TokenTally",
     "VLTask",
     "VQAScore",
@@ -41,6 +54,7 @@ __all__ = [
     "no_decay_names",
     "recall_at_k",
     "rerank_recall",
+    "step_tokens",
     "topk_candidates",
     "warmup_decay",
 ]
