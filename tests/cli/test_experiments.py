@@ -69,8 +69,8 @@ def test_real_experiment_instantiates_with_a_tiny_backbone(name, shapes, tmp_pat
     assert model.backbone.family == family and dm.task == task
     # the experiment's own ratios survive the substitution of the backbone
     reducer = raw["model"]["init_args"]["reducer"]
-    assert model.schedule.keep_ratio == pytest.approx(reducer["keep_ratio"])
-    assert model.schedule.merge_ratio == pytest.approx(reducer["merge_ratio"])
+    assert model.backbone.reducer.keep_ratio == pytest.approx(reducer["keep_ratio"])
+    assert model.backbone.reducer.merge_ratio == pytest.approx(reducer["merge_ratio"])
     # linked from the backbone: image geometry and normalisation of the tiny preset's family
     expected_mean = (0.48145466, 0.4578275, 0.40821073) if family == "meter" else (0.5, 0.5, 0.5)
     assert tuple(dm.hparams.image_mean) == pytest.approx(expected_mean)
