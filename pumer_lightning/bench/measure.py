@@ -3,8 +3,8 @@
 * **FLOPs** come from `torch.utils.flop_counter.FlopCounterMode` (matmul, conv and attention; 2 FLOPs per
   multiply-add; softmax, norms, activations, gathers and top-k are not counted). Its registry has no formula for
   the CPU fused attention kernel ``aten._scaled_dot_product_flash_attention_for_cpu``, so on CPU every SDPA call
-  would count 0 FLOPs (docs/bench.md#flops); `pumer_lightning.measure.SDPA_FLOP_MAPPING` adds torch's own SDPA formula
-  (QK^T + AV) for it. `count_flops` also lists any matmul-like or attention op that ran without a formula, so a
+  would count 0 FLOPs (docs/bench.md#flops); `pumer_lightning.measure.SDPA_FLOP_MAPPING` adds torch's own SDPA
+  formula (QK^T + AV) for it. `count_flops` also lists any matmul-like or attention op that ran without a formula, so a
   new kernel cannot silently drop out of the count.
 * **Peak memory on CPU** (`TensorMemoryTracker`): a dispatch mode that sees every tensor an op creates during
   the forward and follows its storage until it is freed (a weak reference per storage). The peak of live bytes

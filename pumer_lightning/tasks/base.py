@@ -234,12 +234,13 @@ class StepOutput(TypedDict, total=False):
 
 
 def step_tokens(outputs: Any) -> TokenTally:
-    """The `TokenTally` of a step's ``outputs`` (a `StepOutput`); a clear error for a module that returns none."""
+    """The `TokenTally` of a step's ``outputs`` (a `StepOutput`); a clear error for a module returning none."""
     tokens = outputs.get("tokens") if isinstance(outputs, dict) else None
     if not isinstance(tokens, TokenTally):
         raise TypeError(
             "the step returned no token tally: the module's training/validation/test step must return a "
-            f"StepOutput dict with a 'tokens' TokenTally (pumer_lightning.tasks.VLTask does), got {type(outputs)}"
+            f"StepOutput dict with a 'tokens' TokenTally (pumer_lightning.tasks.VLTask does), got "
+            f"{type(outputs).__name__}"
         )
     return tokens
 
@@ -443,7 +444,8 @@ class VLTask(pl.LightningModule):
             images = list(pixels.unbind(1))
         else:
             raise ValueError(
-                f"{self.task_name.upper()} needs pixel_values of shape (B, {n}, 3, H, W), got {tuple(pixels.shape)}"
+                f"{self.task_name.upper()} needs pixel_values of shape (B, {n}, 3, H, W), "
+                f"got {tuple(pixels.shape)}"
             )
         tokens = TokenTally()
         pooled = []
@@ -490,7 +492,8 @@ class VLTask(pl.LightningModule):
         self, backbone: Backbone, pixel_values: Tensor, batch: dict[str, Any], image_index: int,
         input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
     ) -> BackboneOutput:  # fmt: skip
-        """One backbone pass (replayed from a CUDA graph in CUDA inference); its ``trace`` holds the token counts."""
+        """One backbone pass (replayed from a CUDA graph in CUDA inference); its ``trace`` holds the token
+        counts."""
         ids = batch["input_ids"] if input_ids is None else input_ids
         mask = batch["attention_mask"] if attention_mask is None else attention_mask
         if self.spec.cuda_graphs and CudaGraphs.applies(backbone, pixel_values):
