@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-results/bench/gpu}
 TINY=${GPU_CHECK_TINY:-0}
-if [[ "$TINY" == 1 ]]; then BUDGET=${GPU_CHECK_BUDGET_S:-3600}; else BUDGET=${GPU_CHECK_BUDGET_S:-420}; fi
+if [[ "$TINY" == 1 ]]; then BUDGET=${GPU_CHECK_BUDGET_S:-3600}; else BUDGET=${GPU_CHECK_BUDGET_S:-390}; fi
 if [[ -z "${PY:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 fi
