@@ -932,10 +932,10 @@ def measure_batch(
             "flops_method": "torch.utils.flop_counter.FlopCounterMode + CPU SDPA formula, one forward of the batch",
             "memory_method": memory_method,
             "ops_method": (
-                f"aten ops that do work (views, aten.empty*/lift_fresh/detach/alias and profiler ops skipped) "
-                f"dispatched in one forward of a batch of {small.batch_size} with the eager reduction step, counted "
-                f"by a TorchDispatchMode; reducer ops per step = (setting - baseline) / reduction steps; ops "
-                f"inside {REDUCE_RANGE!r} ranges counted too"
+                "aten ops that do work (views, aten.empty*/lift_fresh/detach/alias and profiler ops skipped) "
+                f"dispatched in one forward of a batch of {small.batch_size} with the eager reduction step (no "
+                "autocast), counted by a TorchDispatchMode; reducer ops per step = (setting - baseline) / "
+                f"reduction steps; ops inside {REDUCE_RANGE!r} ranges counted too"
                 if options.op_count
                 else None
             ),
