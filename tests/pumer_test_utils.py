@@ -1,15 +1,11 @@
-"""Helpers shared by tests/tasks, tests/cli and tests/callbacks: a small shapes world and CLI arguments."""
+"""Helpers shared by the test packages (pytest puts tests/ on the path through tests/conftest.py): the
+experiment files and the arguments of a tiny run on the shapes world."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 BASE = EXPERIMENTS / "base.yaml"
 DEMO = EXPERIMENTS / "shapes_vilt.yaml"
@@ -22,28 +18,6 @@ TASK_CLASS = {
 }
 #: Answers of the shapes world's VQA (``pumer_lightning.data.shapes.VQA_ANSWERS``).
 SHAPES_VQA_ANSWERS = 18
-
-
-def make_shapes(root: Path) -> Path:
-    """A small shapes world at 96 px / 16 px patches (the tiny presets' geometry); a no-op when present."""
-    from pumer_lightning.data import ensure_shapes
-
-    return ensure_shapes(
-        root,
-        num_train=96,
-        num_val=40,
-        num_test=40,
-        tasks=("nlvr2", "vqa2", "snli_ve", "retrieval"),
-        image_size=96,
-        patch_size=16,
-        workers=1,
-        progress=False,
-    )
-
-
-def shapes_session_root(tmp_path_factory: Any) -> Path:
-    """The session's shapes world (same directory from every test package, generated once)."""
-    return make_shapes(tmp_path_factory.getbasetemp() / "shapes96")
 
 
 def run_args(
@@ -79,22 +53,3 @@ def run_args(
     if task == "retrieval":
         args += ["--model.init_args.num_negatives=3", "--model.init_args.pair_batch=64"]
     return args + list(extra)
-
-
-EXPECTED_LIGHTNING_WARNINGS = (
-    "ignore:LightningCLI's args parameter",  # pytest's own argv is present when a test passes args=
-    "ignore:.*LeafSpec.*",
-    "ignore:Found .* module\\(s\\) in eval mode",
-    "ignore:.*ckpt_path=None.* was called without a model",
-    "ignore:.*is set, but there is no last checkpoint",
-)
-
-
-def mark_expected_lightning_warnings(items, folder) -> None:
-    """Filter the Lightning warnings these tests trigger on purpose, for the tests under ``folder``."""
-    import pytest
-
-    for item in items:
-        if str(item.path).startswith(str(folder)):
-            for spec in EXPECTED_LIGHTNING_WARNINGS:
-                item.add_marker(pytest.mark.filterwarnings(spec))

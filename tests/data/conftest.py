@@ -1,12 +1,10 @@
+"""Fixtures of the data tests (builders live in data_helpers.py; tests/conftest.py sets the offline env)."""
+
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")

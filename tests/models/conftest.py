@@ -1,17 +1,11 @@
-"""Fixtures for the backbone tests (helpers and reference forwards live in model_refs.py)."""
+"""Fixtures for the backbone tests (helpers and reference forwards live in model_refs.py; tests/conftest.py
+seeds torch before each test)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pumer_lightning.models import build_backbone
-
-
-@pytest.fixture(autouse=True)
-def _deterministic():
-    torch.manual_seed(0)
-    yield
 
 
 @pytest.fixture(scope="session")
