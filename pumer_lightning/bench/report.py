@@ -35,7 +35,10 @@ MEMORY_BOUND_FORMULA = (
     "the model (each block before and after its reduction, the final norm, poolers and head, and the unreduced "
     "rest), where S_p is what part p saves for backward in the baseline (bytes, from saved_tensors_hooks), and "
     "T0_p, T_p the tokens part p sees in the baseline and in the setting; i.e. memory proportional to the "
-    "tokens each layer keeps, at that layer's per-token bytes S_p / T0_p"
+    "tokens each layer keeps, at that layer's per-token bytes S_p / T0_p. It is the token-proportional figure, "
+    "not a hard limit: what the reducer keeps and backward's temporaries put the measurement above it, and bytes "
+    "that do not scale with tokens (autocast's weight copies, the attention of a part over the other stream) can "
+    "put it a little either side"
 )
 MIB = 2**20
 
@@ -291,7 +294,12 @@ def plot_result(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = result["settings"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    training = "train_activation_mem_ratio" in settings[0]
+    if training:
+        fig, axes = plt.subplots(2, 2, figsize=(12, 9.6))
+        (ax1, ax2), (ax3, ax4) = axes
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     values = [v for s in settings for v in (s["flops_ratio"], s["speedup"]) if v is not None]
     low, top = min([*values, 1.0]) * 0.92, max([*values, 1.0]) * 1.12
     ax1.plot([low, top], [low, top], color="grey", lw=1, ls="--", label="speedup = FLOPs ratio")
@@ -334,10 +342,58 @@ def plot_result(result: dict, path: Path) -> None:
     ax2.set_xlabel("keep ratio (1 - p)")
     ax2.set_ylabel("× baseline")
     ax2.grid(alpha=0.3)
+    if training:
+        _plot_training(settings, ax3, ax4, colors)
     fig.suptitle(f"{result['name']}: {hardware_line(result)}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_training(settings: list[dict], ax3, ax4, colors: dict) -> None:
+    """Training step: speedup against the forward + backward FLOPs ratio; activation memory against its bound."""
+    timed = [s for s in settings if "train_speedup" in s and s.get("train_flops_ratio")]
+    if timed:
+        values = [v for s in timed for v in (s["train_flops_ratio"], s["train_speedup"])]
+        low, top = min([*values, 1.0]) * 0.92, max([*values, 1.0]) * 1.12
+        ax3.plot([low, top], [low, top], color="grey", lw=1, ls="--", label="speedup = FLOPs ratio")
+        for s in timed:
+            y = s["train_speedup"]
+            err = [[max(y - s["train_paired_speedup_min"], 0)], [max(s["train_paired_speedup_max"] - y, 0)]]
+            color = colors.get(s["kind"], "tab:gray")
+            ax3.errorbar(s["train_flops_ratio"], y, yerr=err, fmt="o", color=color, capsize=3)
+            ax3.annotate(
+                s["name"], (s["train_flops_ratio"], y), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
+        ax3.set_xlim(low, top)
+        ax3.set_ylim(low, top)
+        ax3.legend(loc="upper left", fontsize=8)
+    ax3.set_xlabel("FLOPs ratio of forward + backward (baseline / setting)")
+    ax3.set_ylabel("training-step speedup (forward + backward + AdamW)")
+    ax3.set_title("training step: speedup vs FLOPs bound (bars: paired range)")
+    ax3.grid(alpha=0.3)
+
+    names = [s["name"] for s in settings]
+    x = list(range(len(settings)))
+    ax4.bar(
+        [i - 0.2 for i in x], [s["train_activation_mem_ratio"] for s in settings], width=0.4, label="measured"
+    )
+    ax4.bar(
+        [i + 0.2 for i in x],
+        [s["train_activation_mem_bound"] for s in settings],
+        width=0.4,
+        color="none",
+        edgecolor="tab:purple",
+        hatch="//",
+        label="bound (memory proportional to tokens)",
+    )
+    ax4.axhline(1.0, color="grey", lw=1, ls=":")
+    ax4.set_xticks(x)
+    ax4.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax4.set_ylabel("training activation memory / baseline")
+    ax4.set_title("training step: activation memory (forward + backward) vs its bound")
+    ax4.legend(fontsize=8)
+    ax4.grid(alpha=0.3, axis="y")
 
 
 def write_result(result: dict, out_dir: Path, plot: bool = True) -> list[Path]:
