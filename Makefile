@@ -39,7 +39,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff format pumer_lightning tests
 
 overhead: $(STAMP) ## time one reduction step against one ViLT-B layer on CPU
-	$(BIN)/python -m pumer_lightning.reduce.overhead
+	$(BIN)/python -m pumer_lightning.models.overhead
 
 exp: $(STAMP) ## run an experiment end to end: fit, then test the best checkpoint (EXP=name ARGS="--overrides")
 	$(BIN)/python -m pumer_lightning.exp $(EXP) $(ARGS)

@@ -1,10 +1,12 @@
 """Reducer overhead: one reduction step against one ViLT-B transformer layer, on the current device.
 
-    python -m pumer_lightning.reduce.overhead [--batch 8] [--text 40] [--image 145] [--repeats 30]
+    python -m pumer_lightning.models.overhead [--batch 8] [--text 40] [--image 145] [--repeats 30]   (make overhead)
 
 The reduction step is everything PuMer adds at a reduce layer: the text-query attention probabilities (the one
-extra matmul and softmax, on the queries and keys the layer's attention has already projected), the importance scores, pruning, image merging and text merging, at the released ViLT
-setting (keep 0.9, merge 0.3, text merge 0.2). The layer is transformers' own `ViltLayer` at ViLT-B size.
+extra matmul and softmax, on the queries and keys the layer's attention has already projected), the importance
+scores, pruning, image merging and text merging, at the released ViLT setting (keep 0.9, merge 0.3, text merge
+0.2). The layer is transformers' own `ViltLayer` at ViLT-B size (it lives here, not in `reduce/`, which imports
+nothing heavier than torch).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from . import ReducerSchedule, ReductionState, attention_probs, reduce, text_importance
+from pumer_lightning.reduce import ReducerSchedule, ReductionState, attention_probs, reduce, text_importance
 
 
 def _median_ms(fn, repeats: int, warmup: int = 3) -> tuple[float, float]:
