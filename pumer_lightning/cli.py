@@ -25,11 +25,12 @@
 
 from __future__ import annotations
 
-import os
+import pumer_lightning.env  # noqa: F401  (first: offline hubs and the environment, before torch loads)
+
+# isort: split
 import re
 import shlex
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,13 @@ from pumer_lightning.callbacks.checkpoint import (
     refuse_to_overwrite,
     resolve_resume,
 )
-from pumer_lightning.data import VLDataModule
+from pumer_lightning.data import VLDataModule, backbone_image_config
+from pumer_lightning.data.shapes import ShapesSpec, World, generate, is_current
+from pumer_lightning.models import build, preset_family
+from pumer_lightning.models.build import preset_image_size
+from pumer_lightning.models.checkpoint import checkpoint_problem, unreadable_reason
+from pumer_lightning.reduce import ReducerSchedule
 from pumer_lightning.tasks import VLTask
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# torch 2.13 deprecates a pytree check Lightning 2.6 still uses; it says nothing about this project
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 #: The experiment files shipped with the project (``experiments/<name>.yaml``).
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -61,10 +61,6 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 def backbone_image_settings(preset: str) -> dict[str, Any]:
     """Image size, mean, std and resize rule of a backbone preset (what its vision tower was trained with)."""
-    from pumer_lightning.data import backbone_image_config
-    from pumer_lightning.models import preset_family
-    from pumer_lightning.models.build import preset_image_size
-
     family = preset_family(preset)
     config = backbone_image_config("clip" if family == "meter" else "vilt", preset_image_size(preset))
     return {
@@ -140,8 +136,6 @@ class ShapesData:
 
     def spec(self):
         """The generator's `ShapesSpec` for these settings."""
-        from pumer_lightning.data.shapes import ShapesSpec, World
-
         world = World(
             image_size=self.image_size,
             patch_size=self.patch_size,
@@ -162,8 +156,6 @@ class ShapesData:
 
     def ensure(self) -> Path:
         """Generate the data under ``root`` unless the same data are already there; returns ``root``."""
-        from pumer_lightning.data.shapes import generate, is_current
-
         spec = self.spec()
         if is_current(self.root, spec):
             return Path(self.root)
@@ -189,8 +181,6 @@ _TOKENIZER_SOURCES = {"vilt": "bert-base-uncased", "meter": "roberta-base"}
 def missing_inputs(config: Any) -> list[str]:
     """Every input file or directory a configuration names but the disk lacks, each with the command that
     makes it. Checked before anything is built, so a real experiment on a fresh machine stops at once."""
-    from pumer_lightning.models import preset_family
-
     problems = []
     data = config.get("data") or {}
     model = (config.get("model") or {}).get("init_args") or {}
@@ -240,8 +230,6 @@ def missing_inputs(config: Any) -> list[str]:
 def unreadable_inputs(config: Any) -> list[str]:
     """Input checkpoints that exist but cannot be read (empty, truncated, corrupt, random bytes), each naming
     its file; ``--ckpt_path`` included. Checked before anything is built, like `missing_inputs`."""
-    from pumer_lightning.models.checkpoint import checkpoint_problem, unreadable_reason
-
     problems = []
     model = (config.get("model") or {}).get("init_args") or {}
     checkpoint = (model.get("backbone") or {}).get("checkpoint")
@@ -274,8 +262,6 @@ _SCHEDULES = (("reducer",), ("rerank", "first_pass"))
 def _preset_depth(preset: str) -> int | None:
     """Reducible blocks of a backbone preset (ViLT transformer blocks, METER co-attention blocks), or None."""
     try:
-        from pumer_lightning.models import build
-
         if preset in build._VILT_PRESETS:
             return build.vilt_config(**build._VILT_PRESETS[preset]).num_hidden_layers
         return build._METER_PRESETS[preset].cross_layers
@@ -291,8 +277,6 @@ def reducer_errors(config: Any) -> list[str]:
     """One sentence per invalid reducer schedule in a parsed configuration, naming the flag
     (``--model.reducer.keep_ratio must be in (0, 1], got 1.5``). The rules are `ReducerSchedule`'s own
     (``__post_init__`` and ``check_depth`` against the backbone preset's depth)."""
-    from pumer_lightning.reduce import ReducerSchedule
-
     model = _as_dict(config.get("model")) or {}
     init_args = _as_dict(model.get("init_args")) if isinstance(model, dict) else None
     if not isinstance(init_args, dict):

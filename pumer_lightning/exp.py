@@ -17,35 +17,41 @@ checkpoint, and prints (and writes to ``<log_dir>/summary.md``) a summary:
 
 from __future__ import annotations
 
-import os
+import pumer_lightning.env  # noqa: F401  (first: passive OpenMP threads and offline hubs, before torch loads)
 
-# Before torch is imported: passive OpenMP threads. With busy-waiting threads (the default) a CPU shared with
-# other jobs runs a small model ~10x slower (measured: 3.5 s vs 0.24 s per step on 2 contended cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# isort: split
+import argparse
+import dataclasses
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import shlex  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from pumer_lightning.bench import get_experiment, make_inputs
+from pumer_lightning.callbacks import MAIN_METRIC
+from pumer_lightning.callbacks.checkpoint import (
+    SIGTERM_EXIT_CODE,
+    CheckpointWriteError,
+    interruption_report,
+    refuse_to_overwrite,
+    resolve_resume,
+)
+from pumer_lightning.cli import EXPERIMENTS_DIR, PumerCLI, without_ckpt_path
+from pumer_lightning.measure import count_flops, interleaved_times, median_rates, speedup, spread
+from pumer_lightning.models import build_backbone
+from pumer_lightning.reduce import ReducerSchedule
 
 DEFAULT_EXP = "shapes_vilt"
 
 
 def experiment_files(name: str) -> list[str]:
     """``[base.yaml, <name>.yaml]`` from the experiments directory (a path to a YAML file works too)."""
-    from pumer_lightning.cli import EXPERIMENTS_DIR
-
     directory = EXPERIMENTS_DIR if EXPERIMENTS_DIR.is_dir() else Path("experiments")
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
@@ -80,55 +86,52 @@ def _forward(model: Any, batch: dict[str, Any]) -> None:
         model(batch)
 
 
+def _examples(batch: dict[str, Any]) -> int:
+    return int(batch["pixel_values"].shape[0])
+
+
 @torch.inference_mode()
 def time_reduction(model: Any, batches: list[dict[str, Any]], rounds: int = 5) -> dict[str, float]:
     """Interleaved timing of the model with and without its reducers on the same batches.
 
-    Each round times one pass over ``batches`` with the reducers, then one without (order alternating between
-    rounds); the medians of the per-round times give examples/s and their ratio. FLOPs come from
-    ``torch.utils.flop_counter`` on the first batch.
+    One warm-up forward of the first batch per setting, then `interleaved_times`: each round times one pass over
+    ``batches`` with the reducers and one without (order alternating between rounds); the medians of the
+    per-round times give examples/s and their ratio. FLOPs per example come from `count_flops` on the first batch.
     """
-    from pumer_lightning.measure import flop_counter
-
-    schedule = model.backbone.reducer
     device = model.device
     batches = [_to_device(b, device) for b in batches]
-    examples = sum(int(b["pixel_values"].shape[0]) for b in batches)
+    examples = sum(_examples(b) for b in batches)
     model.eval()
-    times: dict[str, list[float]] = {"reduced": [], "unreduced": []}
-    settings = {"reduced": schedule, "unreduced": None}
-    try:
-        for name in ("reduced", "unreduced"):  # warm-up (allocator, kernels)
-            model.backbone.reducer = settings[name]
-            _forward(model, batches[0])
-        for r in tqdm(range(rounds), desc="timing reduced vs unreduced", leave=False):
-            order = ("reduced", "unreduced") if r % 2 == 0 else ("unreduced", "reduced")
-            for name in order:
-                model.backbone.reducer = settings[name]
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                for batch in batches:
-                    _forward(model, batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append(time.perf_counter() - start)
-        flops = {}
-        for name in ("reduced", "unreduced"):
-            model.backbone.reducer = settings[name]
-            with flop_counter() as counter:
-                _forward(model, batches[0])
-            flops[name] = counter.get_total_flops() / max(1, int(batches[0]["pixel_values"].shape[0]))
-    finally:
-        model.backbone.reducer = schedule
-    med = {k: statistics.median(v) for k, v in times.items()}
+    settings = {"reduced": model.backbone.reducer, "unreduced": None}
+
+    def first() -> None:
+        _forward(model, batches[0])
+
+    def passes() -> None:
+        for batch in batches:
+            _forward(model, batch)
+
+    flops = {}
+    for name, schedule in settings.items():  # warm-up (allocator, kernels), then FLOPs
+        with model.backbone.using(schedule):
+            first()
+            flops[name] = count_flops(first) / max(1, _examples(batches[0]))
+    times = interleaved_times(
+        {name: passes for name in settings},
+        rounds,
+        warmup=0,
+        sync=device,
+        context=lambda name: model.backbone.using(settings[name]),
+        desc="timing reduced vs unreduced",
+    )
+    rates = median_rates(times, examples)
     return {
         "examples": examples,
         "rounds": rounds,
-        "reduced_per_sec": examples / med["reduced"],
-        "unreduced_per_sec": examples / med["unreduced"],
-        "speedup": med["unreduced"] / med["reduced"],
-        "spread": (max(times["unreduced"]) / min(times["unreduced"])),
+        "reduced_per_sec": rates["reduced"],
+        "unreduced_per_sec": rates["unreduced"],
+        "speedup": speedup(times, "unreduced", "reduced"),
+        "spread": spread(times["unreduced"]),
         "gflops_reduced": flops["reduced"] / 1e9,
         "gflops_unreduced": flops["unreduced"] / 1e9,
     }
@@ -143,9 +146,6 @@ def time_full_size(bench_name: str, batch_size: int = 4, rounds: int = 5) -> dic
     """The same reducer code at full size: a randomly initialised backbone of the bench experiment
     ``bench_name`` (e.g. ViLT-B/32 at 384 px) with its released PuMer schedule against no reduction, on one
     batch of task-shaped random inputs, interleaved rounds, median (forward of the backbone, every image)."""
-    from pumer_lightning.bench import get_experiment, make_inputs
-    from pumer_lightning.models import build_backbone
-
     exp = get_experiment(bench_name)
     torch.manual_seed(0)
     backbone = build_backbone(exp.preset, num_token_types=exp.num_token_types).eval()
@@ -156,35 +156,30 @@ def time_full_size(bench_name: str, batch_size: int = 4, rounds: int = 5) -> dic
         for i, image in enumerate(inputs.pixel_values):
             backbone(image, inputs.input_ids, inputs.attention_mask, image_index=i)
 
-    times: dict[str, list[float]] = {"reduced": [], "unreduced": []}
-    backbone.reducer = exp.released
-    forward()  # warm-up
-    for r in tqdm(range(rounds), desc=f"timing full-size {exp.preset}", leave=False):
-        for name in ("reduced", "unreduced") if r % 2 == 0 else ("unreduced", "reduced"):
-            backbone.reducer = settings[name]
-            start = time.perf_counter()
-            forward()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    n_image = backbone.num_image_tokens
-    tokens, _ = exp.released.tokens_per_layer(n_image, exp.text_len, backbone.num_layers)
+    times = interleaved_times(
+        {name: forward for name in settings},
+        rounds,
+        warmup=1,
+        context=lambda name: backbone.using(settings[name]),
+        desc=f"timing full-size {exp.preset}",
+    )
+    rates = median_rates(times, batch_size)
+    tokens, _ = exp.released.tokens_per_layer(backbone.num_image_tokens, exp.text_len, backbone.num_layers)
     return {
         "preset": exp.preset,
         "setting": bench_name,
         "schedule": exp.released,
         "batch_size": batch_size,
         "rounds": rounds,
-        "reduced_per_sec": batch_size / med["reduced"],
-        "unreduced_per_sec": batch_size / med["unreduced"],
-        "speedup": med["unreduced"] / med["reduced"],
+        "reduced_per_sec": rates["reduced"],
+        "unreduced_per_sec": rates["unreduced"],
+        "speedup": speedup(times, "unreduced", "reduced"),
         "image_tokens": tokens,
     }
 
 
 def control_runs(cli: Any) -> dict[str, dict[str, float]]:
     """Test metrics of the trained weights with the reducers off and with random pruning at the same ratios."""
-    from pumer_lightning.reduce import ReducerSchedule
-
     model, trainer = cli.model, cli.trainer
     schedule = model.backbone.reducer
     own_predictions = model.predictions_dir
@@ -192,8 +187,6 @@ def control_runs(cli: Any) -> dict[str, dict[str, float]]:
     variants = {"reducers off": None}
     if schedule is not None and schedule.is_active and schedule.keep_ratio < 1:
         variants["random pruning"] = dataclasses.replace(schedule, importance="random")
-    from lightning.pytorch import Trainer
-
     quiet = Trainer(
         accelerator=trainer.accelerator, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[],
@@ -201,15 +194,13 @@ def control_runs(cli: Any) -> dict[str, dict[str, float]]:
     )  # fmt: skip
     try:
         for name, variant in variants.items():
-            model.backbone.reducer = (
-                variant if variant is None else ReducerSchedule(**dataclasses.asdict(variant))
-            )
+            copy = variant if variant is None else ReducerSchedule(**dataclasses.asdict(variant))
             model.predictions_dir = str(Path(trainer.log_dir or ".") / "controls" / name.replace(" ", "_"))
             torch.manual_seed(0)
-            metrics = quiet.test(model, datamodule=cli.datamodule, verbose=False)
+            with model.backbone.using(copy):
+                metrics = quiet.test(model, datamodule=cli.datamodule, verbose=False)
             out[name] = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
     finally:
-        model.backbone.reducer = schedule
         model.predictions_dir = own_predictions
     return out
 
@@ -231,21 +222,35 @@ def summary_text(
     wall: float,
     full: dict[str, Any] | None = None,
 ) -> str:
-    from pumer_lightning.callbacks import MAIN_METRIC
+    """The ``make exp`` summary (Markdown): the run, accuracy, tokens per layer, speed, controls, caveats."""
+    main = MAIN_METRIC[cli.model.task_name]
+    lines = _run_lines(name, cli.model, wall) + _accuracy_lines(main, val, test) + _token_lines(test)
+    if timing:
+        lines += _speed_lines(timing)
+    if full:
+        lines += _full_size_lines(full)
+    if controls:
+        lines += _control_lines(main, cli.model.backbone.reducer, test, controls)
+    lines += _caveats(cli, test.get(f"test/{main}"), controls, main)
+    return "\n".join(lines)
 
-    model = cli.model
-    task = model.task_name
-    main = MAIN_METRIC[task]
+
+def _run_lines(name: str, model: Any, wall: float) -> list[str]:
+    """The title, the task, backbone and reducer schedule, and the wall time."""
     schedule = model.backbone.reducer
-    lines = [f"## make exp {name}: summary", ""]
-    desc = "no reduction" if schedule is None or not schedule.is_active else (
-        f"keep {schedule.keep_ratio:g}, merge {schedule.merge_ratio:g}, text merge {schedule.text_merge_ratio:g} "
-        f"at blocks {schedule.layers} ({schedule.importance} importance)"
-    )  # fmt: skip
-    lines += [
-        f"- task `{task}`, backbone `{model.spec.preset}`, reducer: {desc}",
+    desc = "no reduction" if schedule is None or not schedule.is_active else str(schedule)
+    return [
+        f"## make exp {name}: summary",
+        "",
+        f"- task `{model.task_name}`, backbone `{model.spec.preset}`, reducer: {desc}",
         f"- wall time (data + fit + test + this summary): {wall / 60:.1f} min",
         "",
+    ]
+
+
+def _accuracy_lines(main: str, val: dict[str, float], test: dict[str, float]) -> list[str]:
+    """The main metric on validation (best checkpoint) and test, then on test per statement type if any."""
+    lines = [
         "| split | " + main + " |",
         "|---|---|",
         f"| val (best checkpoint) | {_fmt(val.get(f'val/{main}'))} |",
@@ -257,55 +262,69 @@ def summary_text(
         lines += [f"| statement type | test {main} |", "|---|---|"]
         lines += [f"| {k.split('/')[-1]} | {_fmt(test[k])} |" for k in by_type]
         lines.append("")
+    return lines
+
+
+def _token_lines(test: dict[str, float]) -> list[str]:
+    """Image and text tokens entering each layer on test (empty without the token metrics)."""
     layers = sorted(k for k in test if k.startswith("test/tokens/image/layer_"))
-    if layers:
-        image = [test[k] for k in layers]
-        text = [test.get(k.replace("/image/", "/text/"), float("nan")) for k in layers]
-        lines += [
-            "Tokens entering each layer (mean per image-text pass, test):",
-            "",
-            "| layer | " + " | ".join(str(i) for i in range(len(layers))) + " |",
-            "|---|" + "---|" * len(layers),
-            "| image | " + " | ".join(f"{v:.1f}" for v in image) + " |",
-            "| text | " + " | ".join(f"{v:.1f}" for v in text) + " |",
-            "",
-        ]
-    if timing:
-        lines += [
-            f"Speed (evaluation forward, {timing['examples']} test examples x {timing['rounds']} interleaved rounds, "
-            "same weights, median):",
-            "",
-            "| model | examples/s | GFLOPs/example |",
-            "|---|---|---|",
-            f"| reduced | {timing['reduced_per_sec']:.1f} | {timing['gflops_reduced']:.4f} |",
-            f"| unreduced | {timing['unreduced_per_sec']:.1f} | {timing['gflops_unreduced']:.4f} |",
-            "",
-            f"**Measured speed-up: {timing['speedup']:.2f}x** (FLOP ratio {timing['gflops_unreduced'] / max(timing['gflops_reduced'], 1e-12):.2f}x; "
-            f"round-to-round spread of the unreduced time {timing['spread']:.2f}x on this machine).",
-            "",
-        ]  # fmt: skip
-    if full:
-        sched = full["schedule"]
-        lines += [
-            f"The same reducer code at full size ({full['preset']}, random weights, released `{full['setting']}` "
-            f"schedule: keep {sched.keep_ratio:g}, merge {sched.merge_ratio:g}, text {sched.text_merge_ratio:g} at "
-            f"blocks {sched.layers}; batch {full['batch_size']}, {full['rounds']} interleaved rounds): "
-            f"{full['reduced_per_sec']:.2f} vs {full['unreduced_per_sec']:.2f} examples/s, "
-            f"**speed-up {full['speedup']:.2f}x**; image tokens per layer "
-            + " -> ".join(str(t) for i, t in enumerate(full["image_tokens"]) if i == 0 or t != full["image_tokens"][i - 1])
-            + ".",
-            "",
-        ]  # fmt: skip
-    if controls:
-        lines += ["Same trained weights at test time:", "", f"| variant | {main} |", "|---|---|"]
-        lines.append(
-            f"| trained reducer ({schedule.importance if schedule else 'none'}) | {_fmt(test.get(f'test/{main}'))} |"
-        )
-        for variant, metrics in controls.items():
-            lines.append(f"| {variant} | {_fmt(metrics.get(f'test/{main}'))} |")
-        lines.append("")
-    lines += _caveats(cli, test.get(f"test/{main}"), controls, main)
-    return "\n".join(lines)
+    if not layers:
+        return []
+    image = [test[k] for k in layers]
+    text = [test.get(k.replace("/image/", "/text/"), float("nan")) for k in layers]
+    return [
+        "Tokens entering each layer (mean per image-text pass, test):",
+        "",
+        "| layer | " + " | ".join(str(i) for i in range(len(layers))) + " |",
+        "|---|" + "---|" * len(layers),
+        "| image | " + " | ".join(f"{v:.1f}" for v in image) + " |",
+        "| text | " + " | ".join(f"{v:.1f}" for v in text) + " |",
+        "",
+    ]
+
+
+def _speed_lines(timing: dict[str, float]) -> list[str]:
+    """`time_reduction`'s figures: examples/s and GFLOPs per example, reduced and unreduced, and the ratios."""
+    flop_ratio = timing["gflops_unreduced"] / max(timing["gflops_reduced"], 1e-12)
+    return [
+        f"Speed (evaluation forward, {timing['examples']} test examples x {timing['rounds']} interleaved rounds, "
+        "same weights, median):",
+        "",
+        "| model | examples/s | GFLOPs/example |",
+        "|---|---|---|",
+        f"| reduced | {timing['reduced_per_sec']:.1f} | {timing['gflops_reduced']:.4f} |",
+        f"| unreduced | {timing['unreduced_per_sec']:.1f} | {timing['gflops_unreduced']:.4f} |",
+        "",
+        f"**Measured speed-up: {timing['speedup']:.2f}x** (FLOP ratio {flop_ratio:.2f}x; "
+        f"round-to-round spread of the unreduced time {timing['spread']:.2f}x on this machine).",
+        "",
+    ]
+
+
+def _full_size_lines(full: dict[str, Any]) -> list[str]:
+    """`time_full_size`'s figures: the released schedule at full size against no reduction."""
+    tokens = full["image_tokens"]
+    steps = " -> ".join(str(t) for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1])
+    return [
+        f"The same reducer code at full size ({full['preset']}, random weights, released `{full['setting']}` "
+        f"schedule: {full['schedule']}; batch {full['batch_size']}, {full['rounds']} interleaved rounds): "
+        f"{full['reduced_per_sec']:.2f} vs {full['unreduced_per_sec']:.2f} examples/s, "
+        f"**speed-up {full['speedup']:.2f}x**; image tokens per layer {steps}.",
+        "",
+    ]
+
+
+def _control_lines(
+    main: str, schedule: Any, test: dict[str, float], controls: dict[str, dict[str, float]]
+) -> list[str]:
+    """Test scores of the same weights: the trained reducer against `control_runs`' variants."""
+    importance = schedule.importance if schedule else "none"
+    lines = ["Same trained weights at test time:", "", f"| variant | {main} |", "|---|---|"]
+    lines.append(f"| trained reducer ({importance}) | {_fmt(test.get(f'test/{main}'))} |")
+    for variant, metrics in controls.items():
+        lines.append(f"| {variant} | {_fmt(metrics.get(f'test/{main}'))} |")
+    lines.append("")
+    return lines
 
 
 def _caveats(cli: Any, score: float | None, controls: dict[str, dict[str, float]], main: str) -> list[str]:
@@ -377,11 +396,6 @@ def run(argv: list[str] | None = None) -> str:
     if bad:
         parser.error(f"unexpected arguments {bad}; overrides look like --model.reducer.keep_ratio=0.6")
 
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from pumer_lightning.callbacks.checkpoint import CheckpointWriteError
-    from pumer_lightning.cli import PumerCLI
-
     start = time.perf_counter()
     files = experiment_files(args.name)
     cli_args = [a for f in files for a in ("-c", f)] + overrides
@@ -408,16 +422,11 @@ def run(argv: list[str] | None = None) -> str:
         signal.signal(signal.SIGTERM, previous)
 
 
-#: Exit status after SIGTERM (as `python -m pumer_lightning fit`).
-SIGTERM_EXIT_CODE = 143
-
-
 def _raise_on_sigterm() -> Any:
     """Install a SIGTERM handler that stops the driver between Lightning runs (timing, full-size timing, data
     generation) with `SIGTERMException`, so that it prints its interruption summary. While a Trainer runs, Lightning's
     own handler (which calls this one too) stops the run at the next batch boundary and saves ``interrupted.ckpt``;
     this one then does nothing."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     def handler(signum: int, frame: Any) -> None:
         if signal.getsignal(signal.SIGTERM) is handler:  # no Trainer is running
@@ -427,8 +436,6 @@ def _raise_on_sigterm() -> Any:
 
 
 def _run_phases(args: argparse.Namespace, state: dict[str, Any], start: float) -> str:
-    from pumer_lightning.callbacks.checkpoint import refuse_to_overwrite, resolve_resume
-
     cli = state["cli"]
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     ckpt_path = resolve_resume(trainer, args.ckpt_path)
@@ -483,8 +490,6 @@ def _run_phases(args: argparse.Namespace, state: dict[str, Any], start: float) -
 
 def resume_commands(args: argparse.Namespace, argv: list[str] | None, ckpt_path: str) -> list[str]:
     """``make exp`` and ``python -m pumer_lightning.exp`` commands that continue this run from ``ckpt_path``."""
-    from pumer_lightning.cli import without_ckpt_path
-
     rest = without_ckpt_path([a for a in (argv if argv is not None else sys.argv[1:]) if a != args.name])
     rest.append(f"--ckpt_path={ckpt_path}")
     return [
@@ -496,8 +501,6 @@ def resume_commands(args: argparse.Namespace, argv: list[str] | None, ckpt_path:
 def _resume_file(state: dict[str, Any], err: BaseException) -> str | None:
     """The checkpoint to continue from after ``err``: what the interruption saved during the fit, else the
     fit's final ``last.ckpt`` (a finished fit resumes as a no-op and goes on to test and summarise)."""
-    from pumer_lightning.callbacks.checkpoint import interruption_report
-
     cli = state.get("cli")
     if cli is None:
         return None
@@ -513,8 +516,6 @@ def _report_interruption(
     args: argparse.Namespace, argv: list[str] | None, state: dict[str, Any], err: BaseException, start: float
 ) -> None:
     """Print (and write to ``<log_dir>/summary.md``) what an interrupted ``make exp`` did and how to resume it."""
-    from pumer_lightning.callbacks.checkpoint import interruption_report
-
     cli = state.get("cli")
     trainer = cli.trainer if cli is not None else None
     if trainer is not None and not trainer.is_global_zero:
