@@ -1,11 +1,11 @@
-"""The released PuMer settings (csarron/PuMer checkpoints, docs/experiments.md) as schedules with real block
-ids.
+"""The released PuMer settings (csarron/PuMer, docs/experiments.md) as schedules with real block ids.
 
     python -m pumer_lightning.reduce.released      # prints the token-count table of docs/reducer.md
 
 Each entry carries the token counts of the task's inputs: image tokens including the image CLS (ViLT 384 px
 with 32 px patches: 145; METER 288 px with 16 px patches: 325; 384 px: 577) and the padded text length the
-official configs use (32 for VQA, 40 otherwise).
+official configs use (32 for VQA, 40 otherwise). The checkpoint names are
+`pumer_lightning.models.released.RELEASED_CHECKPOINTS`, under the same keys.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from .schedule import ReducerSchedule
 
 @dataclass(frozen=True)
 class ReleasedSetting:
-    checkpoint: str
     schedule: ReducerSchedule
     n_image: int
     n_text: int
@@ -25,35 +24,17 @@ class ReleasedSetting:
 
 
 RELEASED: dict[str, ReleasedSetting] = {
-    "vilt_vqa2": ReleasedSetting(
-        "vilt-vqa2-p0.1-r0.3-t0.2-258", ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]), 145, 32, 12
-    ),
-    "vilt_snli_ve": ReleasedSetting(
-        "vilt-ve-p0.1r0.3t0.2-2468", ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 4, 6, 8]), 145, 40, 12
-    ),
-    "vilt_nlvr2": ReleasedSetting(
-        "vilt-nlvr2-p0.1r0.3t0.2-258", ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]), 145, 40, 12
-    ),
+    "vilt_vqa2": ReleasedSetting(ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]), 145, 32, 12),
+    "vilt_snli_ve": ReleasedSetting(ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 4, 6, 8]), 145, 40, 12),
+    "vilt_nlvr2": ReleasedSetting(ReducerSchedule.from_pumer(0.1, 0.3, 0.2, [2, 5, 8]), 145, 40, 12),
     "meter_vqa2": ReleasedSetting(
-        "meter-vqa2-p0.2r0.2t0.2-0246",
-        ReducerSchedule.from_pumer(0.2, 0.2, 0.2, [0, 2, 4, 6], doubled=True),
-        577,
-        32,
-        6,
+        ReducerSchedule.from_pumer(0.2, 0.2, 0.2, [0, 2, 4, 6], doubled=True), 577, 32, 6
     ),
     "meter_snli_ve": ReleasedSetting(
-        "meter-ve-p0.3r0.5t0.2-0246",
-        ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [0, 2, 4, 6], doubled=True),
-        577,
-        40,
-        6,
+        ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [0, 2, 4, 6], doubled=True), 577, 40, 6
     ),
     "meter_nlvr2": ReleasedSetting(
-        "meter-nlvr2-p0.3r0.5t0.2-246",
-        ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [2, 4, 6], doubled=True),
-        325,
-        40,
-        6,
+        ReducerSchedule.from_pumer(0.3, 0.5, 0.2, [2, 4, 6], doubled=True), 325, 40, 6
     ),
 }
 
