@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .base import Backbone
 from .build import PRESETS, new_backbone, preset_family, preset_image_size
 from .checkpoint import (
     CheckpointError,
@@ -264,60 +265,20 @@ def convert(
         raise ValueError(f"family must be one of {sorted(_CONVERTERS)}, got {family!r}")
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    converted = _CONVERTERS[family](load_original(src, trust_pickle=trust_pickle))
-    types_key, pos_key, patch_key, vocab_key = _KEYS[family]
-    missing = [k for k in (types_key, pos_key, patch_key, vocab_key) if k not in converted.backbone]
-    if missing:
-        raise CheckpointError(
-            f"{src} is not a complete original {family} checkpoint: no source for {missing}"
-        )
+    converted = _load_converted(family, src, trust_pickle)
     state = converted.backbone
-
-    # image size: source grid -> target (preset) grid
-    patch = state[patch_key].shape[-1]
-    table = state[pos_key][0] if family == "vilt" else state[pos_key]
-    source_size = round((table.shape[0] - 1) ** 0.5) * patch
-    if preset is None:
-        preset = _default_preset(family, image_size or source_size)
-    if preset_family(preset) != family:
-        raise ValueError(f"preset {preset!r} is not a {family} preset")
-    target_size = image_size or preset_image_size(preset)
-    if target_size != preset_image_size(preset):
-        raise ValueError(
-            f"preset {preset} is built for {preset_image_size(preset)} px, not --image-size {target_size}"
-        )
-    if target_size % patch:
-        raise ValueError(f"--image-size {target_size} is not a multiple of the patch size {patch}")
-    if target_size != source_size:
-        mode, corners = ("bicubic", False) if family == "meter" else ("bilinear", True)
-        table = resize_position_table(table, target_size // patch, mode=mode, align_corners=corners)
-        log(f"position embeddings: {source_size} px -> {target_size} px ({mode}, CLS row kept)")
-    state[pos_key] = table.unsqueeze(0) if family == "vilt" else table
-
-    # task head
+    preset, target_size = _fit_positions(family, state, preset, image_size, log)
     task = _resolve_task(task, converted, src, log)
     head_state = _head_state(task, converted, log) if task is not None else None
-    # modality type rows
-    rows = state[types_key].shape[0]
-    wanted = token_types or max(rows, 3 if task == "nlvr2" else 2)
-    if wanted < rows:
-        raise ValueError(f"--token-types {wanted} is fewer than the source's {rows} type rows")
-    if wanted > rows:
-        state[types_key] = torch.cat([state[types_key], state[types_key][1:2].expand(wanted - rows, -1)])
-        log(f"modality type embeddings: {rows} -> {wanted} rows (new rows copied from row 1)")
-
+    wanted = _fit_token_types(state, _KEYS[family][0], token_types, task, log)
     backbone = new_backbone(
         preset,
         num_token_types=wanted,
-        vocab_size=state[vocab_key].shape[0],
+        vocab_size=state[_KEYS[family][3]].shape[0],
         vilt_config_override=original_vilt_config(preset) if family == "vilt" else None,
     )
     load_strict(backbone, state, f"converted {family} backbone from {src}")
-    head = None
-    if head_state is not None:
-        num_answers = head_state["3.weight"].shape[0] if task == "vqa2" else 3129
-        head = build_head(task, backbone.hidden_size, num_answers, width=backbone.head_width)
-        load_strict(head, head_state, f"converted {task} head from {src}")
+    head = _converted_head(task, head_state, backbone, src)
     if converted.dropped:
         log(
             f"dropped {len(converted.dropped)} source keys without a counterpart: {_summarise(converted.dropped)}"
@@ -337,6 +298,78 @@ def convert(
         f"wrote {out} ({family}, preset {preset}, {target_size} px, {wanted} type rows, head: {task or 'none'})"
     )
     return out
+
+
+def _load_converted(family: str, src: str | Path, trust_pickle: bool) -> Converted:
+    """The original checkpoint at ``src`` renamed to our keys; refuses one without the keys the rules need."""
+    converted = _CONVERTERS[family](load_original(src, trust_pickle=trust_pickle))
+    missing = [k for k in _KEYS[family] if k not in converted.backbone]
+    if missing:
+        raise CheckpointError(
+            f"{src} is not a complete original {family} checkpoint: no source for {missing}"
+        )
+    return converted
+
+
+def _fit_positions(
+    family: str,
+    state: dict[str, Tensor],
+    preset: str | None,
+    image_size: int | None,
+    log: Callable[[str], None],
+) -> tuple[str, int]:
+    """Resize the position table in ``state`` from the source grid to the preset's; returns (preset, px)."""
+    _, pos_key, patch_key, _ = _KEYS[family]
+    patch = state[patch_key].shape[-1]
+    table = state[pos_key][0] if family == "vilt" else state[pos_key]
+    source_size = round((table.shape[0] - 1) ** 0.5) * patch
+    if preset is None:
+        preset = _default_preset(family, image_size or source_size)
+    if preset_family(preset) != family:
+        raise ValueError(f"preset {preset!r} is not a {family} preset")
+    target_size = image_size or preset_image_size(preset)
+    if target_size != preset_image_size(preset):
+        raise ValueError(
+            f"preset {preset} is built for {preset_image_size(preset)} px, not --image-size {target_size}"
+        )
+    if target_size % patch:
+        raise ValueError(f"--image-size {target_size} is not a multiple of the patch size {patch}")
+    if target_size != source_size:
+        mode, corners = ("bicubic", False) if family == "meter" else ("bilinear", True)
+        table = resize_position_table(table, target_size // patch, mode=mode, align_corners=corners)
+        log(f"position embeddings: {source_size} px -> {target_size} px ({mode}, CLS row kept)")
+    state[pos_key] = table.unsqueeze(0) if family == "vilt" else table
+    return preset, target_size
+
+
+def _fit_token_types(
+    state: dict[str, Tensor],
+    types_key: str,
+    token_types: int | None,
+    task: str | None,
+    log: Callable[[str], None],
+) -> int:
+    """Grow the modality type rows in ``state`` to ``token_types`` (3 for NLVR2's two images); returns it."""
+    rows = state[types_key].shape[0]
+    wanted = token_types or max(rows, 3 if task == "nlvr2" else 2)
+    if wanted < rows:
+        raise ValueError(f"--token-types {wanted} is fewer than the source's {rows} type rows")
+    if wanted > rows:
+        state[types_key] = torch.cat([state[types_key], state[types_key][1:2].expand(wanted - rows, -1)])
+        log(f"modality type embeddings: {rows} -> {wanted} rows (new rows copied from row 1)")
+    return wanted
+
+
+def _converted_head(
+    task: str | None, head_state: dict[str, Tensor] | None, backbone: Backbone, src: str | Path
+) -> nn.Module | None:
+    """The task head built for ``backbone`` and loaded from the converted head weights (None without them)."""
+    if head_state is None:
+        return None
+    num_answers = head_state["3.weight"].shape[0] if task == "vqa2" else 3129
+    head = build_head(task, backbone.hidden_size, num_answers, width=backbone.head_width)
+    load_strict(head, head_state, f"converted {task} head from {src}")
+    return head
 
 
 #: LayerNorm epsilon of original ViLT (timm ``VisionTransformer`` blocks and final norm, ``eps=1e-6``);
