@@ -294,46 +294,59 @@ class SplitWriter:
                     summary.note_skip(reason, f"(in {name}, see its earlier run)", n)
                 bar.update(len(chunk))
                 continue
-            skipped: Counter = Counter()
-
-            def samples(chunk: Sequence[RecordPlan] = chunk, skipped: Counter = skipped) -> Iterator[dict]:
-                for plan, result in zip(chunk, bounded_map(load, chunk, workers)):
-                    bar.update(1)
-                    if isinstance(result, SkipRecord):
-                        skipped[result.reason] += 1
-                        summary.note_skip(result.reason, result.detail)
-                        continue
-                    if isinstance(result, BaseException):
-                        skipped["error"] += 1
-                        summary.note_skip("error", f"{plan.key}: {type(result).__name__}: {result}")
-                        continue
-                    yield result
-
-            kept_keys: set[str] = set()
-
-            def tracked(it: Iterator[dict], kept_keys: set[str] = kept_keys) -> Iterator[dict]:
-                for s in it:
-                    kept_keys.add(s["__key__"])
-                    yield s
-
-            write_shard(self.out_dir / name, tracked(samples()))
-            kept = [p for p in chunk if p.key in kept_keys]
-            info = ShardInfo(
-                name=name,
-                records=len(kept),
-                samples=sum(p.num_texts for p in kept),
-                fingerprint=fp,
-                skipped=dict(skipped),
-            )
-            shards.append(info)
+            shards.append(self._write_chunk(name, chunk, fp, load, workers, bar, summary))
             summary.shards_written += 1
             write_json_atomic(self.out_dir / PROGRESS_FILE, {"shards": [vars(s) for s in shards]})
         bar.close()
-        # Shards of an earlier run with a larger plan would otherwise be picked up by nothing but disk space.
-        keep_names = {s.name for s in shards}
+        self._remove_stale_shards({s.name for s in shards})
+        return self._finish(shards, summary)
+
+    def _write_chunk(
+        self,
+        name: str,
+        chunk: Sequence[RecordPlan],
+        fingerprint: str,
+        load: Callable[[RecordPlan], dict[str, Any]],
+        workers: int,
+        bar: tqdm,
+        summary: SplitSummary,
+    ) -> ShardInfo:
+        """Load ``chunk``'s records on ``workers`` threads and write the ones that load as shard ``name``."""
+        skipped: Counter = Counter()
+        kept_keys: set[str] = set()
+
+        def samples() -> Iterator[dict]:
+            for plan, result in zip(chunk, bounded_map(load, chunk, workers)):
+                bar.update(1)
+                if isinstance(result, SkipRecord):
+                    skipped[result.reason] += 1
+                    summary.note_skip(result.reason, result.detail)
+                    continue
+                if isinstance(result, BaseException):
+                    skipped["error"] += 1
+                    summary.note_skip("error", f"{plan.key}: {type(result).__name__}: {result}")
+                    continue
+                kept_keys.add(result["__key__"])
+                yield result
+
+        write_shard(self.out_dir / name, samples())
+        kept = [p for p in chunk if p.key in kept_keys]
+        return ShardInfo(
+            name=name,
+            records=len(kept),
+            samples=sum(p.num_texts for p in kept),
+            fingerprint=fingerprint,
+            skipped=dict(skipped),
+        )
+
+    def _remove_stale_shards(self, keep_names: set[str]) -> None:
+        """Shards of an earlier run with a larger plan would otherwise be picked up by nothing but disk space."""
         for stale in self.out_dir.glob(f"{self.task}-{self.split}-*.tar"):
             if stale.name not in keep_names:
                 stale.unlink()
+
+    def _finish(self, shards: list[ShardInfo], summary: SplitSummary) -> tuple[SplitMeta, SplitSummary]:
+        """Write the split's meta.json over the progress file; the summary gets the split's totals."""
         meta = SplitMeta.from_shards(
             task=self.task,
             split=self.split,

@@ -163,6 +163,42 @@ def prepare(
 ) -> list[PreparedSplit]:
     """Plan every requested split; the vocabulary comes from the labelled train/val questions present."""
     explicit = splits is not None
+    splits = _requested_splits(src, splits)
+    annotations, mc_answers, vocab_sources = _load_annotations(src, splits if explicit else None)
+    vocab = build_vocabulary(mc_answers, min_count)
+    vocab_set = set(vocab)
+    image_root = images or src
+    out = []
+    for split in splits:
+        official = SPLITS[split]
+        qpath = _questions_file(src, official, required=True)
+        assert qpath is not None
+        img_dir = find_dir(image_root, IMAGE_FOLDER[official], (".", "images"))
+        anns = annotations.get(split)
+        by_image, skipped = _questions_by_image(qpath, anns, vocab_set)
+        folder = IMAGE_FOLDER[official]
+        plans = []
+        for image_id in sorted(by_image):
+            key = f"COCO_{folder}_{image_id:012d}"
+            info = {"image_id": key, "coco_id": image_id, "texts": by_image[image_id]}
+            plans.append(RecordPlan(key, info, [img_dir / f"{key}.jpg"]))
+        if split == "train":
+            random.Random(seed).shuffle(plans)
+        out.append(
+            PreparedSplit(
+                split=split,
+                plans=plans,
+                labeled=anns is not None,
+                labels=vocab,
+                extra={"source": official, "vocab_from": vocab_sources, "min_count": min_count},
+                skipped=skipped,
+            )
+        )
+    return out
+
+
+def _requested_splits(src: Path, splits: list[str] | None) -> list[str]:
+    """``splits`` checked against VQAv2's, or every split whose question file is in ``src``."""
     splits = splits or [s for s in SPLITS if _questions_file(src, SPLITS[s], required=False) is not None]
     if not splits:
         expected = ", ".join(f"v2_OpenEnded_mscoco_{o}_questions.json" for o in SPLITS.values())
@@ -170,13 +206,21 @@ def prepare(
     for s in splits:
         if s not in SPLITS:
             raise ValueError(f"--splits: unknown VQAv2 split {s!r} (choose from {', '.join(SPLITS)})")
+    return splits
+
+
+def _load_annotations(
+    src: Path, required: list[str] | None
+) -> tuple[dict[str, dict[int, dict[str, Any]]], list[str], list[str]]:
+    """The train/val annotations present, by split and question id, with the multiple-choice answers the
+    vocabulary is built from and the files they came from; a split in ``required`` must have its file."""
     annotations: dict[str, dict[int, dict[str, Any]]] = {}
     mc_answers: list[str] = []
     vocab_sources = []
     for s in ("train", "val"):
         path = _annotations_file(src, SPLITS[s])
         if path is None:
-            if explicit and s in splits:
+            if required is not None and s in required:
                 raise FileNotFoundError(
                     f"{src}: v2_mscoco_{SPLITS[s]}_annotations.json is missing for split {s}"
                 )
@@ -190,57 +234,34 @@ def prepare(
             f"{src}: no VQAv2 annotation file (v2_mscoco_train2014_annotations.json or "
             "v2_mscoco_val2014_annotations.json); the answer vocabulary is built from them"
         )
-    vocab = build_vocabulary(mc_answers, min_count)
-    vocab_set = set(vocab)
-    image_root = images or src
-    out = []
-    for split in splits:
-        official = SPLITS[split]
-        qpath = _questions_file(src, official, required=True)
-        assert qpath is not None
-        img_dir = find_dir(image_root, IMAGE_FOLDER[official], (".", "images"))
-        anns = annotations.get(split)
-        labeled = anns is not None
-        by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        skipped: dict[str, list[str]] = {}
-        for q in _load(qpath, "questions"):
-            entry: dict[str, Any] = {
-                "text_id": str(q["question_id"]),
-                "question_id": int(q["question_id"]),
-                "text": q["question"],
-            }
-            if labeled:
-                ann = anns.get(q["question_id"])
-                if ann is None:
-                    skipped.setdefault("no_annotation", []).append(
-                        f"question {q['question_id']} ({qpath.name})"
-                    )
-                    continue
-                raw = [a["answer"] for a in ann["answers"]]
-                entry.update(
-                    answers=raw,
-                    label=soft_scores(raw, vocab_set),
-                    multiple_choice_answer=ann.get("multiple_choice_answer"),
-                    answer_type=ann.get("answer_type"),
-                    question_type=ann.get("question_type"),
-                )
-            by_image[int(q["image_id"])].append(entry)
-        folder = IMAGE_FOLDER[official]
-        plans = []
-        for image_id in sorted(by_image):
-            key = f"COCO_{folder}_{image_id:012d}"
-            info = {"image_id": key, "coco_id": image_id, "texts": by_image[image_id]}
-            plans.append(RecordPlan(key, info, [img_dir / f"{key}.jpg"]))
-        if split == "train":
-            random.Random(seed).shuffle(plans)
-        out.append(
-            PreparedSplit(
-                split=split,
-                plans=plans,
-                labeled=labeled,
-                labels=vocab,
-                extra={"source": official, "vocab_from": vocab_sources, "min_count": min_count},
-                skipped=skipped,
+    return annotations, mc_answers, vocab_sources
+
+
+def _questions_by_image(
+    qpath: Path, anns: dict[int, dict[str, Any]] | None, vocab_set: set[str]
+) -> tuple[dict[int, list[dict[str, Any]]], dict[str, list[str]]]:
+    """The questions of ``qpath`` grouped by COCO image id, labelled from ``anns`` when the split has them;
+    questions without an annotation are skipped (and listed by reason)."""
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    skipped: dict[str, list[str]] = {}
+    for q in _load(qpath, "questions"):
+        entry: dict[str, Any] = {
+            "text_id": str(q["question_id"]),
+            "question_id": int(q["question_id"]),
+            "text": q["question"],
+        }
+        if anns is not None:
+            ann = anns.get(q["question_id"])
+            if ann is None:
+                skipped.setdefault("no_annotation", []).append(f"question {q['question_id']} ({qpath.name})")
+                continue
+            raw = [a["answer"] for a in ann["answers"]]
+            entry.update(
+                answers=raw,
+                label=soft_scores(raw, vocab_set),
+                multiple_choice_answer=ann.get("multiple_choice_answer"),
+                answer_type=ann.get("answer_type"),
+                question_type=ann.get("question_type"),
             )
-        )
-    return out
+        by_image[int(q["image_id"])].append(entry)
+    return by_image, skipped
