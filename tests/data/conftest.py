@@ -1,4 +1,4 @@
-"""Fixtures of the data tests (builders live in data_helpers.py; tests/conftest.py sets the offline env)."""
+"""Fixtures of the data tests (builders live in tests/data_helpers.py; tests/conftest.py sets the offline env)."""
 
 from __future__ import annotations
 

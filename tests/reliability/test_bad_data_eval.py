@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from data_helpers import image_bytes, record
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from data_helpers import image_bytes, record  # noqa: E402
-
-from pumer_lightning.data import VLDataModule  # noqa: E402
-from pumer_lightning.data.schema import ShardInfo, SplitMeta, shard_name, write_split_meta  # noqa: E402
-from pumer_lightning.data.writer import write_shard  # noqa: E402
+from pumer_lightning.data import VLDataModule
+from pumer_lightning.data.schema import ShardInfo, SplitMeta, shard_name, write_split_meta
+from pumer_lightning.data.writer import write_shard
 
 
 @pytest.fixture(scope="module")

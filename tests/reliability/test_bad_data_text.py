@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from data_helpers import image_bytes, record, write_split
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from data_helpers import image_bytes, record, write_split  # noqa: E402
-
-from pumer_lightning.data import VLDataModule  # noqa: E402
-from pumer_lightning.data.prepare.cli import convert, main  # noqa: E402
+from pumer_lightning.data import VLDataModule
+from pumer_lightning.data.prepare.cli import convert, main
 
 SURROGATE = "\ud83d"  # what json.loads makes of the escape "\ud83d": a str no tokenizer accepts
 

@@ -1,4 +1,4 @@
-"""Builders for the data tests: real encoded images, real tar shards, real split directories."""
+"""Builders for the data and reliability tests: real encoded images, real tar shards, real split directories."""
 
 from __future__ import annotations
 
