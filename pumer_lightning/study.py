@@ -13,11 +13,15 @@ Everything is generated and trained here, from nothing, on the synthetic shapes 
 3. **Baseline** (cached): the unreduced model fine-tuned on NLVR2 from the pre-trained weights.
 4. **Training-free**: the baseline's weights evaluated with reducers switched on: PuMer, its parts, random and
    image-CLS pruning at the same token budget, and a keep-ratio sweep.
-5. **Fine-tuning from the baseline for the same number of steps**: with the PuMer reducer on, with the reducers
-   off (the matched control), and with the reducer on plus distillation from the baseline.
-6. **Report**: test accuracy per statement type with standard errors, accuracy on the types the baseline
-   learned (decided on the validation split, before looking at test), paired differences with their standard
-   errors, FLOPs per example and measured throughput for every setting; ``<out>/shapes.json``, ``shapes.md``
+5. **Fine-tuning from the baseline for the same number of steps, once per seed** (``StudyConfig.seeds``): with
+   the reducers off (the matched control), with the PuMer reducer on under each text-merge policy
+   (``StudyConfig.policies``) and without text merging; optionally (``distil_seeds``) with the reducer on plus
+   distillation from the baseline. The default policy is chosen on the validation split. Fine-tuning and
+   evaluation batches pad every text to ``max_text_len`` (``text_padding``), as the official code does.
+6. **Report**: test accuracy per statement type, accuracy on the types the baseline learned (decided on the
+   validation split, before looking at test), paired differences, all as means over seeds with standard errors
+   that include the seed-to-seed spread (`over_seeds`, `paired_over_seeds`), the documented targets met or
+   missed, FLOPs per example and measured throughput for every setting; ``<out>/shapes.json``, ``shapes.md``
    and ``shapes.png`` (accuracy vs FLOPs).
 
 Checkpoints and data live under ``--work`` (default ``data/study``, git-ignored); a stage whose inputs did not
