@@ -194,8 +194,14 @@ def preset_image_size(preset: str) -> int:
 
 
 def _vilt_preset_config(preset: str, ckpt: Checkpoint | None) -> ViltConfig | None:
-    """The preset's ViltConfig, or an HF directory's own config after checking it is the preset's architecture."""
+    """The preset's ViltConfig, or an HF directory's own config after checking it is the preset's architecture.
+
+    A checkpoint of ours that records its LayerNorm epsilon (converted original ViLT weights: 1e-6) keeps it.
+    """
     config = vilt_config(**_VILT_PRESETS[preset])
+    if ckpt is not None and ckpt.kind != "hf_vilt" and "layer_norm_eps" in ckpt.config:
+        config.layer_norm_eps = float(ckpt.config["layer_norm_eps"])
+        return config
     if ckpt is None or ckpt.kind != "hf_vilt":
         return None
     hf = ViltConfig.from_dict({k: v for k, v in ckpt.config.items() if k not in ("architectures",)})

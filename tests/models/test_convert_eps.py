@@ -32,9 +32,13 @@ def test_a_converted_original_vilt_checkpoint_carries_eps_1e_6(tmp_path, monkeyp
     (backbone,) = built
     assert backbone.config.layer_norm_eps == 1e-6
     norms = [m for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
-    assert len(norms) == 2 * CONFIG.num_hidden_layers + 2  # two per block, the final norm, the text embeddings
+    assert (
+        len(norms) == 2 * CONFIG.num_hidden_layers + 2
+    )  # two per block, the final norm, the text embeddings
     assert all(m.eps == 1e-6 for m in norms)
     assert read_checkpoint(out).config["layer_norm_eps"] == 1e-6  # the written checkpoint says so
+    reloaded = build_backbone("vilt_tiny", out, num_token_types=backbone.num_token_types)
+    assert all(m.eps == 1e-6 for m in reloaded.modules() if isinstance(m, torch.nn.LayerNorm))  # and keeps it
 
     # with eps 1e-6 the converted model is the original (timm blocks at 1e-6) to float precision
     pixel_values, input_ids, mask = make_inputs(backbone, (9, 4, 1))
