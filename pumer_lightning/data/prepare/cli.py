@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert official dataset files into WebDataset shards + meta.json per split.",
     )
     parser.add_argument("dataset", choices=sorted(DATASETS), help="which dataset to convert")
-    parser.add_argument("--src", required=True, help="directory holding the official files (see docs/data.md)")
+    parser.add_argument(
+        "--src", required=True, help="directory holding the official files (see docs/data.md)"
+    )
     parser.add_argument("--out", default=None, help="output root (default: data/<dataset>)")
     parser.add_argument("--images", default=None, help="image folder, if not under --src")
     parser.add_argument("--splits", default=None, help="comma-separated output splits (default: all found)")
