@@ -30,32 +30,29 @@ change is loaded from its cache, so a second run only re-evaluates. ``--fresh`` 
 
 from __future__ import annotations
 
-import os
+import pumer_lightning.env  # noqa: F401  (first: passive OpenMP threads and offline hubs, before torch loads)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see exp.py: busy-waiting threads crawl on shared CPUs
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# isort: split
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import gc  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import lightning.pytorch as pl
+import torch
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-
-from pumer_lightning.reduce import ReducerSchedule  # noqa: E402
+from pumer_lightning.measure import count_flops, interleaved_times, median_rates
+from pumer_lightning.reduce import ReducerSchedule
 
 TYPES: tuple[str, ...] = ("shape", "color", "exist")
 TASK_TEXT = {
@@ -364,20 +361,16 @@ def predictions(model, batches: list[dict[str, Any]], schedule: ReducerSchedule 
     The score is 1/0 for a right/wrong NLVR2 answer and the VQA score (soft, from ten annotators) of the
     predicted answer for VQA; the mean is accuracy or VQA score.
     """
-    own = model.backbone.reducer
-    model.backbone.reducer = schedule
     torch.manual_seed(seed)  # random pruning draws its scores from the global generator
     scores: list[float] = []
     types: list[str] = []
-    try:
+    with model.backbone.using(schedule):
         for batch in batches:
             best = model(batch).argmax(-1)
             labels = batch["labels"]
             hit = labels.gather(1, best[:, None])[:, 0] if labels.dim() == 2 else (best == labels).float()
             scores += hit.float().tolist()
             types += [m["statement_type"] for m in batch["meta"]]
-    finally:
-        model.backbone.reducer = own
     return scores, types
 
 
@@ -491,47 +484,30 @@ def paired_over_seeds(a: list[list[float]], b: list[list[float]], types: list[st
 @torch.inference_mode()
 def speed(model, batches: list[dict[str, Any]], settings: dict[str, ReducerSchedule | None], rounds: int = 5):
     """FLOPs per example and examples/s of each setting: same weights, same batches, interleaved rounds, median."""
-    from pumer_lightning.measure import flop_counter
-
-    own = model.backbone.reducer
     device = next(model.parameters()).device
     examples = sum(int(b["labels"].shape[0]) for b in batches)
-    times: dict[str, list[float]] = {k: [] for k in settings}
-    flops: dict[str, float] = {}
-    tokens: dict[str, list[int]] = {}
-    try:
-        for name, sched in settings.items():  # warm-up, FLOPs and token counts
-            model.backbone.reducer = sched
-            with flop_counter() as counter:
-                model(batches[0])
-            flops[name] = counter.get_total_flops() / int(batches[0]["labels"].shape[0])
-            n_image, n_text = model.backbone.num_image_tokens, int(batches[0]["input_ids"].shape[1])
-            plan = (sched or ReducerSchedule(layers=[])).tokens_per_layer(
-                n_image, n_text, model.backbone.num_layers
-            )
-            tokens[name] = list(plan[0])
-        names = list(settings)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                model.backbone.reducer = settings[name]
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                for b in batches:
-                    model(b)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        model.backbone.reducer = own
-    return {
-        name: {
-            "gflops_per_example": flops[name] / 1e9,
-            "examples_per_s": examples / statistics.median(times[name]),
-            "image_tokens_per_layer": tokens[name],
-        }
-        for name in settings
-    }
+    first = int(batches[0]["labels"].shape[0])
+    n_image, n_text = model.backbone.num_image_tokens, int(batches[0]["input_ids"].shape[1])
+    out: dict[str, dict[str, Any]] = {}
+    for name, sched in settings.items():
+        with model.backbone.using(sched):
+            flops = count_flops(lambda: model(batches[0])) / first
+        tokens = (sched or ReducerSchedule(layers=[])).tokens_per_layer(
+            n_image, n_text, model.backbone.num_layers
+        )
+        out[name] = {"gflops_per_example": flops / 1e9, "image_tokens_per_layer": list(tokens[0])}
+
+    def passes() -> None:
+        for b in batches:
+            model(b)
+
+    times = interleaved_times(
+        {name: passes for name in settings}, rounds, warmup=0, sync=device, desc=None,
+        context=lambda name: model.backbone.using(settings[name]),
+    )  # fmt: skip
+    for name, rate in median_rates(times, examples).items():
+        out[name]["examples_per_s"] = rate
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the study
