@@ -14,12 +14,14 @@ def cached(key: tuple, device: torch.device, build: Callable[[torch.device], Ten
     """The tensor ``build(device)`` for ``key``, built once per device.
 
     Tensors are built outside inference mode and without autograd, so they serve training and inference alike.
-    A compiled region only looks them up (the eager warm-up call that precedes compiling built them), so tracing
-    never walks the Python that builds them; the compiled graph takes them as inputs.
+    A compiled region looks them up (the eager warm-up call that precedes a compiled step built them), so tracing
+    need not walk the Python that builds them; the compiled graph takes them as inputs. A region compiled without
+    that warm-up (a whole compiled forward) builds them in the graph, slower to trace but the same values.
     """
     full_key = (*key, device)
-    if torch.compiler.is_compiling():
-        return _CACHE[full_key]
+    if torch.compiler.is_compiling():  # traced without an eager warm-up (a whole compiled forward): build in-graph
+        value = _CACHE.get(full_key)
+        return value if value is not None else build(device)
     value = _CACHE.get(full_key)
     if value is None:
         with torch.inference_mode(False), torch.no_grad():
