@@ -6,9 +6,18 @@ Nothing here knows about models, Lightning or configs; backbones call these func
 from .merge import match_slots, merge_by_slots, size_bias
 from .prune import attention_probs, cls_importance, random_importance, text_importance, topk_keep_index
 from .reducer import ReductionState, ReductionTrace, reduce
-from .schedule import IMPORTANCE_SOURCES, PARTITIONS, TEXT_MERGE_POLICIES, LayerPlan, ReducerSchedule
+from .schedule import (
+    ABLATIONS,
+    IMPORTANCE_SOURCES,
+    PARTITIONS,
+    TEXT_MERGE_POLICIES,
+    LayerPlan,
+    ReducerSchedule,
+    ablation,
+)
 
 __all__ = [
+    "ABLATIONS",
     "IMPORTANCE_SOURCES",
     "PARTITIONS",
     "TEXT_MERGE_POLICIES",
@@ -16,6 +25,7 @@ __all__ = [
     "ReducerSchedule",
     "ReductionState",
     "ReductionTrace",
+    "ablation",
     "attention_probs",
     "cls_importance",
     "match_slots",

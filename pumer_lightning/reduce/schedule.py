@@ -25,6 +25,7 @@ Counts are the same for every example of a batch (static shapes).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -249,3 +250,31 @@ class ReducerSchedule:
             if step is not None:
                 n_image, n_text = step.image_out, step.text_out
         return image, text
+
+
+#: The ablations of a PuMer schedule, one meaning per name wherever a report uses it (bench, study, tune): each
+#: changes one thing against the schedule it is applied to, at the same layers.
+ABLATIONS: dict[str, tuple[str, dict]] = {
+    "prune_only": (
+        "text-informed pruning only: no image or text merging",
+        {"merge_ratio": 0.0, "text_merge_ratio": 0.0},
+    ),
+    "merge_only": (
+        "ToMe: image merging only, no pruning, no text merging",
+        {"keep_ratio": 1.0, "text_merge_ratio": 0.0},
+    ),
+    "no_prune": ("image and text merging, no pruning", {"keep_ratio": 1.0}),
+    "no_text_merge": ("no text merging", {"text_merge_ratio": 0.0}),
+    "random_prune": ("image tokens pruned at random instead of by text attention", {"importance": "random"}),
+    "cls_prune": (
+        "image tokens pruned by the image CLS's attention instead of the text's",
+        {"importance": "cls"},
+    ),
+}
+
+
+def ablation(schedule: ReducerSchedule, name: str) -> ReducerSchedule:
+    """``schedule`` with the one change that `ABLATIONS` names ``name`` (the original is not modified)."""
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; expected one of {sorted(ABLATIONS)}")
+    return dataclasses.replace(schedule, layers=list(schedule.layers), **ABLATIONS[name][1])

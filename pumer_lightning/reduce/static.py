@@ -19,7 +19,9 @@ def cached(key: tuple, device: torch.device, build: Callable[[torch.device], Ten
     that warm-up (a whole compiled forward) builds them in the graph, slower to trace but the same values.
     """
     full_key = (*key, device)
-    if torch.compiler.is_compiling():  # traced without an eager warm-up (a whole compiled forward): build in-graph
+    if (
+        torch.compiler.is_compiling()
+    ):  # traced without an eager warm-up (a whole compiled forward): build in-graph
         value = _CACHE.get(full_key)
         return value if value is not None else build(device)
     value = _CACHE.get(full_key)

@@ -125,3 +125,18 @@ def test_schedule_prints_as_one_line():
         "keep 0.5 / merge 0.1 / text 0.2 @ [3] "
         "(random importance, text merge pads_first, score-order partition, prop attn)"
     )
+
+
+def test_ablations_change_one_thing_each_and_keep_the_original():
+    from pumer_lightning.reduce import ABLATIONS, ablation
+
+    base = ReducerSchedule(layers=[1, 2], keep_ratio=0.7, merge_ratio=0.2, text_merge_ratio=0.2)
+    got = {name: ablation(base, name) for name in ABLATIONS}
+    assert str(got["merge_only"]) == "keep 1 / merge 0.2 / text 0 @ [1, 2]"
+    assert str(got["no_prune"]) == "keep 1 / merge 0.2 / text 0.2 @ [1, 2]"
+    assert str(got["prune_only"]) == "keep 0.7 / merge 0 / text 0 @ [1, 2]"
+    assert got["random_prune"].importance == "random" and got["cls_prune"].importance == "cls"
+    got["no_text_merge"].layers.append(3)
+    assert base.layers == [1, 2] and base.text_merge_ratio == 0.2
+    with pytest.raises(ValueError, match="unknown ablation 'tome'.*merge_only"):
+        ablation(base, "tome")
