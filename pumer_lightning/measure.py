@@ -25,7 +25,8 @@ times = interleaved_times(
     {"reduced": forward, "unreduced": forward}, rounds=5, sync=device,
     context=lambda name: backbone.using(schedules[name]),  # restored after every sample, error or not
 )
-speedup(times, "unreduced", "reduced")
+speedup(times, "unreduced", "reduced")         # ratio of medians
+paired_speedups(times, "unreduced", "reduced")  # the same, round by round (cancels drift between rounds)
 ```
 """
 
@@ -48,6 +49,7 @@ __all__ = [
     "flop_counter",
     "interleaved_times",
     "median_rates",
+    "paired_speedups",
     "rotated_order",
     "speedup",
     "spread",
@@ -160,6 +162,20 @@ def median_rates(times: Mapping[str, Sequence[float]], examples: float) -> dict[
 def speedup(times: Mapping[str, Sequence[float]], reference: str, setting: str) -> float:
     """How many times faster ``setting`` is than ``reference``: the ratio of their median times."""
     return statistics.median(times[reference]) / statistics.median(times[setting])
+
+
+def paired_speedups(times: Mapping[str, Sequence[float]], reference: str, setting: str) -> list[float]:
+    """``reference`` / ``setting`` round by round: the speedup within each round of `interleaved_times`.
+
+    Both settings ran in the same round, close in time, so a paired speedup cancels drift of the machine's speed
+    between rounds; its median and range sit beside `speedup` (the ratio of medians).
+    """
+    ref, own = times[reference], times[setting]
+    if len(ref) != len(own):
+        raise ValueError(
+            f"{reference!r} has {len(ref)} samples and {setting!r} {len(own)}: not paired by round"
+        )
+    return [r / s for r, s in zip(ref, own)]
 
 
 def spread(samples: Sequence[float]) -> float:

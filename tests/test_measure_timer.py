@@ -11,6 +11,7 @@ from pumer_lightning.measure import (
     count_flops,
     interleaved_times,
     median_rates,
+    paired_speedups,
     rotated_order,
     speedup,
     spread,
@@ -137,6 +138,14 @@ def test_summaries_are_ratios_of_medians():
     assert median_rates(times, 6) == {"unreduced": 2.0, "reduced": 4.0}
     assert speedup(times, "unreduced", "reduced") == 2.0
     assert spread(times["unreduced"]) == 2.0
+
+
+def test_paired_speedups_are_per_round_ratios():
+    times = {"unreduced": [2.0, 4.0, 3.0], "reduced": [1.0, 1.0, 6.0]}
+    assert paired_speedups(times, "unreduced", "reduced") == [2.0, 4.0, 0.5]
+    assert paired_speedups(times, "unreduced", "unreduced") == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="not paired by round"):
+        paired_speedups({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
 
 
 def test_count_flops_counts_a_matmul():
