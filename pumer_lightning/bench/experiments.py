@@ -12,13 +12,14 @@ milliseconds, for tests and smoke runs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from pumer_lightning.models import Backbone, build_backbone, build_head
-from pumer_lightning.reduce import ReducerSchedule, ReductionTrace
+from pumer_lightning.reduce import ReducerSchedule, ReductionTrace, ablation
 from pumer_lightning.reduce.released import RELEASED
 
 TINY_PREFIX = "tiny_"
@@ -133,51 +134,38 @@ class Setting:
 
 
 ABLATIONS = ("prune_only", "merge_only", "no_text_merge", "random_prune")
+"""The ablations the bench measures by default: names of `pumer_lightning.reduce.ABLATIONS` (one table, one meaning
+per name for the bench, the study and tuning)."""
 DEFAULT_KEEP_SWEEP = (0.5, 0.7, 0.9)
 
 
-def _describe(s: ReducerSchedule) -> str:
-    text = f"keep {s.keep_ratio:g}, merge {s.merge_ratio:g}, text {s.text_merge_ratio:g} at blocks {s.layers}"
-    if s.importance != "text":
-        text += f", {s.importance} importance"
-    return text
-
-
-def make_settings(exp: Experiment, keep_sweep: tuple[float, ...] = DEFAULT_KEEP_SWEEP) -> list[Setting]:
+def make_settings(
+    exp: Experiment,
+    keep_sweep: tuple[float, ...] = DEFAULT_KEEP_SWEEP,
+    ablations: tuple[str, ...] = ABLATIONS,
+) -> list[Setting]:
     """Baseline, the released setting, its ablations and a keep-ratio sweep (released merge/text ratios).
 
-    The ablations change one thing each against the released setting, at its layers:
-
-    * ``prune_only``: the released keep ratio, no image or text merging;
-    * ``merge_only``: ToMe, the released image merge ratio, no pruning, no text merging;
-    * ``no_text_merge``: the released setting without text merging;
-    * ``random_prune``: the released counts, image tokens pruned at random instead of by text attention.
-
-    Sweep points equal to the released keep ratio are the released setting and are not repeated.
+    The ablations change one thing each against the released setting, at its layers, as
+    `pumer_lightning.reduce.ablation` makes them (`pumer_lightning.reduce.ABLATIONS` says what each changes); by
+    default ``prune_only``, ``merge_only`` (ToMe), ``no_text_merge`` and ``random_prune``. An ablation that
+    reduces nothing is left out. Sweep points equal to the released keep ratio are the released setting and are
+    not repeated. Descriptions are ``str(schedule)``.
     """
     rel = exp.released
-
-    def variant(**changes) -> ReducerSchedule:
-        return ReducerSchedule(**{**asdict(rel), **changes})
-
     settings = [
         Setting("baseline", "baseline", "unreduced model"),
-        Setting("pumer", "released", f"released PuMer: {_describe(rel)}", rel),
+        Setting("pumer", "released", f"released PuMer: {rel}", rel),
     ]
-    ablations = {
-        "prune_only": variant(merge_ratio=0.0, text_merge_ratio=0.0),
-        "merge_only": variant(keep_ratio=1.0, text_merge_ratio=0.0),
-        "no_text_merge": variant(text_merge_ratio=0.0),
-        "random_prune": variant(importance="random"),
-    }
-    for name, schedule in ablations.items():
+    for name in ablations:
+        schedule = ablation(rel, name)
         if schedule.is_active:
-            settings.append(Setting(name, "ablation", _describe(schedule), schedule))
+            settings.append(Setting(name, "ablation", str(schedule), schedule))
     for keep in keep_sweep:
         if abs(keep - rel.keep_ratio) < 1e-9:
             continue
-        schedule = variant(keep_ratio=float(keep))
-        settings.append(Setting(f"keep_{keep:g}", "sweep", _describe(schedule), schedule))
+        schedule = dataclasses.replace(rel, layers=list(rel.layers), keep_ratio=float(keep))
+        settings.append(Setting(f"keep_{keep:g}", "sweep", str(schedule), schedule))
     return settings
 
 

@@ -337,6 +337,33 @@ def test_settings_are_one_change_from_the_released_one():
     assert "keep_0.7" not in settings and settings["keep_0.5"].schedule.merge_ratio == 0.5
 
 
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_ablation_settings_come_from_the_one_table(name):
+    """The bench's ablations are `pumer_lightning.reduce.ablation` of the released schedule, with their meanings."""
+    from pumer_lightning.bench.experiments import ABLATIONS as BENCH_ABLATIONS
+    from pumer_lightning.reduce import ABLATIONS, ablation
+
+    assert BENCH_ABLATIONS == ("prune_only", "merge_only", "no_text_merge", "random_prune")
+    assert set(BENCH_ABLATIONS) <= set(ABLATIONS)
+    for tiny in (False, True):
+        exp = get_experiment(name, tiny=tiny)
+        rel = exp.released
+        settings = {s.name: s for s in make_settings(exp, keep_sweep=())}
+        assert [s.name for s in settings.values() if s.kind == "ablation"] == list(BENCH_ABLATIONS)
+        for ab in BENCH_ABLATIONS:
+            assert settings[ab].schedule == ablation(rel, ab)
+            assert settings[ab].description == str(settings[ab].schedule)
+            assert settings[ab].schedule.layers == rel.layers
+        assert settings["pumer"].schedule is rel and settings["pumer"].description == f"released PuMer: {rel}"
+        prune, tome = settings["prune_only"].schedule, settings["merge_only"].schedule
+        assert (prune.keep_ratio, prune.merge_ratio, prune.text_merge_ratio) == (rel.keep_ratio, 0.0, 0.0)
+        assert (tome.keep_ratio, tome.merge_ratio, tome.text_merge_ratio) == (1.0, rel.merge_ratio, 0.0)
+        assert settings["no_text_merge"].schedule.text_merge_ratio == 0.0
+        assert settings["random_prune"].schedule.importance == "random"
+    extra = make_settings(get_experiment(name), keep_sweep=(), ablations=("cls_prune",))
+    assert [s.name for s in extra] == ["baseline", "pumer", "cls_prune"]
+
+
 def test_setting_selection_always_keeps_the_baseline():
     exp = get_experiment("vilt_vqa2", tiny=True)
     names = [s.name for s in select_settings(exp, Options(settings=["random_prune"]))]
