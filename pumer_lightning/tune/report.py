@@ -1,0 +1,269 @@
+"""``make tune``'s outputs: ``<out>/<name>.json`` (every point), ``.md`` (front, recommendation, check), ``.png``
+(accuracy vs examples/s and vs FLOPs), ``.yaml`` (the recommended reducer as a configuration fragment) and one
+TensorBoard HParams entry per point."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pumer_lightning.callbacks.hparams import flatten_params
+from pumer_lightning.reduce import ReducerSchedule
+
+
+def reducer_fields(schedule: ReducerSchedule | None) -> dict[str, Any]:
+    """Every field of ``schedule`` (the unreduced model: ``layers: []`` and the defaults)."""
+    return dataclasses.asdict(schedule if schedule is not None else ReducerSchedule())
+
+
+def yaml_fragment(schedule: ReducerSchedule | None, comments: list[str]) -> str:
+    """The schedule as the configuration fragment the CLI composes over an experiment
+    (``-c experiments/base.yaml -c experiments/<name>.yaml -c <fragment>``): ``model.init_args.reducer``."""
+    body = yaml.safe_dump(
+        {"model": {"init_args": {"reducer": reducer_fields(schedule)}}},
+        sort_keys=False,
+        default_flow_style=None,
+    )
+    return "".join(f"# {line}\n" for line in comments) + body
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def _acc(figures: dict[str, Any]) -> str:
+    return f"{_pct(figures.get('value'))} ± {_pct(figures.get('se'))}"
+
+
+def _drop(figures: dict[str, Any]) -> str:
+    drop, se = figures.get("drop"), figures.get("drop_se")
+    return "n/a" if drop is None else f"{drop:+.1f} ± {se:.1f}"
+
+
+def _speed(figures: dict[str, Any]) -> tuple[str, str, str]:
+    """examples/s, speed-up (spread), GFLOPs per example."""
+    if not figures:
+        return "n/a", "n/a", "n/a"
+    return (
+        f"{figures['examples_per_sec']:.0f}",
+        f"{figures['speedup']:.2f}x ({figures['spread']:.2f}x)",
+        f"{figures['gflops_per_example']:.4g}",
+    )
+
+
+def _cached(*figures: dict[str, Any]) -> str:
+    flags = [f.get("cached") for f in figures if f]
+    return "yes" if flags and all(flags) else ("partly" if any(flags) else "no")
+
+
+def front_table(result: dict[str, Any]) -> list[str]:
+    """The finalists (whole search split, final timing), the front first, fastest first."""
+    metric, split = result["experiment"]["metric"], result["settings"]["split"]
+    rows = [p for p in result["points"] if p["finalist"]]
+    rows.sort(key=lambda p: (not p["on_front"], -p["timing"]["final"]["speedup"]))
+    lines = [
+        f"| schedule | role | {split} {metric} ± SE | drop ± SE (points) | examples/s | speed-up (spread) | "
+        "GFLOPs/example | front | from cache |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in rows:
+        top = p["accuracy"][-1]
+        rate, up, flops = _speed(p["timing"]["final"])
+        mark = "**yes**" if p["on_front"] else "no"
+        lines.append(f"| {p['label']} | {p['role']} | {_acc(top)} | {_drop(top)} | {rate} | {up} | {flops} | "
+                     f"{mark} | {_cached(top, p['timing']['final'])} |")  # fmt: skip
+    return lines
+
+
+def check_lines(result: dict[str, Any]) -> list[str]:
+    """The check split's table and its verdict (drop within budget, at least as fast as the experiment's)."""
+    check = result.get("check")
+    if not check:
+        return ["No check split (`--check-split none`).", ""]
+    metric, split = result["experiment"]["metric"], check["split"]
+    lines = [
+        f"Never used to choose: the recommendation, the experiment's schedule and the unreduced model on the whole "
+        f"{split} split ({check['examples']} examples), drops paired example by example, timed in one session "
+        f"({check['rounds']} interleaved rounds).",
+        "",
+        f"| variant | schedule | {split} {metric} ± SE | drop ± SE (points) | examples/s | speed-up (spread) | "
+        "GFLOPs/example | from cache |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in check["rows"]:
+        rate, up, flops = _speed(row["timing"])
+        lines.append(f"| {row['variant']} | {row['label']} | {_acc(row['accuracy'])} | {_drop(row['accuracy'])} | "
+                     f"{rate} | {up} | {flops} | {_cached(row['accuracy'], row['timing'])} |")  # fmt: skip
+    lines += ["", check["verdict"], ""]
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The report: the run, the recommendation with its YAML, the check split, the front, the search."""
+    exp, st, rec = result["experiment"], result["settings"], result["recommendation"]
+    env, cache = result["environment"], result["cache"]
+    lines = [
+        f"# make tune {result['name']}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- checkpoint: `{exp['checkpoint']}`; task `{exp['task']}` ({exp['metric']}), backbone `{exp['preset']}`, "
+        f"experiment's schedule: {exp['schedule']}",
+        f"- search split `{st['split']}` ({st['split_examples']} examples); device {env['device']}; batch size "
+        f"{st['batch_size']} x {st['timing_batches']} timing batches; {env['threads']} threads",
+        f"- machine: {env['machine']}; torch {env['torch']}; commit {env['commit']}",
+        f"- wall time {result['wall_s'] / 60:.1f} min ({result['stage_text']}); measured now: "
+        f"{cache['evaluations']} evaluations, {cache['timing_sessions']} timing sessions; from the cache: "
+        f"{cache['hits']['accuracy']} accuracy and {cache['hits']['timing']} timing figures (`{cache['path']}`)",
+        "",
+        f"## Recommendation for `--max-drop {st['max_drop']:g}`",
+        "",
+        rec["text"],
+        "",
+        "```yaml",
+        rec["yaml"].rstrip(),
+        "```",
+        "",
+        f'Use it: `make exp EXP={result["name"]} ARGS="--config={rec["path"]}"`, or add `-c {rec["path"]}` after '
+        f"the experiment's files on `python -m pumer_lightning fit|validate|test`.",
+        "",
+        f"## Check on the {result['check']['split'] if result.get('check') else 'test'} split",
+        "",
+        *check_lines(result),
+        f"## Pareto front on `{st['split']}` (the finalists; accuracy vs examples/s)",
+        "",
+        *front_table(result),
+        "",
+        *search_lines(result),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def search_lines(result: dict[str, Any]) -> list[str]:
+    """How the search went: the space, the rungs, the standard errors and timing notes."""
+    st, space = result["settings"], result["space"]
+    lines = [
+        "## The search",
+        "",
+        f"Successive halving (eta {st['eta']}) over {len(result['points'])} schedules: the unreduced model, the "
+        f"experiment's schedule and {st['candidates']} sampled from a space of {space['size']} combinations "
+        f"(seed {st['seed']}): layers {space['layers']}, keep {_values(space['keep_ratio'])}, merge "
+        f"{_values(space['merge_ratio'])}, text merge {_values(space['text_merge_ratio'])}, policy "
+        f"{space['text_merge_policy']}, importance {space['importance']}. Every point was timed first "
+        f"({st['rounds']} interleaved rounds per session, always with the unreduced model), then the best "
+        f"1/{st['eta']} by Pareto rank on ({st['split']} accuracy, speed) went on to the next, longer prefix:",
+        "",
+        "| generation | examples | schedules scored | from cache |",
+        "|---|---|---|---|",
+    ]
+    for rung in result["rungs"]:
+        lines.append(f"| {rung['generation']} | {rung['examples']} | {rung['points']} | {rung['cached']} |")
+    lines += [
+        "",
+        f"Generation 0 is the sample; each later generation mutates (one or two fields by one step) the "
+        f"{st['parents']} front points whose drop is nearest the budget, the current recommendation first, into "
+        f"{st['children']} new schedules that go through the same halving. Each generation's finalists were timed "
+        f"again with {st['final_rounds']} rounds in one session. Standard errors: "
+        f"{result['se_note']} Speed-ups are ratios of median times to the unreduced model's in the same "
+        "session; the spread is the slowest over the fastest round of that setting.",
+        "",
+        f"Every evaluated point (schedule, role, largest prefix scored, accuracy, screening speed-up) is in "
+        f"`{result['name']}.json`; TensorBoard: `tensorboard --logdir {result['hparams_dir']}` (HParams tab).",
+    ]
+    return lines
+
+
+def _values(values: list[float]) -> str:
+    if len(values) > 3:
+        return f"{values[0]:g}..{values[-1]:g} ({len(values)} values)"
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Accuracy vs examples/s (left) and vs GFLOPs per example (right): every evaluated point at its longest
+    prefix (grey), the finalists with standard errors, the front, the reference, the experiment's schedule and
+    the recommendation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    styles = {"reference": ("s", "black"), "experiment": ("D", "tab:orange"), "candidate": ("o", "tab:blue")}
+    for ax, key, label in (
+        (axes[0], "examples_per_sec", "examples/s"),
+        (axes[1], "gflops_per_example", "GFLOPs per example"),
+    ):
+        for p in result["points"]:
+            timing = p["timing"].get("final") or p["timing"].get("screen")
+            top = p["accuracy"][-1]
+            marker, color = styles[p["role"]]
+            color = color if p["finalist"] else "lightgray"
+            ax.errorbar(timing[key], 100 * top["value"], yerr=100 * top["se"] if p["finalist"] else None,
+                        fmt=marker, color=color, capsize=2, ms=5, zorder=3 if p["finalist"] else 1)  # fmt: skip
+        front = sorted(
+            (p for p in result["points"] if p["on_front"]), key=lambda p: p["timing"]["final"][key]
+        )
+        ax.plot([p["timing"]["final"][key] for p in front], [100 * p["accuracy"][-1]["value"] for p in front],
+                "-", color="tab:blue", alpha=0.5, label="Pareto front (finalists)")  # fmt: skip
+        rec = next(p for p in result["points"] if p["key"] == result["recommendation"]["key"])
+        ax.plot(rec["timing"]["final"][key], 100 * rec["accuracy"][-1]["value"], "*", color="tab:red", ms=16,
+                label="recommended", zorder=4)  # fmt: skip
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{result['settings']['split']} {result['experiment']['metric']} (%)")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(
+        f"make tune {result['name']}: grey = stopped before the whole split; black square = unreduced, "
+        "orange diamond = experiment's schedule",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_hparams(result: dict[str, Any], log_dir: Path) -> None:
+    """One HParams entry per evaluated point under ``log_dir`` (rewritten on every run), reducer fields flattened
+    as in the training runs' HParams tab (``reducer/keep_ratio``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if log_dir.is_dir():
+        shutil.rmtree(log_dir)
+    writer = SummaryWriter(log_dir=str(log_dir))
+    for index, p in enumerate(result["points"]):
+        top = p["accuracy"][-1]
+        timing = p["timing"].get("final") or p["timing"].get("screen")
+        params = flatten_params({"reducer": p["schedule"] or reducer_fields(None)})
+        params.update({"tune/role": p["role"], "tune/schedule": p["label"], "tune/examples": top["n"]})
+        metrics = {
+            "tune/accuracy": top["value"], "tune/accuracy_se": top["se"], "tune/drop": top["drop"],
+            "tune/drop_se": top["drop_se"], "tune/examples_per_sec": timing["examples_per_sec"],
+            "tune/speedup": timing["speedup"], "tune/gflops_per_example": timing["gflops_per_example"],
+            "tune/finalist": float(p["finalist"]), "tune/on_front": float(p["on_front"]),
+        }  # fmt: skip
+        writer.add_hparams(
+            params, {k: v for k, v in metrics.items() if _finite(v)}, run_name=f"point_{index:03d}"
+        )
+    writer.close()
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
+    """``<out>/<name>.{json,md,png,yaml}``; returns the paths."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out / f"{result['name']}.{ext}" for ext in ("json", "md", "png", "yaml")}
+    paths["yaml"].write_text(result["recommendation"]["yaml"])
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown(result))
+    plot(result, paths["png"])
+    return paths

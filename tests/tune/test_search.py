@@ -1,0 +1,135 @@
+"""The search's parts on plain numbers: rung sizes, Pareto ranks, survivors, the recommendation rule, the search
+space (parsing, sampling, mutation) and the standard errors."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from pumer_lightning.reduce import ReducerSchedule
+from pumer_lightning.tasks.metrics import VQAScore
+from pumer_lightning.tune import SpaceError, build_space, pareto_ranks, recommend, rung_batches, survivors
+from pumer_lightning.tune.evaluate import example_scores, paired_drop, summarize
+from pumer_lightning.tune.search import crowding
+from pumer_lightning.tune.space import auto_layer_sets, parse_layer_sets, parse_numeric, schedule_key
+
+
+def space(**kw):
+    args = dict(layers="auto", keep="0.5:1.0", merge="0:0.5", text_merge="0:0.3", policies="real,pads_first",
+                importance="text,cls", step=0.05, depth=4, own=ReducerSchedule(layers=[1, 2], keep_ratio=0.7),
+                what="vilt_tiny backbone")  # fmt: skip
+    return build_space(**{**args, **kw})
+
+
+def test_rungs_halve_down_to_the_finalists_and_end_on_the_whole_split():
+    assert rung_batches(3, 42, 2, 8) == [1, 2, 3]  # the demo: 200, 400, 600 examples
+    assert rung_batches(5, 7, 2, 2) == [3, 5]
+    assert rung_batches(100, 40, 3, 4) == [12, 34, 100]
+    assert rung_batches(1, 40, 2, 8) == [1]
+    assert rung_batches(8, 4, 2, 8) == [8]
+    with pytest.raises(ValueError, match="--eta must be >= 2"):
+        rung_batches(8, 40, 1, 8)
+
+
+def test_pareto_ranks_survivors_and_crowding():
+    values = [(0.9, 1.0), (0.8, 1.5), (0.7, 2.0), (0.6, 1.2), (0.85, 0.9), (0.5, 0.5)]
+    assert pareto_ranks(values) == [0, 0, 0, 1, 1, 2]
+    distance = crowding(values, [0, 1, 2])
+    assert distance[0] == distance[2] == math.inf and 0 < distance[1] < math.inf
+    assert sorted(survivors(values, 3)) == [0, 1, 2]
+    # forced points survive and count; the rest come by rank
+    assert sorted(survivors(values, 3, keep=[5])) == [0, 2, 5]
+    assert len(survivors(values, 10)) == len(values)
+
+
+def test_recommend_takes_the_fastest_point_within_the_budget():
+    rows = [("off", 0.70, 0.0, 0.0, 1.0), ("a", 0.695, 0.5, 0.3, 1.3), ("b", 0.68, 2.0, 0.5, 1.8),
+            ("c", 0.69, 0.9, 0.4, 1.3)]  # fmt: skip
+    assert recommend(rows, 1.0, 0.0) == "a"  # a and c tie on speed: the more accurate wins
+    assert recommend(rows, 2.0, 0.0) == "b"
+    assert recommend(rows, 1.0, 1.0) == "a"  # 0.9 + 0.4 > 1: c is out at one SE anyway
+    assert recommend(rows, 0.6, 1.0) == "off"
+    assert recommend([("x", 0.5, 3.0, 0.1, 2.0)], 1.0, 0.0) is None
+
+
+def test_the_space_parses_ranges_lists_and_layer_sets_with_the_flag_in_errors():
+    assert parse_numeric("--keep", "0.5:1.0", 0.1) == (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert parse_numeric("--merge", "0.3,0,0.1", 0.05) == (0.0, 0.1, 0.3)
+    assert parse_layer_sets("1,2;0", 4, [], "x") == ((1, 2), (0,))
+    assert parse_layer_sets("[[2, 1], [3]]", 4, [], "x") == ((1, 2), (3,))
+    assert auto_layer_sets([1, 2], 4) == ((1, 2), (0, 1), (2, 3), (1,), (1, 2, 3), (0, 1, 2))
+    assert auto_layer_sets([2, 5, 8], 12)[:3] == ((2, 5, 8), (1, 4, 7), (3, 6, 9))
+    assert (2, 5, 8, 11) in auto_layer_sets([2, 5, 8], 12)
+    assert auto_layer_sets([], 4) == ((1, 2, 3), (0, 1, 2), (1, 2), (0, 1, 2, 3))
+    for kwargs, message in [
+        ({"keep": "0:1"}, r"--keep 0:1: keep_ratio must be in \(0, 1\], got 0.0"),
+        ({"text_merge": "a:b"}, r"--text-merge 'a:b': expected LO:HI or a comma list"),
+        ({"layers": "1,2;"}, None),
+        ({"layers": "0,4"}, r"--layers \[0, 4\]: block index \[4\] out of range for vilt_tiny backbone"),
+        (
+            {"importance": "text,attention"},
+            r"--importance 'text,attention': expected a comma list of text, cls",
+        ),
+        ({"step": 0.0}, r"--step must be > 0"),
+    ]:
+        if message is None:
+            assert space(**kwargs).layer_sets == ((1, 2),)
+            continue
+        with pytest.raises(SpaceError, match=message):
+            space(**kwargs)
+
+
+def test_sampling_is_seeded_distinct_and_normalised():
+    s = space()
+    first, again, other = s.sample(40, seed=0), s.sample(40, seed=0), s.sample(40, seed=1)
+    keys = [schedule_key(x) for x in first]
+    assert keys == [schedule_key(x) for x in again] and keys != [schedule_key(x) for x in other]
+    assert len(set(keys)) == 40
+    for schedule in first:
+        assert tuple(schedule.layers) in s.layer_sets and schedule.is_active
+        assert schedule.keep_ratio in s.keep and schedule.merge_ratio in s.merge
+        assert schedule.text_merge_ratio > 0 or schedule.text_merge_policy == "real"
+        assert schedule.keep_ratio < 1 or schedule.importance == "text"
+    # every keep value is covered by 40 points spread as a Latin hypercube
+    assert {x.keep_ratio for x in first} == set(s.keep)
+    # a space with fewer distinct schedules than asked for is enumerated whole
+    small = space(layers="1", keep="0.7", merge="0,0.2", text_merge="0", importance="text")
+    assert len(small.sample(40)) == 2
+
+
+def test_mutation_moves_one_or_two_fields_one_step_within_the_space():
+    s = space()
+    parent = ReducerSchedule(layers=[1, 2], keep_ratio=0.7, merge_ratio=0.2, text_merge_ratio=0.2)
+    rng = random.Random(0)
+    for _ in range(50):
+        child = s.mutate(parent, rng)
+        if child is None:
+            continue
+        assert tuple(child.layers) in s.layer_sets
+        assert abs(child.keep_ratio - 0.7) <= 0.05 + 1e-9 and abs(child.merge_ratio - 0.2) <= 0.05 + 1e-9
+        assert abs(child.text_merge_ratio - 0.2) <= 0.05 + 1e-9
+
+
+def test_example_scores_reproduce_the_task_metrics_and_the_standard_errors():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(50, 6), torch.rand(50, 6).round(decimals=1)
+    metric = VQAScore()
+    metric.update(logits, targets)
+    scores = example_scores("vqa2", logits, targets)
+    assert float(scores.mean()) == pytest.approx(float(metric.compute()), abs=1e-6)
+    labels = torch.randint(0, 2, (50,))
+    right = example_scores("nlvr2", logits[:, :2], labels)
+    assert float(right.mean()) == pytest.approx(float((logits[:, :2].argmax(-1) == labels).float().mean()))
+    value = float(right.mean())
+    per_example = summarize(value, right.tolist(), 50)
+    assert per_example["se_kind"] == "per-example"
+    assert per_example["se"] == pytest.approx(float(right.std()) / math.sqrt(50))
+    binomial = summarize(0.8, [], 100)  # no per-example scores: sqrt(p (1 - p) / n)
+    assert binomial["se_kind"] == "binomial" and binomial["se"] == pytest.approx(0.04)
+    # a paired drop: the same examples, differences averaged
+    reference = summarize(0.75, [1.0, 1.0, 0.0, 1.0], 4)
+    drop, se = paired_drop(reference, summarize(0.5, [1.0, 0.0, 0.0, 1.0], 4))
+    assert drop == pytest.approx(25.0) and se == pytest.approx(25.0)
