@@ -5,8 +5,10 @@
     python -m pumer_lightning.bench tiny_meter_vqa2 --rounds 3        # tiny preset (seconds)
     python -m pumer_lightning.bench.table results/bench/*_b8.json    # one combined table
 
-See `runner` for the protocol, `measure` for how FLOPs, memory and reducer time are measured, `experiments`
-for the input shapes and settings, and `report` for the outputs.
+See `runner` for the protocol (its stages in `stages`, the forwards they run in `forwards`, the JSON in
+`results`), `options` for the options and the command line generated from them, `measure` for how FLOPs,
+memory and reducer time are measured, `experiments` for the input shapes and settings, and `report` for the
+outputs.
 """
 
 from .experiments import EXPERIMENTS, Experiment, Setting, get_experiment, make_inputs, make_settings

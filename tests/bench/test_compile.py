@@ -7,7 +7,7 @@ import torch
 
 from pumer_lightning.bench import Options, get_experiment, make_inputs, make_settings, run_bench
 from pumer_lightning.bench.experiments import build_model
-from pumer_lightning.bench.runner import _compiled_runner, _eager_runner, _raise_recompile_limits
+from pumer_lightning.bench.forwards import compiled_runner, eager_runner, raise_recompile_limits
 
 EXPS = ("vilt_nlvr2", "meter_vqa2")
 # each reducer code path: all three steps, pruning alone, merging alone (random pruning is not comparable to eager)
@@ -19,12 +19,12 @@ def _compiled_matches_eager(name: str, backend: str, names: tuple[str, ...] = RE
     model = build_model(exp)
     inputs = make_inputs(exp, model.backbone, 2)
     settings = [s for s in make_settings(exp) if s.name in names]
-    _raise_recompile_limits(len(settings) * exp.images_per_example)
+    raise_recompile_limits(len(settings) * exp.images_per_example)
     for s in settings:
-        compiled = _compiled_runner(model, s, inputs, backend=backend)
+        compiled = compiled_runner(model, s, inputs, backend=backend)
         with torch.inference_mode():
             got, got_traces = compiled()  # raises on any graph break (fullgraph=True)
-            want, want_traces = _eager_runner(model, s, inputs)()
+            want, want_traces = eager_runner(model, s, inputs)()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert [t.image_tokens for t in got_traces] == [t.image_tokens for t in want_traces]
         assert [t.text_tokens for t in got_traces] == [t.text_tokens for t in want_traces]

@@ -370,6 +370,9 @@ def test_setting_selection_always_keeps_the_baseline():
     assert names == ["baseline", "random_prune"]
     with pytest.raises(ValueError, match="unknown setting 'keep_0.3'"):
         select_settings(exp, Options(settings=["keep_0.3"]))
+    # any ablation of the one table can be asked for, beside the default ones
+    names = [s.name for s in select_settings(exp, Options(settings=["cls_prune", "no_prune", "pumer"]))]
+    assert names == ["baseline", "pumer", "cls_prune", "no_prune"]
 
 
 def test_cli_options():
@@ -392,7 +395,7 @@ def test_nlvr2_model_runs_two_backbone_passes():
 
 
 def test_flops_by_part_add_up_to_the_total():
-    from pumer_lightning.bench.runner import _group_modules
+    from pumer_lightning.bench.results import group_modules
 
     exp = get_experiment("meter_nlvr2", tiny=True)
     model = build_model(exp)
@@ -400,7 +403,7 @@ def test_flops_by_part_add_up_to_the_total():
     inputs = make_inputs(exp, model.backbone, 2)
     with torch.inference_mode(), count_flops() as flops:
         model(*inputs.args())
-    parts = _group_modules(flops["by_module"], flops["total"])
+    parts = group_modules(flops["by_module"], flops["total"])
     assert sum(parts.values()) == flops["total"]
     assert {"vit_model", "text_transformer", "head", "image_layers.0", "text_layers.2"} <= set(parts)
     # reduced blocks cost less than the unreduced first one

@@ -1,0 +1,183 @@
+"""How to run the bench: `Options`, and the command line generated from it.
+
+Every field of `Options` is one flag of ``python -m pumer_lightning.bench``: its docstring is the flag's help, its
+type gives the flag's form, and its metadata (`flag`) names the flag where it differs from the field's name.
+
+* ``bool``: ``--<name>`` turns a False default on; ``--no-<name>`` turns a True default off ("skip" + its help);
+* ``list[T]`` / ``tuple[T, ...]``: ``--<name> V [V ...]`` (``nargs`` in the metadata; ``*`` lets it be empty);
+* ``Literal[...]`` (or ``Literal[...] | None``): the choices;
+* ``T | None``: a ``T``, None when the flag is not given.
+
+`add_option_arguments` adds the flags to a parser and `options_from_namespace` builds the `Options` from what it
+parsed, so a new field is a new flag with nothing else to write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from .experiments import DEFAULT_KEEP_SWEEP
+
+ReducerImplChoice = Literal["auto", "eager", "compiled"]
+PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "fp16-true", "bf16-true"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+REDUCER_IMPLS = typing.get_args(ReducerImplChoice)
+QUICK_SETTINGS = ("baseline", "pumer")
+
+
+def flag(*names: str, **argparse_kwargs: Any) -> dict:
+    """Field metadata for the command line: the flag's names (default ``--<field-name>``) and argparse keywords
+    (``nargs``, ``metavar``); ``flag(cli=False)`` keeps a field off the command line."""
+    return {"flag": names, **argparse_kwargs}
+
+
+@dataclass
+class Options:
+    """How to run the bench (the CLI's flags; see ``python -m pumer_lightning.bench --help``)."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [8], metadata=flag("--batch", nargs="+"))
+    """batch size(s); several = a sweep"""
+    settings: list[str] | None = field(default=None, metadata=flag(nargs="+"))
+    """only these settings (the baseline is always added)"""
+    keep_sweep: tuple[float, ...] = field(default=DEFAULT_KEEP_SWEEP, metadata=flag(nargs="*"))
+    """keep ratios of the sweep, with the released merge and text ratios (none: no sweep)"""
+    tiny: bool = False
+    """use the tiny presets (smoke runs and tests)"""
+    rounds: int | None = None
+    """timed rounds (default: as many as fit in --budget)"""
+    budget_s: float = field(default=120.0, metadata=flag("--budget"))
+    """seconds of timed rounds per experiment"""
+    min_rounds: int = 5
+    """fewest timed rounds, whatever the budget"""
+    max_rounds: int = 20
+    """most timed rounds, whatever the budget"""
+    warmup: int | None = None
+    """plain warm-up rounds after the probe forward (default: 1 on CUDA, with --compile or when a round is under
+    30 s; else 0, the probe having run every setting once)"""
+    train: bool = True
+    """the training step of every setting (forward + backward memory and bound; forward + backward + AdamW
+    throughput)"""
+    train_rounds: int | None = None
+    """timed training rounds (default: as many as fit in the budget)"""
+    train_budget_s: float | None = field(default=None, metadata=flag("--train-budget"))
+    """seconds of timed training rounds (default: --budget)"""
+    train_min_rounds: int = 3
+    """fewest timed training rounds (a training round of every full-size setting takes minutes on a CPU)"""
+    reducer_impl: ReducerImplChoice | None = None
+    """the backbone's reduction step (default: the backbone's own default); ignored, with a warning, by a
+    backbone without the choice"""
+    op_count: bool = True
+    """the op counter (ops per forward, reducer ops per reduction step)"""
+    kernel_count: Literal["released", "all", "none"] = "released"
+    """count inductor's kernels of the compiled reduction step for these settings"""
+    min_sample_s: float | None = field(default=None, metadata=flag("--min-sample"))
+    """seconds a timed sample lasts at least (default: 0.05 on CUDA, 0 on CPU)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """the device (auto: CUDA when there is one)"""
+    precision: PrecisionChoice = "auto"
+    """auto: fp16 autocast on CUDA, fp32 on CPU; fp16/bf16: autocast; fp16-true/bf16-true: weights cast to half
+    once (no autocast, no per-call recast)"""
+    threads: int | None = None
+    """torch.set_num_threads (default: torch's default)"""
+    compile: bool = False
+    """time torch.compile(fullgraph=True, dynamic=False) models"""
+    compile_backend: str = "inductor"
+    """torch.compile backend (with --compile)"""
+    compile_mode: CompileMode | None = None
+    """torch.compile mode (with --compile; reduce-overhead = CUDA graphs)"""
+    cuda_graph: bool = False
+    """CUDA only: capture each setting's forward as a CUDA graph and time replays (no launch overhead; the
+    reducer share is not measured)"""
+    profile: bool = False
+    """add a torch.profiler op breakdown (baseline, pumer)"""
+    out_dir: Path = field(default=Path("results/bench"), metadata=flag("--out"))
+    """output directory"""
+    name: str | None = None
+    """output file stem (one experiment and batch size only)"""
+    seed: int = 0
+    """seed of the random weights and inputs"""
+    plot: bool = True
+    """the PNG plots"""
+    verbose: bool = field(default=True, metadata=flag("-q", "--quiet"))
+    """progress output"""
+    command: str | None = field(default=None, metadata={"cli": False})
+    """the command line, recorded in the results (set by the CLI)"""
+
+
+# ---- the command line, generated from the fields ---------------------------------------------------------------
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it), read by docstring_parser as jsonargparse reads it."""
+    try:
+        import docstring_parser
+    except ImportError:  # an optional dependency of jsonargparse; without it the flags have no help
+        return {}
+    docs = docstring_parser.parse_from_object(cls)
+    return {p.arg_name: " ".join((p.description or "").split()) for p in docs.params}
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """``T | None`` -> ``(T, True)``; anything else -> ``(tp, False)``."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _argument(f: dataclasses.Field, tp: Any, doc: str) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The option strings and `add_argument` keywords of one field."""
+    meta = {k: v for k, v in f.metadata.items() if k not in ("flag", "cli")}
+    long_name = f.name.replace("_", "-")
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    tp, _ = _unwrap(tp)
+    kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": doc.replace("%", "%%"), **meta}
+    if tp is bool:  # a switch: --name turns a False default on, --no-name a True default off
+        kwargs["action"] = "store_false" if default else "store_true"
+        if default:
+            kwargs["help"] = f"skip {kwargs['help']}"
+        return f.metadata.get("flag") or (f"--no-{long_name}" if default else f"--{long_name}",), kwargs
+    names = f.metadata.get("flag") or (f"--{long_name}",)
+    if typing.get_origin(tp) in (list, tuple):
+        kwargs.setdefault("nargs", "+")
+        tp = typing.get_args(tp)[0]
+        kwargs["default"] = list(default) if isinstance(default, tuple) else default
+    if typing.get_origin(tp) is Literal:
+        kwargs["choices"] = list(typing.get_args(tp))
+        tp = type(kwargs["choices"][0])
+    else:
+        kwargs.setdefault("metavar", names[-1].lstrip("-").replace("-", "_").upper())
+    kwargs["type"] = tp
+    if default is not None and "default:" not in doc:
+        shown = (" ".join(map(str, default)) or "none") if isinstance(default, (list, tuple)) else default
+        kwargs["help"] += f" (default: {shown})"
+    return names, kwargs
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, cls: type = Options) -> None:
+    """One flag per field of the dataclass ``cls`` (see the module's docstring)."""
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True):
+            names, kwargs = _argument(f, hints[f.name], docs.get(f.name, ""))
+            parser.add_argument(*names, **kwargs)
+
+
+def options_from_namespace(namespace: argparse.Namespace, cls: type = Options) -> Any:
+    """The ``cls`` instance a parser with `add_option_arguments` parsed (tuple fields get tuples)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        value = getattr(namespace, f.name)
+        if typing.get_origin(_unwrap(hints[f.name])[0]) is tuple and value is not None:
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)
