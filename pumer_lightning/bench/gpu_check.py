@@ -85,78 +85,71 @@ def _f(x, spec: str, suffix: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
-def summarize(runs: list[dict], stages: list[dict] | None = None) -> tuple[str, dict]:
-    rows = []
-    for r in sorted(runs, key=lambda r: (r["exp"], mode_of(r), r["batch_size"])):
-        s = _setting(r, RELEASED)
-        if s is None:
-            continue
-        rows.append(
-            {
-                "file": r["_file"],
-                "exp": r["exp"],
-                "batch": r["batch_size"],
-                "mode": mode_of(r),
-                "user_path": is_user_path(r),
-                "speedup": s["speedup"],
-                "paired_speedup": s["paired_speedup_median"],
-                "flops_ratio": s["flops_ratio"],
-                "examples_per_s": s["examples_per_s"],
-                "baseline_examples_per_s": _setting(r, "baseline")["examples_per_s"],
-                "reducer_time_share": s.get("reducer_time_share"),
-                "ops_per_forward": s.get("ops_per_forward"),
-                "reducer_ops_per_step": s.get("reducer_ops_per_step"),
-                "kernels_per_step": s.get("kernels_per_step"),
-                "kernel_launches_per_forward": s.get("kernel_launches_per_forward"),
-                "baseline_kernel_launches_per_forward": _setting(r, "baseline").get(
-                    "kernel_launches_per_forward"
-                ),
-                "train_speedup": s.get("train_speedup"),
-                "train_flops_ratio": s.get("train_flops_ratio"),
-                "train_activation_mem_ratio": s.get("train_activation_mem_ratio"),
-                "train_activation_mem_bound": s.get("train_activation_mem_bound"),
-                "peak_mem_ratio": s.get("peak_mem_ratio"),
-                "compile_s": (s.get("compiled_step") or {}).get("compile_s"),
-                "extern_calls": (s.get("compiled_step") or {}).get("extern_calls"),
-            }
-        )
+def _run_row(r: dict) -> dict | None:
+    """The figures of one run's released setting against its baseline (None: the run has no released setting)."""
+    s, base = _setting(r, RELEASED), _setting(r, "baseline")
+    if s is None:
+        return None
+    step = s.get("compiled_step") or {}
+    return {
+        "file": r["_file"],
+        "exp": r["exp"],
+        "batch": r["batch_size"],
+        "mode": mode_of(r),
+        "user_path": is_user_path(r),
+        "speedup": s["speedup"],
+        "paired_speedup": s["paired_speedup_median"],
+        "flops_ratio": s["flops_ratio"],
+        "examples_per_s": s["examples_per_s"],
+        "baseline_examples_per_s": base["examples_per_s"],
+        "reducer_time_share": s.get("reducer_time_share"),
+        "ops_per_forward": s.get("ops_per_forward"),
+        "reducer_ops_per_step": s.get("reducer_ops_per_step"),
+        "kernels_per_step": s.get("kernels_per_step"),
+        "kernel_launches_per_forward": s.get("kernel_launches_per_forward"),
+        "baseline_kernel_launches_per_forward": base.get("kernel_launches_per_forward"),
+        "train_speedup": s.get("train_speedup"),
+        "train_flops_ratio": s.get("train_flops_ratio"),
+        "train_activation_mem_ratio": s.get("train_activation_mem_ratio"),
+        "train_activation_mem_bound": s.get("train_activation_mem_bound"),
+        "peak_mem_ratio": s.get("peak_mem_ratio"),
+        "compile_s": step.get("compile_s"),
+        "extern_calls": step.get("extern_calls"),
+    }
+
+
+def _of(rows: list[dict], exp: str) -> list[dict]:
+    return [x for x in rows if x["exp"].removeprefix("tiny_") == exp]
+
+
+def _target(text: str, best: dict | None, key: str, met) -> dict:
+    return {
+        "target": text,
+        "measured": best[key] if best else None,
+        "file": best["file"] if best else None,
+        "met": met(best[key]) if best else None,
+    }
+
+
+def targets_of(rows: list[dict]) -> list[dict]:
+    """Issue 13's GPU targets against the rows: the speedups of the path users get, and the reducer's share (the
+    compiled reduction step with half weights first, else any run that measured it)."""
     targets = []
     for (exp, batch), want in SPEEDUP_TARGETS.items():
-        got = [
-            x
-            for x in rows
-            if x["exp"].removeprefix("tiny_") == exp and x["batch"] == batch and x["user_path"]
-        ]
-        best = got[0] if got else None
-        targets.append(
-            {
-                "target": f"{exp} released, batch {batch}, path users get: speedup >= {want}x",
-                "measured": best["speedup"] if best else None,
-                "file": best["file"] if best else None,
-                "met": (best["speedup"] >= want) if best else None,
-            }
-        )
+        got = [x for x in _of(rows, exp) if x["batch"] == batch and x["user_path"]]
+        text = f"{exp} released, batch {batch}, path users get: speedup >= {want}x"
+        targets.append(_target(text, got[0] if got else None, "speedup", lambda v, want=want: v >= want))
     for exp in ("vilt_nlvr2", "meter_nlvr2"):
-        got = [
-            x
-            for x in rows
-            if x["exp"].removeprefix("tiny_") == exp
-            and x["reducer_time_share"] is not None
-            and "reducer compiled" in x["mode"]
-            and "-true" in x["mode"]
-        ]
-        got += [
-            x for x in rows if x["exp"].removeprefix("tiny_") == exp and x["reducer_time_share"] is not None
-        ]
-        best = got[0] if got else None
+        measured = [x for x in _of(rows, exp) if x["reducer_time_share"] is not None]
+        got = [x for x in measured if "reducer compiled" in x["mode"] and "-true" in x["mode"]] + measured
+        text = f"{exp} released: reducer share of GPU time <= {REDUCER_SHARE_TARGET:.0%}"
         targets.append(
-            {
-                "target": f"{exp} released: reducer share of GPU time <= {REDUCER_SHARE_TARGET:.0%}",
-                "measured": best["reducer_time_share"] if best else None,
-                "file": best["file"] if best else None,
-                "met": (best["reducer_time_share"] <= REDUCER_SHARE_TARGET) if best else None,
-            }
+            _target(text, got[0] if got else None, "reducer_time_share", lambda v: v <= REDUCER_SHARE_TARGET)
         )
+    return targets
+
+
+def _target_lines(runs: list[dict], targets: list[dict]) -> list[str]:
     first = runs[0] if runs else None
     tiny = any(r.get("tiny") for r in runs)
     lines = [
@@ -178,7 +171,11 @@ def summarize(runs: list[dict], stages: list[dict] | None = None) -> tuple[str, 
             measured = f"{100 * measured:.1f}%" if "share" in t["target"] else f"{measured:.2f}x"
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {measured or 'n/a'} | {met} | {t['file'] or '-'} |")
-    lines += [
+    return lines
+
+
+def _run_lines(rows: list[dict]) -> list[str]:
+    lines = [
         "",
         "## Every run (released setting against the baseline in the same process)",
         "",
@@ -206,6 +203,15 @@ def summarize(runs: list[dict], stages: list[dict] | None = None) -> tuple[str, 
             lines.append(
                 f"- {x['exp']} b{x['batch']} ({x['mode']}): {calls}; compiled in {x['compile_s']:.1f} s"
             )
+    return lines
+
+
+def summarize(runs: list[dict], stages: list[dict] | None = None) -> tuple[str, dict]:
+    """``summary.md`` and ``summary.json``: the targets, one row per run (its released setting), the stages."""
+    ordered = sorted(runs, key=lambda r: (r["exp"], mode_of(r), r["batch_size"]))
+    rows = [row for row in map(_run_row, ordered) if row is not None]
+    targets = targets_of(rows)
+    lines = _target_lines(runs, targets) + _run_lines(rows)
     if stages:
         lines += ["", "## Stages of the script", "", "| stage | status | seconds |", "|---|---|---|"]
         lines += [f"| {st['stage']} | {st['status']} | {st['seconds']} |" for st in stages]
