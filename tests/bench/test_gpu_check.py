@@ -76,3 +76,31 @@ def test_the_script_runs_end_to_end_on_the_tiny_presets(tmp_path):
     eager = [r for r in data["runs"] if "reducer eager" in r["mode"] and r["batch"] == 32]
     assert all(r["train_activation_mem_bound"] is not None and r["reducer_ops_per_step"] for r in eager)
     assert (tmp_path / "summary.md").exists() and list(tmp_path.glob("*_batch_sweep.png"))
+
+
+def _row(exp: str, batch: int, mode: str, user_path: bool, speedup: float, share: float | None) -> dict:
+    return {
+        "file": f"{exp}_{batch}_{mode}.json", "exp": exp, "batch": batch, "mode": mode, "user_path": user_path,
+        "speedup": speedup, "reducer_time_share": share,
+    }  # fmt: skip
+
+
+def test_targets_take_the_users_path_and_the_compiled_half_weight_share():
+    from pumer_lightning.bench.gpu_check import targets_of
+
+    rows = [
+        _row("vilt_nlvr2", 32, "fp16, reducer eager", False, 2.0, 0.30),
+        _row("vilt_nlvr2", 32, "fp16-true, CUDA graph, reducer auto", True, 1.7, None),
+        _row("vilt_nlvr2", 32, "fp16-true, reducer compiled", False, 1.1, 0.04),
+        _row("tiny_meter_nlvr2", 32, "fp16-true, CUDA graph, reducer auto", True, 1.2, 0.08),
+    ]
+    by_target = {t["target"].split(":")[0]: t for t in targets_of(rows)}
+    vilt32 = by_target["vilt_nlvr2 released, batch 32, path users get"]
+    assert (vilt32["measured"], vilt32["met"], vilt32["file"]) == (1.7, True, rows[1]["file"])
+    assert by_target["vilt_nlvr2 released, batch 128, path users get"]["met"] is None
+    meter32 = by_target["meter_nlvr2 released, batch 32, path users get"]
+    assert (meter32["measured"], meter32["met"]) == (1.2, False)  # tiny runs count as the experiment
+    vilt_share = by_target["vilt_nlvr2 released"]
+    assert (vilt_share["measured"], vilt_share["met"]) == (0.04, True)  # compiled step, half weights first
+    meter_share = by_target["meter_nlvr2 released"]
+    assert (meter_share["measured"], meter_share["met"]) == (0.08, False)  # else any run that measured it
