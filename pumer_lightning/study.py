@@ -12,7 +12,8 @@ Everything is generated and trained here, from nothing, on the synthetic shapes 
    docs/study.md#design), because a balanced true/false label is a pure text-image interaction with no first-order signal.
 3. **Baseline** (cached): the unreduced model fine-tuned on NLVR2 from the pre-trained weights.
 4. **Training-free**: the baseline's weights evaluated with reducers switched on: PuMer, its parts, random and
-   image-CLS pruning at the same token budget, and a keep-ratio sweep.
+   image-CLS pruning at the same token budget (the ablations of `pumer_lightning.reduce.ABLATIONS`, built with
+   `ablation`), and a keep-ratio sweep.
 5. **Fine-tuning from the baseline for the same number of steps, once per seed** (``StudyConfig.seeds``): with
    the reducers off (the matched control), with the PuMer reducer on under each text-merge policy
    (``StudyConfig.policies``) and without text merging; optionally (``distil_seeds``) with the reducer on plus
@@ -23,6 +24,11 @@ Everything is generated and trained here, from nothing, on the synthetic shapes 
    that include the seed-to-seed spread (`over_seeds`, `paired_over_seeds`), the documented targets met or
    missed, FLOPs per example and measured throughput for every setting; ``<out>/shapes.json``, ``shapes.md``
    and ``shapes.png`` (accuracy vs FLOPs).
+
+`run_study` drives named stages, each passing its results to the next: `train_stages` (1-3 and the fine-tunes
+of 5), then `evaluate` (`eval_data`, `learned_types`, `evaluate_finetuned`, `choose_policy`, `train_distilled`,
+`free_settings` and `evaluate_free`, `finetuned_settings`, `time_settings`, `comparisons`, `_targets`), then
+`study_record` and `write_report`.
 
 Checkpoints and data live under ``--work`` (default ``data/study``, git-ignored); a stage whose inputs did not
 change is loaded from its cache, so a second run only re-evaluates. ``--fresh`` retrains everything.
@@ -52,7 +58,7 @@ import lightning.pytorch as pl
 import torch
 
 from pumer_lightning.measure import count_flops, interleaved_times, median_rates
-from pumer_lightning.reduce import ReducerSchedule
+from pumer_lightning.reduce import ABLATIONS, ReducerSchedule, ablation
 
 TYPES: tuple[str, ...] = ("shape", "color", "exist")
 TASK_TEXT = {
@@ -217,12 +223,17 @@ class Study:
         optim = OptimConfig(
             lr=lr, lr_mult_head=1.0 if checkpoint is None else 10.0, weight_decay=0.01, warmup_ratio=0.1
         )
-        reducer = schedule if schedule is not None else ReducerSchedule(layers=[])
         if kind == "vqa2":
             from pumer_lightning.data.shapes import VQA_ANSWERS
 
-            return VQATask(backbone=spec, reducer=reducer, optim=optim, num_answers=len(VQA_ANSWERS), **kw)
-        return NLVR2Task(backbone=spec, reducer=reducer, optim=optim, **kw)
+            return VQATask(
+                backbone=spec,
+                reducer=schedule or ReducerSchedule(),
+                optim=optim,
+                num_answers=len(VQA_ANSWERS),
+                **kw,
+            )
+        return NLVR2Task(backbone=spec, reducer=schedule or ReducerSchedule(), optim=optim, **kw)
 
     def fit(self, name: str, model, dm, steps: int, seed: int | None = None):
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -286,8 +297,8 @@ class Study:
             if missing:
                 raise RuntimeError(f"{init_state} lacks {missing[:5]}")
         origin = "random init" if start is None and init_state is None else "trained weights"
-        log(f"{name}: {steps} {kind} steps from {origin}, lr {lr:g}, seed {seed}, reducer {_describe(schedule)}"
-            + (", distilled from the baseline" if distill else ""))  # fmt: skip
+        log(f"{name}: {steps} {kind} steps from {origin}, lr {lr:g}, seed {seed}, "
+            f"reducer {schedule or ReducerSchedule()}" + (", distilled from the baseline" if distill else ""))  # fmt: skip
         trainer = self.fit(label, model, dm, steps, seed=seed)
         trainer.save_checkpoint(str(path), weights_only=True)
         path.with_suffix(".json").write_text(
@@ -332,21 +343,6 @@ class Study:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("teacher.")})
         return model.to(self.device).eval()
-
-
-def _describe(schedule: ReducerSchedule | None) -> str:
-    if schedule is None or not schedule.is_active:
-        return "off"
-    text = f"text {schedule.text_merge_ratio:g}"
-    policy = getattr(schedule, "text_merge_policy", "real")
-    if schedule.text_merge_ratio > 0 and policy != "real":
-        text += f" ({policy})"
-    partition = getattr(schedule, "partition", "spatial")
-    extra = f", {partition} partition" if partition != "spatial" else ""
-    return (
-        f"keep {schedule.keep_ratio:g} / merge {schedule.merge_ratio:g} / {text} "
-        f"@ {list(schedule.layers)} ({schedule.importance}{extra})"
-    )
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -510,6 +506,375 @@ def speed(model, batches: list[dict[str, Any]], settings: dict[str, ReducerSched
     return out
 
 
+# ---------------------------------------------------------------------------------------------- the stages
+@dataclass
+class Trained:
+    """The trained models: the fine-tunes' starting point, the baseline and every fine-tune (one per seed)."""
+
+    #: the pre-trained backbone the NLVR2 stages build on (None: the VQA baseline, trained from scratch)
+    start: Path | None
+    baseline: Path  #: the baseline's Lightning checkpoint
+    pretrain_val_score: float  #: the pre-training's shapes VQA validation score
+    #: fine-tune name -> the reducer it trains with (and is evaluated with)
+    schedules: dict[str, ReducerSchedule | None]
+    #: fine-tune name -> its checkpoint per seed, in ``StudyConfig.seeds`` order
+    checkpoints: dict[str, list[Path]]
+
+
+@dataclass
+class EvalData:
+    """The evaluation batches (on the study's device) and the statement type of each example, in order."""
+
+    val: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    #: the same test examples padded to their batch's longest text (where ``pads_first`` depends on the batch)
+    test_longest: list[dict[str, Any]]
+    val_types: list[str]
+    test_types: list[str]
+
+
+@dataclass
+class Results:
+    """What the evaluation stages found, in the order the report lists it."""
+
+    validation: dict[str, Any]  #: the baseline's validation score per type, with each type's chance score
+    learned: tuple[str, ...]  #: the types the baseline learned (decided on validation)
+    policy_choice: dict[str, Any]
+    settings: list[dict[str, Any]]  #: one row per setting: accuracy, FLOPs and speed
+    comparisons: dict[str, dict[str, Any]]
+    targets: dict[str, dict[str, Any]]
+
+
+def finetune_schedules(cfg: StudyConfig) -> dict[str, ReducerSchedule | None]:
+    """The fine-tunes from the baseline: the matched control (reducers off), PuMer under each text-merge policy
+    and PuMer without text merging (their schedules feed the checkpoints' cache keys)."""
+    out: dict[str, ReducerSchedule | None] = {"ft_control": None}
+    out.update({f"ft_pumer_{p}": cfg.schedule(text_merge_policy=p) for p in cfg.policies})
+    out["ft_pumer_no_text"] = ablation(cfg.schedule(), "no_text_merge")
+    return out
+
+
+def train_stages(st: Study) -> Trained:
+    """Data, pre-training, baseline and the fine-tunes of every seed (each from its cache when it has one)."""
+    cfg, b, kind = st.cfg, st.cfg.steps, st.cfg.task
+    st.data()
+    pre_ckpt, pre_backbone, pre_val = st.pretrained(need_ckpt=kind == "vqa2")
+    if kind == "nlvr2":
+        start: Path | None = pre_backbone
+        base_ckpt = st.train("baseline", kind, start, None, b.baseline_steps, cfg.baseline_lr)
+    else:  # the VQA model trained from scratch is the baseline itself
+        assert pre_ckpt is not None  # need_ckpt
+        start, base_ckpt = None, pre_ckpt
+    schedules = finetune_schedules(cfg)
+    ckpts: dict[str, list[Path]] = {name: [] for name in schedules}
+    # seed-major order: an interrupted run leaves whole seeds in the cache
+    for seed in cfg.seeds:
+        for name, sched in schedules.items():
+            path = st.train(name, kind, start, sched, b.finetune_steps, cfg.finetune_lr, base_ckpt, seed=seed,
+                            padding=cfg.text_padding)  # fmt: skip
+            ckpts[name].append(path)
+    return Trained(start, base_ckpt, pre_val, schedules, ckpts)
+
+
+def train_distilled(st: Study, trained: Trained, pumer: ReducerSchedule) -> list[Path]:
+    """PuMer + distillation from the baseline under the chosen policy, one per ``distil_seeds`` seed."""
+    cfg, paths = st.cfg, []
+    for seed in cfg.distil_seeds:
+        path = st.train("ft_pumer_distil", cfg.task, trained.start, pumer, cfg.steps.finetune_steps,
+                        cfg.finetune_lr, trained.baseline, distill=trained.baseline, seed=seed,
+                        padding=cfg.text_padding)  # fmt: skip
+        paths.append(path)
+    return paths
+
+
+def eval_data(st: Study) -> EvalData:
+    """Validation and test batches padded as the fine-tunes were (``text_padding``), and test padded longest."""
+    kind, pad = st.cfg.task, st.cfg.text_padding
+    dm = st.datamodule(kind, padding=pad)
+    val = [_to(x, st.device) for x in dm.eval_dataloader(dm.val_split)]
+    test = [_to(x, st.device) for x in dm.eval_dataloader(dm.test_split)]
+    test_longest = test
+    if pad != "longest":
+        dm_longest = st.datamodule(kind, padding="longest")
+        test_longest = [_to(x, st.device) for x in dm_longest.eval_dataloader(dm_longest.test_split)]
+
+    def types(batches: list[dict[str, Any]]) -> list[str]:
+        return [m["statement_type"] for batch in batches for m in batch["meta"]]
+
+    return EvalData(val, test, test_longest, types(val), types(test))
+
+
+def learned_types(cfg: StudyConfig, base, data: EvalData) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The baseline's validation score per type and the types it learned: decided on validation, before any
+    test figure is looked at."""
+    # NLVR2 labels are class ids; VQA labels are already score vectors
+    floor = chance(data.val, num_classes=2)
+    val_acc = accuracy(predictions(base, data.val, None)[0], data.val_types)
+    for t, stat in val_acc["by_type"].items():
+        stat["chance"] = floor[t]
+    learned = tuple(
+        t for t, s in val_acc["by_type"].items() if s["acc"] - s["chance"] > cfg.learned_z * s["se"]
+    )
+    log(f"baseline validation score {val_acc['all']['acc']:.3f}; learned types: {learned or 'none'}")
+    return val_acc, learned
+
+
+def _test_scores(model, data: EvalData, schedule: ReducerSchedule | None, name: str) -> list[float]:
+    scores, types = predictions(model, data.test, schedule)
+    if types != data.test_types:
+        raise RuntimeError(f"{name}: the test examples came in another order")
+    return scores
+
+
+def evaluate_finetuned(st: Study, trained: Trained, data: EvalData) -> tuple[dict, dict]:
+    """Every fine-tune (per seed) on validation (for the policy choice) and on test; PuMer fine-tunes also with
+    the reducers off and with random pruning at the same budget (``:eval_off``, ``:eval_random``)."""
+    log(f"evaluating {sum(len(v) for v in trained.checkpoints.values())} fine-tuned models")
+    val: dict[str, list[list[float]]] = {}
+    test: dict[str, list[list[float]]] = {}
+    for name, paths in trained.checkpoints.items():
+        sched = trained.schedules[name]
+        for path in paths:
+            model = st.load(path, trained.start, st.cfg.task)
+            val.setdefault(name, []).append(predictions(model, data.val, sched)[0])
+            test.setdefault(name, []).append(_test_scores(model, data, sched, name))
+            if sched is not None and name != "ft_pumer_no_text":
+                test.setdefault(f"{name}:eval_off", []).append(_test_scores(model, data, None, name))
+                random = ablation(sched, "random_prune")
+                test.setdefault(f"{name}:eval_random", []).append(_test_scores(model, data, random, name))
+            del model
+    return val, test
+
+
+POLICY_RULE = (
+    "the policy whose PuMer fine-tunes score highest on the validation split (learned types, mean over "
+    "seeds); ties go to the higher training-free validation score, then to the first listed"
+)
+
+
+def choose_policy(cfg: StudyConfig, base, data: EvalData, ft_val: dict[str, list[list[float]]],
+                  only: tuple[str, ...]) -> dict[str, Any]:  # fmt: skip
+    """The default text-merge policy, chosen on validation (`POLICY_RULE`) before any test figure is looked at."""
+    choice = {
+        p: {
+            "ft_val": over_seeds(ft_val[f"ft_pumer_{p}"], data.val_types, only)["learned"],
+            "free_val": accuracy(
+                predictions(base, data.val, cfg.schedule(text_merge_policy=p))[0], data.val_types, only
+            )["learned"],
+        }
+        for p in cfg.policies
+    }
+    chosen = max(cfg.policies, key=lambda p: (choice[p]["ft_val"]["acc"], choice[p]["free_val"]["acc"]))
+    log("validation, learned types: " + "; ".join(
+        f"{p}: fine-tuned {100 * c['ft_val']['acc']:.1f}, training-free {100 * c['free_val']['acc']:.1f}"
+        for p, c in choice.items()) + f" -> chosen policy {chosen}")  # fmt: skip
+    return {"rule": POLICY_RULE, "validation": choice, "chosen": chosen}
+
+
+Setting = tuple[str, ReducerSchedule | None]  # (description, reducer at test)
+
+
+def free_settings(cfg: StudyConfig, chosen: str) -> dict[str, Setting]:
+    """The training-free settings evaluated on the baseline's weights, in report order. Rows named after an
+    ablation are `pumer_lightning.reduce.ablation` of the PuMer setting (``ABLATIONS`` says what each means)."""
+    pumer, plain = cfg.schedule(text_merge_policy=chosen), cfg.schedule()
+    free: dict[str, Setting] = {"baseline": ("no reduction", None)}
+    for p in cfg.policies:
+        desc = f"PuMer, text-merge policy {p}" + (" (chosen)" if p == chosen else "")
+        free[f"pumer_{p}"] = (desc, cfg.schedule(text_merge_policy=p))
+    if "pads_first" in cfg.policies and cfg.text_padding != "longest":
+        free["pumer_pads_first_longest"] = (
+            "PuMer, pads_first, batches padded to their longest text",
+            cfg.schedule(text_merge_policy="pads_first"),
+        )
+    free["pumer_no_text"] = ("PuMer without text merging", ablation(plain, "no_text_merge"))
+    free["pumer_score_partition"] = (
+        "PuMer, bipartite A/B split in score order (official code)",
+        dataclasses.replace(pumer, partition="score"),
+    )
+    # prune_only merges no text: built from the "real" policy's schedule (the one it always had; same tokens)
+    ablated = {"prune_only": plain, "no_prune": pumer, "random_prune": pumer, "cls_prune": pumer}
+    for name, of in ablated.items():
+        free[name] = (ABLATIONS[name][0], ablation(of, name))
+    for k in cfg.keep_sweep:
+        if k != pumer.keep_ratio:
+            at_k = dataclasses.replace(pumer, keep_ratio=k)
+            free[f"keep_{k:g}"] = (f"PuMer at keep {k:g}", at_k)
+            free[f"random_keep_{k:g}"] = (f"random pruning at keep {k:g}", ablation(at_k, "random_prune"))
+    if 0.5 in cfg.keep_sweep and pumer.keep_ratio != 0.5:
+        no_text = ablation(cfg.schedule(keep_ratio=0.5), "no_text_merge")
+        free["keep_0.5_no_text"] = ("PuMer at keep 0.5 without text merging", no_text)
+        free["random_keep_0.5_no_text"] = (
+            "random pruning at keep 0.5 without text merging",
+            ablation(no_text, "random_prune"),
+        )
+    return free
+
+
+def finetuned_settings(cfg: StudyConfig, trained: Trained, chosen: str) -> dict[str, tuple[str, Setting]]:
+    """The fine-tuned rows, each evaluated with the reducer it was trained with, and their controls:
+    name -> (weights, (description, reducer at test))."""
+    pumer, ch, on = cfg.schedule(text_merge_policy=chosen), f"ft_pumer_{chosen}", "fine-tuned with PuMer on"
+    rows: dict[str, tuple[str, Setting]] = {}
+    for p in cfg.policies:
+        desc = f"{on}, text-merge policy {p}" + (" (chosen)" if p == chosen else "")
+        rows[f"ft_pumer_{p}"] = (f"ft_pumer_{p}", (desc, trained.schedules[f"ft_pumer_{p}"]))
+    no_text = (f"{on}, without text merging", trained.schedules["ft_pumer_no_text"])
+    rows["ft_pumer_no_text"] = ("ft_pumer_no_text", no_text)
+    rows["ft_control"] = ("ft_control", ("fine-tuned with reducers off (matched control)", None))
+    rows[f"{ch}:eval_off"] = (ch, (f"{on} (chosen policy), evaluated with reducers off", None))
+    random = ablation(pumer, "random_prune")
+    rows[f"{ch}:eval_random"] = (
+        ch,
+        (f"{on} (chosen policy), evaluated with random pruning at the same budget", random),
+    )
+    if cfg.distil_seeds:
+        distil = f"{on} (chosen policy) + distillation from the baseline"
+        rows["ft_pumer_distil"] = ("ft_pumer_distil", (distil, pumer))
+    return rows
+
+
+def _row(name: str, stage: str, weights: str, setting: Setting) -> dict[str, Any]:
+    desc, sched = setting
+    return {"name": name, "stage": stage, "weights": weights, "description": desc,
+            "schedule": str(sched or ReducerSchedule()), "eval_reducer": sched}  # fmt: skip
+
+
+def evaluate_free(base, free: dict[str, Setting], data: EvalData) -> tuple[list[dict], dict]:
+    """Every training-free setting on the baseline's weights: its rows and its test scores (one 'seed')."""
+    log(f"evaluating {len(free)} training-free settings on {len(data.test_types)} test examples")
+    rows, scores = [], {}
+    for name, setting in free.items():
+        batches = data.test_longest if name.endswith("_longest") else data.test
+        s, t = predictions(base, batches, setting[1])
+        if t != data.test_types:
+            raise RuntimeError(f"{name}: the test examples came in another order")
+        scores[name] = [s]
+        rows.append(_row(name, "training-free", "baseline", setting))
+    return rows, scores
+
+
+def time_settings(base, rows: list[dict[str, Any]], data: EvalData, rounds: int) -> dict[str, dict[str, Any]]:
+    """FLOPs, speed and tokens per row, relative to the unreduced baseline: the training-free settings are timed
+    (same weights, interleaved rounds); a fine-tuned row costs what the training-free row of its reducer costs."""
+    log("timing every setting (same weights, interleaved rounds)")
+    batches = data.test[: max(1, min(len(data.test), 4))]
+    distinct = {r["name"]: r["eval_reducer"] for r in rows if r["stage"] == "training-free"}
+    speeds = speed(base, batches, distinct, rounds=rounds)
+    if "pumer_pads_first_longest" in distinct:  # its batches are padded differently: timed on its own batches
+        longest = speed(base, data.test_longest[: len(batches)],
+                        {"baseline": None, "pumer_pads_first_longest": distinct["pumer_pads_first_longest"]},
+                        rounds=rounds)  # fmt: skip
+        speeds["pumer_pads_first_longest"] = {
+            **longest["pumer_pads_first_longest"],
+            "relative_to": longest["baseline"],
+        }
+    out = {}
+    for r in rows:
+        key = r["name"] if r["stage"] == "training-free" else next(
+            (n for n, s in distinct.items() if s == r["eval_reducer"] and not n.endswith("_longest")), "baseline"
+        )  # fmt: skip
+        s = speeds[key]
+        ref = s.get("relative_to", speeds["baseline"])
+        out[r["name"]] = {
+            "gflops_per_example": s["gflops_per_example"],
+            "flops_ratio": ref["gflops_per_example"] / s["gflops_per_example"],
+            "examples_per_s": s["examples_per_s"],
+            "speedup": s["examples_per_s"] / ref["examples_per_s"],
+            "image_tokens_per_layer": s["image_tokens_per_layer"],
+        }
+    return out
+
+
+def comparisons(scores: dict[str, list[list[float]]], seeds: dict[str, list[int]], types: list[str],
+                only: tuple[str, ...], policies: list[str], chosen: str) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The paired differences the report lists (seed s against seed s where both sides are fine-tuned)."""
+
+    def cmp(a: str, b: str, what: str) -> dict[str, Any]:
+        pa, pb = scores[a], scores[b]
+        sa, sb = seeds.get(a), seeds.get(b)
+        if sa is not None and sb is not None:  # two fine-tuned settings: seed s against seed s
+            common = [x for x in sa if x in sb]
+            pa, pb = [pa[sa.index(x)] for x in common], [pb[sb.index(x)] for x in common]
+        return {"a": a, "b": b, "what": what, **paired_over_seeds(pa, pb, types, only)}
+
+    ch = f"ft_pumer_{chosen}"
+    out = {
+        "pumer_ft_minus_control_ft": cmp(ch, "ft_control", f"headline: fine-tuned PuMer ({chosen}) vs control"),
+        **{f"pumer_ft_{p}_minus_control_ft": cmp(f"ft_pumer_{p}", "ft_control", f"fine-tuned PuMer ({p}) vs control")
+           for p in policies},
+        "pumer_ft_no_text_minus_control_ft": cmp("ft_pumer_no_text", "ft_control",
+                                                 "fine-tuned PuMer without text merging vs control"),
+        "pumer_ft_eval_random_minus_pumer_ft": cmp(f"{ch}:eval_random", ch,
+                                                   "fine-tuned PuMer weights: random vs text-informed pruning"),
+        "pumer_free_minus_baseline": cmp(f"pumer_{chosen}", "baseline", f"training-free PuMer ({chosen}) vs baseline"),
+        **{f"pumer_free_{p}_minus_baseline": cmp(f"pumer_{p}", "baseline", f"training-free PuMer ({p}) vs baseline")
+           for p in policies},
+    }  # fmt: skip
+    if "ft_pumer_distil" in scores:
+        out["pumer_distil_ft_minus_control_ft"] = cmp(
+            "ft_pumer_distil", "ft_control", "fine-tuned PuMer + distillation vs control (matching seeds)"
+        )
+    if "pumer_pads_first_longest" in scores:
+        out["pumer_free_pads_first_longest_minus_baseline"] = cmp(
+            "pumer_pads_first_longest",
+            "baseline",
+            "training-free pads_first on batch-longest padding vs baseline",
+        )
+    out["pumer_free_no_text_minus_baseline"] = cmp(
+        "pumer_no_text", "baseline", "training-free PuMer without text merging vs baseline"
+    )
+    out["random_free_minus_pumer_free"] = cmp(
+        "random_prune", f"pumer_{chosen}", "random vs text pruning, keep 0.7"
+    )
+    out["cls_free_minus_pumer_free"] = cmp("cls_prune", f"pumer_{chosen}", "CLS vs text pruning, keep 0.7")
+    if "keep_0.5" in scores:
+        out["random_keep0.5_minus_pumer_keep0.5"] = cmp(
+            "random_keep_0.5", "keep_0.5", f"random vs text pruning at keep 0.5 (merge, text {chosen})"
+        )
+        out["random_keep0.5_minus_baseline"] = cmp(
+            "random_keep_0.5", "baseline", "random keep 0.5 vs baseline"
+        )
+    if "keep_0.5_no_text" in scores:
+        out["random_keep0.5_no_text_minus_pumer_keep0.5_no_text"] = cmp(
+            "random_keep_0.5_no_text",
+            "keep_0.5_no_text",
+            "random vs text pruning at keep 0.5, no text merging",
+        )
+    return out
+
+
+def evaluate(st: Study, trained: Trained, timing_rounds: int) -> Results:
+    """Every evaluation stage: learned types, fine-tunes, the policy choice (on validation), the distillation
+    fine-tunes, the training-free settings, timing, comparisons and targets."""
+    cfg = st.cfg
+    data = eval_data(st)
+    base = st.load(trained.baseline, trained.start, cfg.task)
+    validation, learned = learned_types(cfg, base, data)
+    only = learned or TYPES
+    ft_val, scores = evaluate_finetuned(st, trained, data)
+    policy_choice = choose_policy(cfg, base, data, ft_val, only)
+    chosen = policy_choice["chosen"]
+    pumer = cfg.schedule(text_merge_policy=chosen)
+    for path in train_distilled(st, trained, pumer):
+        model = st.load(path, trained.start, cfg.task)
+        scores.setdefault("ft_pumer_distil", []).append(_test_scores(model, data, pumer, "ft_pumer_distil"))
+        del model
+    seeds = {name: list(cfg.seeds) for name in scores}
+    seeds["ft_pumer_distil"] = list(cfg.distil_seeds)
+    rows, free_scores = evaluate_free(base, free_settings(cfg, chosen), data)
+    scores.update(free_scores)
+    for name, (weights, setting) in finetuned_settings(cfg, trained, chosen).items():
+        rows.append({**_row(name, "fine-tuned", weights, setting), "seeds": seeds[name]})
+    figures = time_settings(base, rows, data, timing_rounds)
+    for r in rows:
+        del r["eval_reducer"]
+        r.update(over_seeds(scores[r["name"]], data.test_types, only))
+        r.update(figures[r["name"]])
+    comps = comparisons(scores, seeds, data.test_types, only, list(cfg.policies), chosen)
+    return Results(validation, learned, policy_choice, rows, comps, _targets(comps))
+
+
 # ---------------------------------------------------------------------------------------------- the study
 SE_RULE = (
     "mean over seeds; standard error sqrt(se_seeds^2 + se_sample^2), where se_seeds is the standard deviation over "
@@ -543,299 +908,10 @@ def _targets(c: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_study(
-    cfg: StudyConfig,
-    work: Path,
-    out: Path,
-    fresh: bool = False,
-    device: str = "cpu",
-    workers: int = 1,
-    timing_rounds: int = 5,
-) -> dict[str, Any]:
-    """Run (or load from the cache) every stage, evaluate every setting, write ``<out>/shapes*.{json,md,png}``."""
-    t_start = time.perf_counter()
-    st = Study(cfg, work, fresh, device, workers)
-    log(f"budget {cfg.budget}: {dataclasses.asdict(cfg.steps)}; device {device}")
-    st.data()
-    b, kind = cfg.steps, cfg.task
-    pre_ckpt, pre_backbone, pre_val = st.pretrained(need_ckpt=kind == "vqa2")
-    if kind == "nlvr2":
-        start: Path | None = pre_backbone
-        base_ckpt = st.train("baseline", kind, start, None, b.baseline_steps, cfg.baseline_lr)
-    else:  # the VQA model trained from scratch is the baseline itself
-        start, base_ckpt = None, pre_ckpt
-    pad, seeds, policies = cfg.text_padding, list(cfg.seeds), list(cfg.policies)
-    if not seeds or not policies:
-        raise ValueError("StudyConfig.seeds and StudyConfig.policies must not be empty")
-
-    def policy(name: str, **changes: Any) -> ReducerSchedule:
-        return cfg.schedule(text_merge_policy=name, **changes)
-
-    # fine-tuning from the baseline, every seed: the matched control (reducers off), PuMer under each text-merge
-    # policy, PuMer without text merging. Seed-major order: an interrupted run leaves whole seeds in the cache.
-    ft_sched: dict[str, ReducerSchedule | None] = {"ft_control": None}
-    ft_sched.update({f"ft_pumer_{p}": policy(p) for p in policies})
-    ft_sched["ft_pumer_no_text"] = cfg.schedule(text_merge_ratio=0.0)
-    ckpts: dict[str, list[Path]] = {name: [] for name in ft_sched}
-    for seed in seeds:
-        for name, sched in ft_sched.items():
-            ckpts[name].append(
-                st.train(
-                    name,
-                    kind,
-                    start,
-                    sched,
-                    b.finetune_steps,
-                    cfg.finetune_lr,
-                    base_ckpt,
-                    seed=seed,
-                    padding=pad,
-                )  # fmt: skip
-            )
-
-    dm = st.datamodule(kind, padding=pad)
-    val = [_to(x, st.device) for x in dm.eval_dataloader(dm.val_split)]
-    test = [_to(x, st.device) for x in dm.eval_dataloader(dm.test_split)]
-    # the same test examples padded to their batch's longest text (where pads_first depends on the batch)
-    test_longest = test
-    if pad != "longest":
-        dm_longest = st.datamodule(kind, padding="longest")
-        test_longest = [_to(x, st.device) for x in dm_longest.eval_dataloader(dm_longest.test_split)]
-    base = st.load(base_ckpt, start, kind)
-
-    # which types did the baseline learn? decided on validation, before any test figure is looked at
-    floor = chance(val, num_classes=2)  # NLVR2 labels are class ids; VQA labels are already score vectors
-    vc, vt = predictions(base, val, None)
-    val_acc = accuracy(vc, vt)
-    for t, stat in val_acc["by_type"].items():
-        stat["chance"] = floor[t]
-    learned = tuple(
-        t for t, s in val_acc["by_type"].items() if s["acc"] - s["chance"] > cfg.learned_z * s["se"]
-    )
-    log(f"baseline validation score {val_acc['all']['acc']:.3f}; learned types: {learned or 'none'}")
-    only = learned or TYPES
-
-    # fine-tuned models on validation (the policy choice) and test; PuMer models also with reducers off and with
-    # random pruning at the same budget (the random-pruning control on fine-tuned weights)
-    log(f"evaluating {sum(len(v) for v in ckpts.values())} fine-tuned models")
-    ft_val: dict[str, list[list[float]]] = {}
-    ft_test: dict[str, list[list[float]]] = {}
-    types: list[str] = []
-    for name, paths in ckpts.items():
-        sched = ft_sched[name]
-        for path in paths:
-            model = st.load(path, start, kind)
-            ft_val.setdefault(name, []).append(predictions(model, val, sched)[0])
-            scores, types = predictions(model, test, sched)
-            ft_test.setdefault(name, []).append(scores)
-            if sched is not None and name != "ft_pumer_no_text":
-                ft_test.setdefault(f"{name}:eval_off", []).append(predictions(model, test, None)[0])
-                ft_test.setdefault(f"{name}:eval_random", []).append(
-                    predictions(model, test, dataclasses.replace(sched, importance="random"))[0]
-                )
-            del model
-
-    # the default text-merge policy, chosen on validation (before any test figure is looked at)
-    free_val = {p: predictions(base, val, policy(p))[0] for p in policies}
-    choice = {
-        p: {
-            "ft_val": over_seeds(ft_val[f"ft_pumer_{p}"], vt, only)["learned"],
-            "free_val": accuracy(free_val[p], vt, only)["learned"],
-        }
-        for p in policies
-    }
-    chosen = max(policies, key=lambda p: (choice[p]["ft_val"]["acc"], choice[p]["free_val"]["acc"]))
-    log("validation, learned types: " + "; ".join(
-        f"{p}: fine-tuned {100 * c['ft_val']['acc']:.1f}, training-free {100 * c['free_val']['acc']:.1f}"
-        for p, c in choice.items()) + f" -> chosen policy {chosen}")  # fmt: skip
-    pumer = policy(chosen)
-
-    # PuMer + distillation from the baseline, under the chosen policy (fewer seeds: the costliest stage)
-    distil = [
-        st.train(
-            "ft_pumer_distil",
-            kind,
-            start,
-            pumer,
-            b.finetune_steps,
-            cfg.finetune_lr,
-            base_ckpt,
-            distill=base_ckpt,
-            seed=seed,
-            padding=pad,
-        )  # fmt: skip
-        for seed in cfg.distil_seeds
-    ]
-    for path in distil:
-        model = st.load(path, start, kind)
-        ft_test.setdefault("ft_pumer_distil", []).append(predictions(model, test, pumer)[0])
-        del model
-
-    # training-free settings on the baseline's weights
-    keep = pumer.keep_ratio
-    free: dict[str, tuple[str, ReducerSchedule | None]] = {"baseline": ("no reduction", None)}
-    for p in policies:
-        free[f"pumer_{p}"] = (
-            f"PuMer, text-merge policy {p}" + (" (chosen)" if p == chosen else ""),
-            policy(p),
-        )
-    if "pads_first" in policies and pad != "longest":
-        free["pumer_pads_first_longest"] = (
-            "PuMer, pads_first, batches padded to their longest text",
-            policy("pads_first"),
-        )
-    free["pumer_no_text"] = ("PuMer without text merging", cfg.schedule(text_merge_ratio=0.0))
-    if any(f.name == "partition" for f in dataclasses.fields(ReducerSchedule)):
-        free["pumer_score_partition"] = (
-            "PuMer, bipartite A/B split in score order (official code)",
-            policy(chosen, partition="score"),
-        )
-    free.update({
-        "prune_only": ("text-informed pruning only", cfg.schedule(merge_ratio=0.0, text_merge_ratio=0.0)),
-        "merge_only": ("merging only (ToMe image + text)", policy(chosen, keep_ratio=1.0)),
-        "random_prune": (f"random pruning at keep {keep:g} + merge", policy(chosen, importance="random")),
-        "cls_prune": (f"image-CLS-attention pruning at keep {keep:g} + merge", policy(chosen, importance="cls")),
-    })  # fmt: skip
-    for k in cfg.keep_sweep:
-        if k != keep:
-            free[f"keep_{k:g}"] = (f"PuMer at keep {k:g}", policy(chosen, keep_ratio=k))
-            free[f"random_keep_{k:g}"] = (
-                f"random pruning at keep {k:g}",
-                policy(chosen, keep_ratio=k, importance="random"),
-            )
-    if 0.5 in cfg.keep_sweep and keep != 0.5:
-        free["keep_0.5_no_text"] = ("PuMer at keep 0.5 without text merging",
-                                    cfg.schedule(keep_ratio=0.5, text_merge_ratio=0.0))  # fmt: skip
-        free["random_keep_0.5_no_text"] = ("random pruning at keep 0.5 without text merging",
-                                           cfg.schedule(keep_ratio=0.5, text_merge_ratio=0.0,
-                                                        importance="random"))  # fmt: skip
-    log(
-        f"evaluating {len(free)} training-free settings on {sum(len(x['labels']) for x in test)} test examples"
-    )
-    preds: dict[str, list[list[float]]] = {}
-    rows = []
-    for name, (desc, sched) in free.items():
-        batches = test_longest if name.endswith("_longest") else test
-        scores, t = predictions(base, batches, sched)
-        if t != types:
-            raise RuntimeError(f"{name}: the test examples came in another order")
-        preds[name] = [scores]
-        rows.append({"name": name, "stage": "training-free", "weights": "baseline", "description": desc,
-                     "schedule": _describe(sched), "eval_reducer": sched})  # fmt: skip
-    # fine-tuned models (mean over seeds), each evaluated with the reducer it was trained with, and controls
-    ft_rows = [(f"ft_pumer_{p}", f"ft_pumer_{p}", ft_sched[f"ft_pumer_{p}"],
-                f"fine-tuned with PuMer on, text-merge policy {p}" + (" (chosen)" if p == chosen else ""))
-               for p in policies]  # fmt: skip
-    ft_rows += [
-        ("ft_pumer_no_text", "ft_pumer_no_text", ft_sched["ft_pumer_no_text"],
-         "fine-tuned with PuMer on, without text merging"),
-        ("ft_control", "ft_control", None, "fine-tuned with reducers off (matched control)"),
-        (f"ft_pumer_{chosen}:eval_off", f"ft_pumer_{chosen}", None,
-         "fine-tuned with PuMer on (chosen policy), evaluated with reducers off"),
-        (f"ft_pumer_{chosen}:eval_random", f"ft_pumer_{chosen}", dataclasses.replace(pumer, importance="random"),
-         "fine-tuned with PuMer on (chosen policy), evaluated with random pruning at the same budget"),
-    ]  # fmt: skip
-    if distil:
-        ft_rows.append(("ft_pumer_distil", "ft_pumer_distil", pumer,
-                        "fine-tuned with PuMer on (chosen policy) + distillation from the baseline"))  # fmt: skip
-    ft_seeds = {name: seeds for name in ft_test}
-    ft_seeds["ft_pumer_distil"] = list(cfg.distil_seeds)
-    for name, weights, sched, desc in ft_rows:
-        preds[name] = ft_test[name]
-        rows.append({"name": name, "stage": "fine-tuned", "weights": weights, "description": desc,
-                     "schedule": _describe(sched), "eval_reducer": sched, "seeds": ft_seeds[name]})  # fmt: skip
-
-    log("timing every setting (same weights, interleaved rounds)")
-    timing_batches = test[: max(1, min(len(test), 4))]
-    distinct = {r["name"]: r["eval_reducer"] for r in rows if r["stage"] == "training-free"}
-    speeds = speed(base, timing_batches, distinct, rounds=timing_rounds)
-    if "pumer_pads_first_longest" in distinct:  # its batches are padded differently: timed on its own batches
-        longest = speed(base, test_longest[: len(timing_batches)],
-                        {"baseline": None, "pumer_pads_first_longest": distinct["pumer_pads_first_longest"]},
-                        rounds=timing_rounds)  # fmt: skip
-        speeds["pumer_pads_first_longest"] = {
-            **longest["pumer_pads_first_longest"],
-            "relative_to": longest["baseline"],
-        }
-    for r in rows:
-        sched = r.pop("eval_reducer")
-        key = r["name"] if r["stage"] == "training-free" else next(
-            (n for n, s in distinct.items() if s == sched and not n.endswith("_longest")), "baseline"
-        )  # fmt: skip
-        s = speeds[key]
-        ref = s.get("relative_to", speeds["baseline"])
-        r.update(over_seeds(preds[r["name"]], types, only))
-        r.update(
-            gflops_per_example=s["gflops_per_example"],
-            flops_ratio=ref["gflops_per_example"] / s["gflops_per_example"],
-            examples_per_s=s["examples_per_s"],
-            speedup=s["examples_per_s"] / ref["examples_per_s"],
-            image_tokens_per_layer=s["image_tokens_per_layer"],
-        )
-
-    def cmp(a: str, b: str, what: str) -> dict[str, Any]:
-        pa, pb = preds[a], preds[b]
-        sa, sb = ft_seeds.get(a), ft_seeds.get(b)
-        if sa is not None and sb is not None:  # two fine-tuned settings: seed s against seed s
-            common = [x for x in sa if x in sb]
-            pa, pb = [pa[sa.index(x)] for x in common], [pb[sb.index(x)] for x in common]
-        return {"a": a, "b": b, "what": what, **paired_over_seeds(pa, pb, types, only)}
-
-    ch = f"ft_pumer_{chosen}"
-    comparisons = {
-        "pumer_ft_minus_control_ft": cmp(ch, "ft_control", f"headline: fine-tuned PuMer ({chosen}) vs control"),
-        **{f"pumer_ft_{p}_minus_control_ft": cmp(f"ft_pumer_{p}", "ft_control", f"fine-tuned PuMer ({p}) vs control")
-           for p in policies},
-        "pumer_ft_no_text_minus_control_ft": cmp("ft_pumer_no_text", "ft_control",
-                                                 "fine-tuned PuMer without text merging vs control"),
-        "pumer_ft_eval_random_minus_pumer_ft": cmp(f"{ch}:eval_random", ch,
-                                                   "fine-tuned PuMer weights: random vs text-informed pruning"),
-        "pumer_free_minus_baseline": cmp(f"pumer_{chosen}", "baseline", f"training-free PuMer ({chosen}) vs baseline"),
-        **{f"pumer_free_{p}_minus_baseline": cmp(f"pumer_{p}", "baseline", f"training-free PuMer ({p}) vs baseline")
-           for p in policies},
-    }  # fmt: skip
-    if distil:
-        comparisons["pumer_distil_ft_minus_control_ft"] = cmp(
-            "ft_pumer_distil", "ft_control", "fine-tuned PuMer + distillation vs control (matching seeds)"
-        )
-    if "pumer_pads_first_longest" in preds:
-        comparisons["pumer_free_pads_first_longest_minus_baseline"] = cmp(
-            "pumer_pads_first_longest",
-            "baseline",
-            "training-free pads_first on batch-longest padding vs baseline",
-        )
-    comparisons["pumer_free_no_text_minus_baseline"] = cmp(
-        "pumer_no_text", "baseline", "training-free PuMer without text merging vs baseline"
-    )
-    comparisons["random_free_minus_pumer_free"] = cmp(
-        "random_prune", f"pumer_{chosen}", "random vs text pruning, keep 0.7"
-    )
-    comparisons["cls_free_minus_pumer_free"] = cmp(
-        "cls_prune", f"pumer_{chosen}", "CLS vs text pruning, keep 0.7"
-    )
-    if "keep_0.5" in preds:
-        comparisons["random_keep0.5_minus_pumer_keep0.5"] = cmp(
-            "random_keep_0.5", "keep_0.5", f"random vs text pruning at keep 0.5 (merge, text {chosen})"
-        )
-        comparisons["random_keep0.5_minus_baseline"] = cmp(
-            "random_keep_0.5", "baseline", "random keep 0.5 vs baseline"
-        )
-    if "keep_0.5_no_text" in preds:
-        comparisons["random_keep0.5_no_text_minus_pumer_keep0.5_no_text"] = cmp(
-            "random_keep_0.5_no_text",
-            "keep_0.5_no_text",
-            "random vs text pruning at keep 0.5, no text merging",
-        )
-    targets = _targets(comparisons)
-    policy_choice = {
-        "rule": (
-            "the policy whose PuMer fine-tunes score highest on the validation split (learned types, mean over "
-            "seeds); ties go to the higher training-free validation score, then to the first listed"
-        ),
-        "validation": choice,
-        "chosen": chosen,
-    }
-    result = {
+def study_record(st: Study, trained: Trained, res: Results, wall_seconds: float) -> dict[str, Any]:
+    """The study's JSON record (schema ``pumer-lightning/study/v2``)."""
+    cfg = st.cfg
+    return {
         "schema": "pumer-lightning/study/v2",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m pumer_lightning.study", *sys.argv[1:]]),
@@ -850,33 +926,59 @@ def run_study(
             "threads": torch.get_num_threads(),
         },
         "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "pretrain_vqa_val_score": pre_val,
+        "pretrain_vqa_val_score": trained.pretrain_val_score,
         "learned_rule": (
             f"a type is learned when the baseline's validation score on it exceeds chance (always giving the type's "
             f"best single answer: 0.5 for the balanced true/false statements) by more than {cfg.learned_z:g} "
             "standard errors; decided on the validation split before any test figure"
         ),
-        "validation": val_acc,
-        "learned_types": list(learned),
-        "seeds": seeds,
-        "text_padding": pad,
-        "policy_choice": policy_choice,
+        "validation": res.validation,
+        "learned_types": list(res.learned),
+        "seeds": list(cfg.seeds),
+        "text_padding": cfg.text_padding,
+        "policy_choice": res.policy_choice,
         "se_rule": SE_RULE,
-        "settings": rows,
-        "comparisons": comparisons,
-        "targets": targets,
+        "settings": res.settings,
+        "comparisons": res.comparisons,
+        "targets": res.targets,
         "train_seconds": st.timings,
         "cached_stages_train_seconds": st.cached_timings,
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": wall_seconds,
     }
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    """``<out>/shapes[_<task>][_<budget>].{json,md,png}``, and the table on stdout."""
+    cfg = result["config"]
     out.mkdir(parents=True, exist_ok=True)
-    stem = "shapes" + ("" if cfg.task == "nlvr2" else f"_{cfg.task}")
-    stem += "" if cfg.budget == "default" else f"_{cfg.budget}"
+    stem = "shapes" + ("" if cfg["task"] == "nlvr2" else f"_{cfg['task']}")
+    stem += "" if cfg["budget"] == "default" else f"_{cfg['budget']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(result) + "\n")
     plot(result, out / f"{stem}.png")
     log(f"wrote {out / stem}.json, .md, .png in {result['wall_seconds'] / 60:.1f} min")
     print(markdown(result))
+
+
+def run_study(
+    cfg: StudyConfig,
+    work: Path,
+    out: Path,
+    fresh: bool = False,
+    device: str = "cpu",
+    workers: int = 1,
+    timing_rounds: int = 5,
+) -> dict[str, Any]:
+    """Run (or load from the cache) every stage, evaluate every setting, write ``<out>/shapes*.{json,md,png}``."""
+    t_start = time.perf_counter()
+    if not cfg.seeds or not cfg.policies:
+        raise ValueError("StudyConfig.seeds and StudyConfig.policies must not be empty")
+    st = Study(cfg, work, fresh, device, workers)
+    log(f"budget {cfg.budget}: {dataclasses.asdict(cfg.steps)}; device {device}")
+    trained = train_stages(st)
+    results = evaluate(st, trained, timing_rounds)
+    result = study_record(st, trained, results, time.perf_counter() - t_start)
+    write_report(result, out)
     return result
 
 

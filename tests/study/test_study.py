@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from pumer_lightning import study
+from pumer_lightning.reduce import ABLATIONS, ReducerSchedule, ablation
 from pumer_lightning.study import (
     Budget,
     StudyConfig,
@@ -102,6 +106,59 @@ def test_fine_tune_seeds_and_padding_leave_the_shared_stages_cache_keys_alone(tm
     assert len(set(key.values())) == 3
 
 
+def test_fine_tune_cache_keys_are_the_ones_the_cached_checkpoints_carry(tmp_path):
+    """The fine-tunes' schedules feed their cache keys: built through `ablation` they must hash as before (these
+    keys were computed by the study before its settings came from the ablation table)."""
+    st = study.Study(StudyConfig(), tmp_path, False, "cpu", 0)
+    c = st.cfg
+
+    def fake_fit(label, model, dm, steps, seed=None):
+        raise AssertionError("cached stages must not train")
+
+    st.fit = fake_fit
+    golden = {"ft_control": "0f68e4db609c", "ft_pumer_real": "2188f944ea99", "ft_pumer_pads_first": "0b6f4490d134",
+              "ft_pumer_no_text": "f7caa01663e4"}  # fmt: skip
+    schedules = study.finetune_schedules(c)
+    assert list(schedules) == list(golden)
+    for name, sched in schedules.items():
+        (tmp_path / "cache" / f"{name}-{golden[name]}.ckpt").write_bytes(b"")
+        path = st.train(name, "nlvr2", "pre.pt", sched, 200, c.finetune_lr, "base.ckpt", seed=1,
+                        padding="max_length")  # fmt: skip
+        assert path.name == f"{name}-{golden[name]}.ckpt"
+
+
+def test_ablation_rows_come_from_the_one_ablation_table():
+    """Rows named after an ablation are `ablation` of the PuMer setting, with the table's meaning: ``no_prune``
+    keeps every image token and merges image and text (the row once called ``merge_only``)."""
+    cfg = StudyConfig()
+    for chosen in cfg.policies:
+        free = study.free_settings(cfg, chosen)
+        pumer = cfg.schedule(text_merge_policy=chosen)
+        assert "merge_only" not in free
+        for name in ("no_prune", "random_prune", "cls_prune"):
+            assert free[name] == (ABLATIONS[name][0], ablation(pumer, name))
+        assert free["prune_only"] == (ABLATIONS["prune_only"][0], ablation(cfg.schedule(), "prune_only"))
+        no_prune = free["no_prune"][1]
+        assert no_prune.keep_ratio == 1.0 and no_prune.merge_ratio == 0.2 and no_prune.text_merge_ratio == 0.2
+        assert free["pumer_no_text"][1] == ablation(cfg.schedule(), "no_text_merge")
+        assert free["random_keep_0.5"][1] == ablation(cfg.schedule(text_merge_policy=chosen, keep_ratio=0.5),
+                                                      "random_prune")  # fmt: skip
+        assert free["baseline"][1] is None
+
+
+def test_study_code_is_stages_of_at_most_80_lines():
+    """A driver of named stages: no function longer than 80 lines; reducers swapped only by ``backbone.using``;
+    FLOPs and time only through `pumer_lightning.measure`."""
+    source = inspect.getsource(study)
+    functions = [
+        n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    assert [
+        (f.name, f.end_lineno - f.lineno + 1) for f in functions if f.end_lineno - f.lineno + 1 > 80
+    ] == []
+    assert not re.search(r"\.reducer\s*=[^=]", source) and "FlopCounterMode" not in source
+
+
 def test_fine_tune_batches_pad_texts_to_max_text_len(tmp_path, monkeypatch):
     """The fine-tuning and evaluation batches pad every text to max_text_len (the official fixed padding that
     ``pads_first`` is defined against); the shared pre-training and baseline keep the batch-longest default."""
@@ -162,13 +219,19 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         "pads_first",
     }
     for required in ("baseline", "pumer_real", "pumer_pads_first", "pumer_pads_first_longest", "pumer_no_text",
-                     "random_prune", "cls_prune", "keep_0.5", "random_keep_0.5", "keep_0.5_no_text",
+                     "prune_only", "no_prune", "random_prune", "cls_prune", "keep_0.5", "random_keep_0.5", "keep_0.5_no_text",
                      "random_keep_0.5_no_text", "ft_pumer_real", "ft_pumer_pads_first", "ft_pumer_no_text",
                      "ft_control", f"ft_pumer_{chosen}:eval_off", f"ft_pumer_{chosen}:eval_random",
                      "ft_pumer_distil"):  # fmt: skip
         assert required in names
+    assert "merge_only" not in names
     by = {s["name"]: s for s in result["settings"]}
     pumer = by[f"pumer_{chosen}"]
+    # the schedule column is ReducerSchedule's own one-line form
+    assert pumer["schedule"] == str(cfg.schedule(text_merge_policy=chosen))
+    assert by["baseline"]["schedule"] == "off"
+    assert by["no_prune"]["schedule"] == str(ablation(cfg.schedule(text_merge_policy=chosen), "no_prune"))
+    assert by["ft_control"]["schedule"] == str(ReducerSchedule()) == "off"
     assert by["baseline"]["flops_ratio"] == 1.0
     assert pumer["flops_ratio"] > 1.0 and by["keep_0.5"]["flops_ratio"] > pumer["flops_ratio"]
     # the policies move the same number of tokens: same FLOPs
