@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format clean overhead exp bench study shapes data loader-bench
+.PHONY: help install test test-all lint format clean overhead exp tune bench study shapes data loader-bench
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ overhead: $(STAMP) ## time one reduction step against one ViLT-B layer on CPU
 
 exp: $(STAMP) ## run an experiment end to end: fit, then test the best checkpoint (EXP=name ARGS="--overrides")
 	$(BIN)/python -m pumer_lightning.exp $(EXP) $(ARGS)
+
+tune: $(STAMP) ## choose a reducer schedule for the latest make exp checkpoint: front, recommended YAML (EXP=name ARGS="--max-drop 1")
+	$(BIN)/python -m pumer_lightning.tune $(EXP) $(ARGS)
 
 DATASET ?= nlvr2
 SRC ?= data/raw/$(DATASET)

@@ -37,8 +37,9 @@ def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path)
     st, metric = tuner.s, info["metric"]
     top, timing = chosen.at(), chosen.timing["final"]
     reference = next(p for p in tuner.points if p.role == "reference")
-    rule = (f"the fastest finalist whose drop against the unreduced model on `{st.split}` is at most "
-            f"{st.max_drop:g} points" + (f" at {st.z:g} standard errors" if st.z else ""))  # fmt: skip
+    margin = f" plus {st.z:g} standard error{'s' if st.z != 1 else ''}" if st.z else ""
+    rule = (f"the fastest finalist whose drop against the unreduced model on `{st.split}`{margin} is at most "
+            f"{st.max_drop:g} point{'s' if st.max_drop != 1 else ''}")  # fmt: skip
     if chosen.schedule is None:
         text = (f"**No reduction** (`layers: []`): no reduced schedule was faster than the unreduced model within "
                 f"the budget ({rule}).")  # fmt: skip

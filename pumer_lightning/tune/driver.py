@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
         "name", nargs="?", default=None, help=f"experiment (experiments/NAME.yaml; default {DEFAULT_EXP})"
     )
     p.add_argument("-c", "--config", action="append", default=None,
-                   help="configuration files instead of NAME (as the CLI takes them: base.yaml first)")  # fmt: skip
+                   help="configuration files instead of NAME (as the CLI takes them: base.yaml first; NAME is then ignored)")  # fmt: skip
     p.add_argument("--ckpt", "--ckpt_path", "--ckpt-path", dest="ckpt", default=None,
                    help="the trained checkpoint (default: the best-*.ckpt of the latest runs/<exp_name>/version_N)")  # fmt: skip
     p.add_argument("--split", default=None, help="search split (default: the data's validation split)")
@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=None, help="timing batch size (default: data.eval_batch_size)"
     )
-    p.add_argument("--timing-batches", type=int, default=2, help="batches per timed pass")
+    p.add_argument("--timing-batches", type=int, default=1, help="batches per timed pass")
     space = p.add_argument_group("search space (LO:HI ranges at --step, or comma lists)")
     space.add_argument("--layers", default="auto", help="layer sets: auto, 1,2;0,1 or [[1,2],[0,1]]")
     space.add_argument("--keep", default="0.5:1.0", help="keep_ratio values")
@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     search.add_argument("--min-finalists", type=int, default=8, help="schedules scored on the whole split")
     search.add_argument("--rounds", type=int, default=3, help="interleaved rounds when screening")
     search.add_argument(
-        "--final-rounds", type=int, default=7, help="interleaved rounds for finalists and the check"
+        "--final-rounds", type=int, default=5, help="interleaved rounds for finalists and the check"
     )
     search.add_argument("--timing-group", type=int, default=16, help="schedules per screening session")
     search.add_argument(
@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     search.add_argument("--children", type=int, default=12, help="new schedules per generation")
     search.add_argument("--parents", type=int, default=3, help="front points mutated per generation")
     search.add_argument("--max-drop", type=float, default=1.0, help="accuracy budget in points vs unreduced")
-    search.add_argument("--z", type=float, default=0.0,
+    search.add_argument("--z", type=float, default=1.0,
                         help="budget margin in standard errors: drop + z * SE <= max-drop (0: point estimate)")  # fmt: skip
     search.add_argument("--seed", type=int, default=0, help="sampling and evaluation seed")
     out = p.add_argument_group("outputs")
@@ -109,7 +109,7 @@ def config_files(args: argparse.Namespace) -> tuple[list[str], str]:
         if missing:
             raise SystemExit(f"error: -c {missing[0]} does not exist")
         stems = [Path(f).stem for f in args.config if Path(f).stem != "base"]
-        return list(args.config), args.name or (stems[-1] if stems else "tune")
+        return list(args.config), stems[-1] if stems else "tune"
     name = args.name or DEFAULT_EXP
     path = Path(name) if name.endswith((".yaml", ".yml")) else EXPERIMENTS_DIR / f"{name}.yaml"
     if not path.is_file():
@@ -136,7 +136,8 @@ def _version(path: Path) -> int:
 
 
 def find_checkpoint(cli: PumerCLI, given: str | None, name: str) -> Path:
-    """``--ckpt``, or the newest ``best-*.ckpt`` of the latest ``<save_dir>/<exp_name>/version_N`` that has one."""
+    """``--ckpt``, or the newest ``best-*.ckpt`` of the latest ``<save_dir>/<exp_name>/version_N`` that ``make exp``
+    finished (it writes ``summary.md`` last; a run still training has none), else of the latest that has one."""
     if given:
         path = Path(given)
         if not path.is_file():
@@ -148,10 +149,16 @@ def find_checkpoint(cli: PumerCLI, given: str | None, name: str) -> Path:
     root = Path(getattr(logger, "save_dir", None) or cli.trainer.default_root_dir) / str(
         getattr(logger, "name", None) or cli.config.get("exp_name")
     )
+    found = []
     for version in sorted(root.glob("version_*"), key=_version, reverse=True):
         best = sorted(version.glob("checkpoints/best-*.ckpt"), key=lambda p: p.stat().st_mtime)
         if best:
-            return best[-1]
+            found.append((version, best[-1]))
+    finished = [ckpt for version, ckpt in found if (version / "summary.md").is_file()]
+    if finished or found:
+        chosen = (finished or [ckpt for _, ckpt in found])[0]
+        print(f"checkpoint: {chosen} (the latest {'finished ' if finished else ''}run of {root})", flush=True)
+        return chosen
     raise SystemExit(
         f"error: no trained checkpoint: {root}/version_*/checkpoints/best-*.ckpt does not exist. Run "
         f"`make exp EXP={name}` first (it trains the model and writes it), or pass --ckpt <file.ckpt>"

@@ -15,6 +15,8 @@ import yaml
 from pumer_lightning.callbacks.hparams import flatten_params
 from pumer_lightning.reduce import ReducerSchedule
 
+from .search import on_front
+
 
 def reducer_fields(schedule: ReducerSchedule | None) -> dict[str, Any]:
     """Every field of ``schedule`` (the unreduced model: ``layers: []`` and the defaults)."""
@@ -183,43 +185,58 @@ def _values(values: list[float]) -> str:
     return ", ".join(f"{v:g}" for v in values)
 
 
+def _xy(point: dict[str, Any], key: str) -> tuple[float, float, float]:
+    """(x, accuracy %, SE %) of a point: ``key`` of its final timing (screening when it has none)."""
+    timing = point["timing"].get("final") or point["timing"].get("screen")
+    top = point["accuracy"][-1]
+    return timing[key], 100 * top["value"], 100 * top["se"]
+
+
+def _panel(ax: Any, result: dict[str, Any], key: str, better: float) -> None:
+    """Every point at its longest prefix (grey when it stopped early), finalists with SEs, the front of this
+    panel's axes (``better`` = +1: larger x is better, -1: smaller), the recommendation."""
+    styles = {"reference": ("s", "black"), "experiment": ("D", "tab:orange"), "candidate": ("o", "tab:blue")}
+    for p in result["points"]:
+        x, y, se = _xy(p, key)
+        marker, color = styles[p["role"]]
+        ax.errorbar(x, y, yerr=se if p["finalist"] else None, fmt=marker, ms=5, capsize=2,
+                    color=color if p["finalist"] else "lightgray", zorder=3 if p["finalist"] else 1)  # fmt: skip
+    finalists = [p for p in result["points"] if p["finalist"]]
+    values = [(_xy(p, key)[1], better * _xy(p, key)[0]) for p in finalists]
+    front = sorted((_xy(p, key) for p, on in zip(finalists, on_front(values)) if on), key=lambda v: v[0])
+    ax.plot(
+        [v[0] for v in front], [v[1] for v in front], "-", color="tab:blue", alpha=0.5, label="Pareto front"
+    )
+    rec = next(p for p in result["points"] if p["key"] == result["recommendation"]["key"])
+    x, y, _ = _xy(rec, key)
+    ax.plot(x, y, "*", color="tab:red", ms=16, label="recommended", zorder=4)
+    ax.grid(alpha=0.3)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Accuracy vs examples/s (left) and vs GFLOPs per example (right): every evaluated point at its longest
-    prefix (grey), the finalists with standard errors, the front, the reference, the experiment's schedule and
-    the recommendation."""
+    """Accuracy vs speed (left: speed-up over the unreduced model in the same timing session, with the unreduced
+    model's examples/s on the top axis) and vs GFLOPs per example (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    styles = {"reference": ("s", "black"), "experiment": ("D", "tab:orange"), "candidate": ("o", "tab:blue")}
-    for ax, key, label in (
-        (axes[0], "examples_per_sec", "examples/s"),
-        (axes[1], "gflops_per_example", "GFLOPs per example"),
-    ):
-        for p in result["points"]:
-            timing = p["timing"].get("final") or p["timing"].get("screen")
-            top = p["accuracy"][-1]
-            marker, color = styles[p["role"]]
-            color = color if p["finalist"] else "lightgray"
-            ax.errorbar(timing[key], 100 * top["value"], yerr=100 * top["se"] if p["finalist"] else None,
-                        fmt=marker, color=color, capsize=2, ms=5, zorder=3 if p["finalist"] else 1)  # fmt: skip
-        front = sorted(
-            (p for p in result["points"] if p["on_front"]), key=lambda p: p["timing"]["final"][key]
-        )
-        ax.plot([p["timing"]["final"][key] for p in front], [100 * p["accuracy"][-1]["value"] for p in front],
-                "-", color="tab:blue", alpha=0.5, label="Pareto front (finalists)")  # fmt: skip
-        rec = next(p for p in result["points"] if p["key"] == result["recommendation"]["key"])
-        ax.plot(rec["timing"]["final"][key], 100 * rec["accuracy"][-1]["value"], "*", color="tab:red", ms=16,
-                label="recommended", zorder=4)  # fmt: skip
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    _panel(axes[0], result, "speedup", 1.0)
+    _panel(axes[1], result, "gflops_per_example", -1.0)
+    reference = next(p for p in result["points"] if p["role"] == "reference")
+    rate = (reference["timing"].get("final") or reference["timing"]["screen"])["examples_per_sec"]
+    top = axes[0].secondary_xaxis("top", functions=(lambda s: s * rate, lambda r: r / rate))
+    top.set_xlabel(
+        f"examples/s (batch {result['settings']['batch_size']}, {result['environment']['device']})"
+    )
+    axes[0].set_xlabel("speed-up over the unreduced model (same timing session)")
+    axes[1].set_xlabel("GFLOPs per example")
     axes[0].set_ylabel(f"{result['settings']['split']} {result['experiment']['metric']} (%)")
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(
-        f"make tune {result['name']}: grey = stopped before the whole split; black square = unreduced, "
-        "orange diamond = experiment's schedule",
+        f"make tune {result['name']}: blue = finalists (whole split, ± SE), grey = stopped on a shorter prefix; "
+        "black square = unreduced, orange diamond = experiment's schedule",
         fontsize=9,
     )
     fig.tight_layout()
