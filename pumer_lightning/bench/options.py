@@ -121,13 +121,13 @@ def _field_docs(cls: type) -> dict[str, str]:
     return {p.arg_name: " ".join((p.description or "").split()) for p in docs.params}
 
 
-def _unwrap(tp: Any) -> tuple[Any, bool]:
-    """``T | None`` -> ``(T, True)``; anything else -> ``(tp, False)``."""
+def _unwrap(tp: Any) -> Any:
+    """``T | None`` -> ``T``; anything else as it is."""
     if typing.get_origin(tp) in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
-            return args[0], True
-    return tp, False
+            return args[0]
+    return tp
 
 
 def _argument(f: dataclasses.Field, tp: Any, doc: str) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -135,7 +135,7 @@ def _argument(f: dataclasses.Field, tp: Any, doc: str) -> tuple[tuple[str, ...],
     meta = {k: v for k, v in f.metadata.items() if k not in ("flag", "cli")}
     long_name = f.name.replace("_", "-")
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    tp, _ = _unwrap(tp)
+    tp = _unwrap(tp)
     kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": doc.replace("%", "%%"), **meta}
     if tp is bool:  # a switch: --name turns a False default on, --no-name a True default off
         kwargs["action"] = "store_false" if default else "store_true"
@@ -177,7 +177,7 @@ def options_from_namespace(namespace: argparse.Namespace, cls: type = Options) -
         if not f.metadata.get("cli", True):
             continue
         value = getattr(namespace, f.name)
-        if typing.get_origin(_unwrap(hints[f.name])[0]) is tuple and value is not None:
+        if typing.get_origin(_unwrap(hints[f.name])) is tuple and value is not None:
             value = tuple(value)
         values[f.name] = value
     return cls(**values)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pumer_lightning.measure import interleaved_times
+from pumer_lightning.measure import interleaved_times, spread
 
 from .experiments import Experiment, Inputs, Setting, TaskModel, make_inputs
 from .forwards import (
@@ -507,6 +507,9 @@ def time_inference(batch: Batch, runners: dict[str, Callable], probes: dict[str,
         f"{rounds * round_s:.0f} s; {torch.get_num_threads()} threads, {device.type} {batch.precision})"
     )
     times = _interleaved(batch, runners, rounds, label="  round", inner=inner)
+    if rounds > 1:
+        noise = ", ".join(f"{name} {spread(ts):.2f}x" for name, ts in times.items())
+        batch.log(f"{batch.tag} round-to-round spread (slowest / fastest sample): {noise}")
     return Timing(times, inner, warmup, rounds, min_sample_s)
 
 

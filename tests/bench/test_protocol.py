@@ -59,7 +59,7 @@ def test_compiled_runner_leaves_the_models_schedule_alone():
     torch._dynamo.reset()
 
 
-def test_measure_batch_times_with_the_one_timer_and_restores_the_model(monkeypatch):
+def test_measure_batch_times_with_the_one_timer_and_restores_the_model(monkeypatch, capsys):
     calls = []
     timer = stages.interleaved_times
 
@@ -70,7 +70,7 @@ def test_measure_batch_times_with_the_one_timer_and_restores_the_model(monkeypat
     monkeypatch.setattr(stages, "interleaved_times", spy)
     exp, model, settings = _setup()
     options = Options(
-        tiny=True, rounds=3, warmup=1, train_rounds=2, kernel_count="none", op_count=False, verbose=False
+        tiny=True, rounds=3, warmup=1, train_rounds=2, kernel_count="none", op_count=False, verbose=True
     )
     with model.backbone.using(OWN):
         result = measure_batch(exp, model, list(settings.values()), 2, torch.device("cpu"), "fp32", options)
@@ -91,3 +91,11 @@ def test_measure_batch_times_with_the_one_timer_and_restores_the_model(monkeypat
     assert pumer["paired_speedup_median"] == pytest.approx(statistics.median(paired), rel=1e-9)
     assert len(pumer["examples_per_s_rounds"]) == 3 and pumer["train_examples_per_s"] > 0
     assert result["protocol"]["rounds"] == 3 and result["protocol"]["warmup_rounds"] == 1
+    log = capsys.readouterr().out
+    for line in (
+        "warm-up round 1/1: baseline",
+        "  round 3/3: ",
+        "round-to-round spread",
+        "training round 2/2",
+    ):
+        assert line in log
