@@ -35,14 +35,15 @@ def _pct(value: float) -> str:
 def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path) -> dict[str, Any]:
     """The chosen schedule, its figures, the sentence that explains it and the YAML fragment."""
     st, metric = tuner.s, info["metric"]
-    top, timing = chosen.at(), chosen.timing["final"]
+    top, timing = chosen.at(), chosen.timing.get("playoff") or chosen.timing["final"]
     reference = next(p for p in tuner.points if p.role == "reference")
     margin = f" plus {st.z:g} standard error{'s' if st.z != 1 else ''}" if st.z else ""
-    rule = (f"the fastest finalist whose drop against the unreduced model on `{st.split}`{margin} is at most "
-            f"{st.max_drop:g} point{'s' if st.max_drop != 1 else ''}")  # fmt: skip
+    rule = (f"among the finalists whose drop against the unreduced model on `{st.split}`{margin} is at most "
+            f"{st.max_drop:g} point{'s' if st.max_drop != 1 else ''}, the {st.playoff} fastest were timed again "
+            f"together with the experiment's schedule and the unreduced model ({st.playoff_rounds} interleaved "
+            "rounds); this is the fastest of them there")  # fmt: skip
     if chosen.schedule is None:
-        text = (f"**No reduction** (`layers: []`): no reduced schedule was faster than the unreduced model within "
-                f"the budget ({rule}).")  # fmt: skip
+        text = f"**No reduction** (`layers: []`): no reduced schedule beat the unreduced model ({rule})."
     else:
         text = (
             f"**{chosen.label}**: {st.split} {metric} {_pct(top['value'])} ± {100 * top['se']:.1f} against "
@@ -52,13 +53,15 @@ def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path)
             f"{rule}."
         )
     own = next((p for p in tuner.points if p.role == "experiment"), None)
-    if own is not None and own.timing.get("final") and own is not chosen:
+    if own is not None and own.timing.get("playoff") and own is not chosen:
         text += (f" The experiment's schedule ({own.label}): drop {own.at()['drop']:+.1f} ± "
-                 f"{own.at()['drop_se']:.1f} points, {own.timing['final']['speedup']:.2f}x.")  # fmt: skip
+                 f"{own.at()['drop_se']:.1f} points, {own.timing['playoff']['speedup']:.2f}x in the same "
+                 "session.")  # fmt: skip
     path = out / f"{info['name']}.yaml"
     comments = [
         f"make tune {info['name']}: {chosen.label}",
-        f"{rule}; checkpoint {info['checkpoint']}",
+        f"the fastest schedule within {st.max_drop:g} point(s) of the unreduced model on {st.split}{margin}; "
+        f"checkpoint {info['checkpoint']}",
         f'use: make exp EXP={info["name"]} ARGS="--config={path}"',
         f"  or: python -m pumer_lightning fit {' '.join('-c ' + f for f in info['files'])} -c {path}",
     ]
@@ -67,6 +70,14 @@ def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path)
         "yaml": yaml_fragment(chosen.schedule, comments), "accuracy": top, "timing": timing,
         "max_drop": st.max_drop, "z": st.z,
     }  # fmt: skip
+
+
+def playoff_record(tuner: Tuner, members: list[Point], chosen: Point) -> list[dict[str, Any]]:
+    """The playoff session's rows, fastest first."""
+    rows = [{"key": p.key, "label": p.label, "role": p.role, "chosen": p is chosen,
+             "contender": p.key in tuner.contenders, "accuracy": p.at(),
+             "timing": p.timing["playoff"]} for p in members]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["timing"]["speedup"])
 
 
 def check_record(tuner: Tuner, checked: list[Point], chosen: Point) -> dict[str, Any] | None:
@@ -83,7 +94,7 @@ def check_record(tuner: Tuner, checked: list[Point], chosen: Point) -> dict[str,
         rows.append({"variant": variant, "label": point.label, "accuracy": point.check,
                      "timing": point.timing["check"]})  # fmt: skip
     return {
-        "split": tuner.s.check_split, "examples": chosen.check["n"], "rounds": tuner.s.final_rounds,
+        "split": tuner.s.check_split, "examples": chosen.check["n"], "rounds": tuner.s.playoff_rounds,
         "rows": rows, "verdict": verdict(tuner, checked, chosen),
     }  # fmt: skip
 
@@ -145,6 +156,7 @@ def assemble(
         "rungs": tuner.rungs,
         "points": [point_record(p, p.key in finalists, finalists.get(p.key, False)) for p in tuner.points],
         "recommendation": recommendation(tuner, outcome["chosen"], info, Path(args.out)),
+        "playoff": playoff_record(tuner, outcome["playoff"], outcome["chosen"]),
         "check": check_record(tuner, outcome["checked"], outcome["chosen"]),
         "se_note": se_note(tuner.points),
         "cache": {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses,

@@ -2,7 +2,8 @@
 
 A key is a dict: the kind of figure (``accuracy`` or ``timing``), the schedule (`schedule_key`), the checkpoint
 (path, size and modification time), a fingerprint of the configuration the model and data were built from (the
-schedule left out), the split and how much of it, and for timings the device, batch size, batches and rounds.
+schedule left out) and of the code that runs them (`code_fingerprint`), the split and how much of it, and for
+timings the device, batch size, batches and rounds.
 A re-run with the same inputs finds every figure and measures nothing; a changed checkpoint or configuration
 misses. Appending is the only write, so an interrupted run keeps what it measured (the last line of a key wins).
 """
@@ -20,6 +21,22 @@ def fingerprint(value: Any) -> str:
     """A short hash of a JSON-able value (sorted keys; anything else as its ``str``)."""
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+#: The packages whose code decides a figure: model, reducer, task metrics, data pipeline (and the timer).
+CODE_PACKAGES = ("models", "reduce", "tasks", "data")
+
+
+def code_fingerprint(root: Path | None = None) -> str:
+    """A hash of the source of `CODE_PACKAGES` and ``measure.py``: an edit there (a preset's width or head
+    count, a counting rule) changes what a checkpoint computes, so the figures measured before miss."""
+    root = root or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha1()
+    files = [root / "measure.py", *(p for pkg in CODE_PACKAGES for p in sorted((root / pkg).rglob("*.py")))]
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def checkpoint_id(path: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from pumer_lightning.cli import EXPERIMENTS_DIR, PumerCLI
 
 from .assemble import assemble
-from .cache import TuneCache, checkpoint_id, fingerprint
+from .cache import TuneCache, checkpoint_id, code_fingerprint, fingerprint
 from .evaluate import Evaluator, resolve_device
 from .report import write_hparams, write_outputs
 from .space import SpaceError, build_space
@@ -72,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--children", type=int, default=12, help="new schedules per generation")
     search.add_argument("--parents", type=int, default=3, help="front points mutated per generation")
+    search.add_argument(
+        "--playoff", type=int, default=4, help="fastest eligible finalists timed again together"
+    )
+    search.add_argument(
+        "--playoff-rounds", type=int, default=10, help="interleaved rounds of the playoff and check"
+    )
     search.add_argument("--max-drop", type=float, default=1.0, help="accuracy budget in points vs unreduced")
     search.add_argument("--z", type=float, default=1.0,
                         help="budget margin in standard errors: drop + z * SE <= max-drop (0: point estimate)")  # fmt: skip
@@ -93,7 +99,8 @@ def check_numbers(args: argparse.Namespace) -> None:
              ("--timing-batches", args.timing_batches >= 1, ">= 1"), ("--max-drop", args.max_drop >= 0, ">= 0"),
              ("--z", args.z >= 0, ">= 0"),
              ("--generations", args.generations >= 0, ">= 0"), ("--children", args.children >= 1, ">= 1"),
-             ("--parents", args.parents >= 1, ">= 1"), ("--step", args.step > 0, "> 0"),
+             ("--parents", args.parents >= 1, ">= 1"),
+             ("--playoff", args.playoff >= 1, ">= 1"), ("--playoff-rounds", args.playoff_rounds >= 1, ">= 1"), ("--step", args.step > 0, "> 0"),
              ("--batch-size", args.batch_size is None or args.batch_size >= 1, ">= 1")]  # fmt: skip
     for flag, ok, expected in rules:
         if not ok:
@@ -241,13 +248,14 @@ def setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Tuner, dict[s
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     cache = TuneCache(Path(args.cache) if args.cache else run_dir / "tune" / "cache.jsonl", fresh=args.fresh)
     env = environment(device)
-    context = {"checkpoint": checkpoint_id(ckpt), "config": config_fingerprint(cli), "seed": args.seed,
+    context = {"checkpoint": checkpoint_id(ckpt), "config": config_fingerprint(cli), "code": code_fingerprint(),
+               "seed": args.seed,
                "device": env["device"], "threads": env["threads"]}  # fmt: skip
     settings = Settings(
         split=split, check_split=check, candidates=args.candidates, eta=args.eta, min_finalists=args.min_finalists,
         rounds=args.rounds, final_rounds=args.final_rounds, timing_group=args.timing_group,
         max_drop=args.max_drop, z=args.z, seed=args.seed, generations=args.generations, children=args.children,
-        parents=args.parents,
+        parents=args.parents, playoff=args.playoff, playoff_rounds=args.playoff_rounds,
     )  # fmt: skip
     info = {
         "name": args.out_name or name, "files": files, "overrides": overrides, "checkpoint": str(ckpt),

@@ -126,6 +126,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         rec["text"],
         "",
+        *playoff_lines(result),
         "```yaml",
         rec["yaml"].rstrip(),
         "```",
@@ -143,6 +144,22 @@ def markdown(result: dict[str, Any]) -> str:
         *search_lines(result),
     ]
     return "\n".join(lines) + "\n"
+
+
+def playoff_lines(result: dict[str, Any]) -> list[str]:
+    """The playoff session: the contenders, the experiment's schedule and the unreduced model, fastest first."""
+    metric, split = result["experiment"]["metric"], result["settings"]["split"]
+    lines = [
+        f"| playoff ({result['settings']['playoff_rounds']} rounds, one session) | {split} {metric} ± SE | "
+        "drop ± SE (points) | examples/s | speed-up (spread) | GFLOPs/example | from cache |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["playoff"]:
+        rate, up, flops = _speed(row["timing"])
+        label = f"**{row['label']}** (recommended)" if row["chosen"] else f"{row['label']} ({row['role']})"
+        lines.append(f"| {label} | {_acc(row['accuracy'])} | {_drop(row['accuracy'])} | {rate} | {up} | {flops} | "
+                     f"{_cached(row['timing'])} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def search_lines(result: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ import torch
 from pumer_lightning.reduce import ReducerSchedule
 from pumer_lightning.tasks.metrics import VQAScore
 from pumer_lightning.tune import SpaceError, build_space, pareto_ranks, recommend, rung_batches, survivors
+from pumer_lightning.tune.cache import TuneCache, code_fingerprint
 from pumer_lightning.tune.evaluate import example_scores, paired_drop, summarize
 from pumer_lightning.tune.search import crowding
 from pumer_lightning.tune.space import auto_layer_sets, parse_layer_sets, parse_numeric, schedule_key
@@ -133,3 +134,19 @@ def test_example_scores_reproduce_the_task_metrics_and_the_standard_errors():
     reference = summarize(0.75, [1.0, 1.0, 0.0, 1.0], 4)
     drop, se = paired_drop(reference, summarize(0.5, [1.0, 0.0, 0.0, 1.0], 4))
     assert drop == pytest.approx(25.0) and se == pytest.approx(25.0)
+
+
+def test_the_cache_keeps_every_figure_by_key_and_survives_a_cut_line(tmp_path):
+    path = tmp_path / "tune" / "cache.jsonl"
+    cache = TuneCache(path)
+    key = {"kind": "accuracy", "schedule": "off", "split": "val", "batches": 3}
+    assert cache.get(key) is None and cache.misses["accuracy"] == 1
+    cache.put(key, {"value": 0.5})
+    cache.put({**key, "batches": 1}, {"value": 0.4})
+    with path.open("a") as f:
+        f.write('{"id": "cut sh')  # an interrupted write
+    again = TuneCache(path)
+    assert again.get(key) == {"value": 0.5} and again.get({**key, "batches": 1}) == {"value": 0.4}
+    assert again.hits["accuracy"] == 2 and again.get({**key, "split": "test"}) is None
+    assert TuneCache(path, fresh=True).get(key) is None
+    assert len(code_fingerprint()) == 16

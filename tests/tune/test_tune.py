@@ -84,10 +84,13 @@ def test_search_writes_the_front_the_plot_the_yaml_and_hparams(tuned):
     # per-example standard errors, drops paired against the unreduced model
     reference = next(p for p in points if p["role"] == "reference")
     assert reference["accuracy"][-1]["drop"] == 0 and reference["accuracy"][-1]["se_kind"] == "per-example"
-    # the recommendation is the fastest finalist within the budget
-    budget = [p for p in finalists if p["accuracy"][-1]["drop"] + p["accuracy"][-1]["drop_se"] <= 1.0]
-    fastest = max(budget, key=lambda p: p["timing"]["final"]["speedup"])
-    assert saved["recommendation"]["key"] == fastest["key"]
+    # the recommendation: the fastest, in one playoff session, of the fastest finalists within the budget
+    playoff = saved["playoff"]
+    assert {"reference", "experiment"} <= {r["role"] for r in playoff}
+    contenders = [r for r in playoff if r["contender"]]
+    assert all(r["accuracy"]["drop"] + r["accuracy"]["drop_se"] <= 1.0 for r in contenders)
+    fastest = max(contenders, key=lambda r: r["timing"]["speedup"])
+    assert saved["recommendation"]["key"] == fastest["key"] == next(r["key"] for r in playoff if r["chosen"])
     # the check on the test split, and every section of the report
     assert saved["check"]["split"] == "test" and saved["check"]["examples"] == 40
     text = (results / "tiny.md").read_text()
