@@ -4,7 +4,7 @@
   multiply-add; softmax, norms, activations, gathers and top-k are not counted). Its registry has no formula for
   the CPU fused attention kernel ``aten._scaled_dot_product_flash_attention_for_cpu``, so on CPU every SDPA call
   would count 0 FLOPs (docs/bench.md#flops); `pumer_lightning.measure.SDPA_FLOP_MAPPING` adds torch's own SDPA
-  formula (QK^T + AV) for it. `count_flops` also lists any matmul-like or attention op that ran without a formula, so a
+  formula (QK^T + AV) for it. `flops_by_module` also lists any matmul-like or attention op that ran without a formula, so a
   new kernel cannot silently drop out of the count.
 * **Peak memory on CPU** (`TensorMemoryTracker`): a dispatch mode that sees every tensor an op creates during
   the forward and follows its storage until it is freed (a weak reference per storage). The peak of live bytes
@@ -68,7 +68,7 @@ class _OpRecorder(TorchDispatchMode):
 
 
 @contextmanager
-def count_flops():
+def flops_by_module():
     """Count the FLOPs of the code in the block.
 
     Yields a dict filled on exit with ``total`` (FLOPs), ``by_module`` (FLOPs per module name, as

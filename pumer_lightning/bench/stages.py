@@ -34,8 +34,8 @@ from .measure import (
     TensorMemoryTracker,
     autocast,
     compiled_kernel_count,
-    count_flops,
     count_ops,
+    flops_by_module,
     reduce_range_profile,
     synchronize,
     weight_dtype,
@@ -154,7 +154,7 @@ def _probe(batch: Batch, setting: Setting, run: Callable) -> dict:
     static = [*model.parameters(), *model.buffers(), *inputs.tensors()]
     tracker = TensorMemoryTracker(static) if device.type == "cpu" else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with batch.inference(), tracker, count_flops() as flops:
+    with batch.inference(), tracker, flops_by_module() as flops:
         logits, traces = run()
     finite = bool(torch.isfinite(logits).all())
     synchronize(device)
@@ -380,7 +380,7 @@ def _train_probe(
         before = torch.cuda.memory_allocated(device)
     try:
         with torch.enable_grad(), tracker if tracker is not None else contextlib.nullcontext():
-            with count_flops() as flops:
+            with flops_by_module() as flops:
                 with saved, autocast(device, precision):
                     logits, traces = run()
                 logits.float().sum().backward()

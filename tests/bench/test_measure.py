@@ -18,8 +18,8 @@ from pumer_lightning.bench.measure import (
     SavedBytesByPart,
     TensorMemoryTracker,
     compiled_kernel_count,
-    count_flops,
     count_ops,
+    flops_by_module,
     parse_inductor_code,
     reduce_range_profile,
 )
@@ -35,7 +35,7 @@ def test_sdpa_flops_are_counted_with_and_without_a_mask():
     b, h, lq, lk, d = 2, 3, 5, 7, 8
     q, k, v = torch.randn(b, h, lq, d), torch.randn(b, h, lk, d), torch.randn(b, h, lk, d)
     bias = torch.zeros(b, 1, 1, lk)
-    with torch.inference_mode(), count_flops() as flops:
+    with torch.inference_mode(), flops_by_module() as flops:
         F.scaled_dot_product_attention(q, k, v)
         F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     assert flops["total"] == 2 * (2 * b * h * lq * lk * d * 2)
@@ -54,7 +54,7 @@ def test_fused_and_explicit_attention_count_the_same_flops(preset):
         inputs = make_inputs(exp, backbone, 2)
         for reducer in (None, schedule):
             backbone.reducer = reducer
-            with torch.inference_mode(), count_flops() as flops:
+            with torch.inference_mode(), flops_by_module() as flops:
                 backbone(inputs.pixel_values[0], inputs.input_ids, inputs.attention_mask)
             totals[impl, reducer is None] = flops["total"]
     assert totals["sdpa", True] == totals["eager", True]
@@ -66,7 +66,7 @@ def test_flops_of_one_vilt_layer_match_the_formula():
     backbone = build_backbone("vilt_tiny").eval()
     exp = get_experiment("vilt_vqa2", tiny=True)
     inputs = make_inputs(exp, backbone, 1)
-    with torch.inference_mode(), count_flops() as flops:
+    with torch.inference_mode(), flops_by_module() as flops:
         backbone(inputs.pixel_values[0], inputs.input_ids, inputs.attention_mask)
     n, c, i = (
         backbone.num_image_tokens + exp.text_len,
@@ -401,7 +401,7 @@ def test_flops_by_part_add_up_to_the_total():
     model = build_model(exp)
     model.backbone.reducer = exp.released
     inputs = make_inputs(exp, model.backbone, 2)
-    with torch.inference_mode(), count_flops() as flops:
+    with torch.inference_mode(), flops_by_module() as flops:
         model(*inputs.args())
     parts = group_modules(flops["by_module"], flops["total"])
     assert sum(parts.values()) == flops["total"]
