@@ -112,7 +112,9 @@ def verdict(tuner: Tuner, checked: list[Point], chosen: Point) -> str:
         )
     else:
         keeps = f"**misses** the {budget:g}-point budget (drop {drop:+.1f} ± {se:.1f} points)"
-    text = f"**On {split}** the recommendation {keeps}"
+    val = chosen.at()
+    text = (f"**On {split}** the recommendation {keeps}; it was {val['drop']:+.1f} ± {val['drop_se']:.1f} on "
+            f"{tuner.s.split}")  # fmt: skip
     own = next((p for p in checked if p.role == "experiment"), None)
     if own is None or own is chosen:
         return text + (" and is the experiment's own schedule." if own is chosen else ".")
@@ -120,11 +122,21 @@ def verdict(tuner: Tuner, checked: list[Point], chosen: Point) -> str:
     ratio = mine["speedup"] / theirs["speedup"]
     noise = max(mine["spread"], theirs["spread"])
     faster = "at least as fast as" if ratio >= 1 else "**slower** than"
-    return (
+    text = (
         f"{text}, and is {faster} the experiment's schedule: {mine['speedup']:.2f}x vs {theirs['speedup']:.2f}x "
-        f"the unreduced model ({ratio:.2f}x; round-to-round spread up to {noise:.2f}x in that session); the "
+        f"the unreduced model ({ratio:.2f}x; round-to-round spread up to {noise:.2f}x in that session; "
+        f"{mine['gflops_per_example']:.4g} vs {theirs['gflops_per_example']:.4g} GFLOPs per example); the "
         f"experiment's schedule drops {own.check['drop']:+.1f} ± {own.check['drop_se']:.1f} points there."
     )
+    if ratio < 1:
+        a, b = chosen.timing.get("playoff", {}), own.timing.get("playoff", {})
+        before = f"{a['speedup']:.2f}x vs {b['speedup']:.2f}x in the validation playoff; " if a and b else ""
+        within = "within" if 1 / ratio < noise else "beyond"
+        flops = ("it does more FLOPs per example" if mine["gflops_per_example"] > theirs["gflops_per_example"]
+                 else "it does fewer FLOPs, so the reducer's own work costs it the difference")  # fmt: skip
+        text += (f" Why: {before}the {100 * (1 - ratio):.0f}% difference here is {within} the round-to-round noise "
+                 f"of the session, and {flops}.")  # fmt: skip
+    return text
 
 
 def se_note(points: list[Point]) -> str:

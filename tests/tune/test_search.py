@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +152,14 @@ def test_the_cache_keeps_every_figure_by_key_and_survives_a_cut_line(tmp_path):
     assert again.hits["accuracy"] == 2 and again.get({**key, "split": "test"}) is None
     assert TuneCache(path, fresh=True).get(key) is None
     assert len(code_fingerprint()) == 16
+
+
+def test_nothing_in_the_package_imports_tune():
+    root = Path(__file__).resolve().parents[2] / "pumer_lightning"
+    importers = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "tune" not in path.relative_to(root).parts[:1]
+        and re.search(r"(pumer_lightning\.tune\b|from \.+tune\b|import tune\b)", path.read_text())
+    ]
+    assert importers == []
