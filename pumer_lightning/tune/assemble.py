@@ -60,7 +60,8 @@ def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path)
     path = out / f"{info['name']}.yaml"
     comments = [
         f"make tune {info['name']}: {chosen.label}",
-        f"the fastest schedule within {st.max_drop:g} point(s) of the unreduced model on {st.split}{margin}; "
+        f"the fastest schedule whose drop against the unreduced model on {st.split}{margin} is at most "
+        f"{st.max_drop:g} point(s); "
         f"checkpoint {info['checkpoint']}",
         f'use: make exp EXP={info["name"]} ARGS="--config={path}"',
         f"  or: python -m pumer_lightning fit {' '.join('-c ' + f for f in info['files'])} -c {path}",

@@ -124,7 +124,15 @@ def config_files(args: argparse.Namespace) -> tuple[list[str], str]:
         raise SystemExit(
             f"error: unknown experiment {name!r}: {path} does not exist. Available: {', '.join(names)}"
         )
-    return [str(EXPERIMENTS_DIR / "base.yaml"), str(path)], path.stem
+    return [_relative(EXPERIMENTS_DIR / "base.yaml"), _relative(path)], path.stem
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (for commands printed in reports)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def build_cli(files: list[str], overrides: list[str]) -> PumerCLI:

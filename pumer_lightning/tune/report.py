@@ -165,11 +165,13 @@ def playoff_lines(result: dict[str, Any]) -> list[str]:
 def search_lines(result: dict[str, Any]) -> list[str]:
     """How the search went: the space, the rungs, the standard errors and timing notes."""
     st, space = result["settings"], result["space"]
+    generation0 = sum(1 for p in result["points"] if p["generation"] == 0)
+    fixed = sum(1 for p in result["points"] if p["role"] != "candidate")
     lines = [
         "## The search",
         "",
-        f"Successive halving (eta {st['eta']}) over {len(result['points'])} schedules: the unreduced model, the "
-        f"experiment's schedule and {st['candidates']} sampled from a space of {space['size']} combinations "
+        f"Successive halving (eta {st['eta']}) over {generation0} schedules: the unreduced model, the "
+        f"experiment's schedule and {generation0 - fixed} sampled from a space of {space['size']} combinations "
         f"(seed {st['seed']}): layers {space['layers']}, keep {_values(space['keep_ratio'])}, merge "
         f"{_values(space['merge_ratio'])}, text merge {_values(space['text_merge_ratio'])}, policy "
         f"{space['text_merge_policy']}, importance {space['importance']}. Every point was timed first "
@@ -183,7 +185,8 @@ def search_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {rung['generation']} | {rung['examples']} | {rung['points']} | {rung['cached']} |")
     lines += [
         "",
-        f"Generation 0 is the sample; each later generation mutates (one or two fields by one step) the "
+        f"Generation 0 is the sample; {len(result['points']) - generation0} more schedules came from later "
+        "generations: each mutates (one or two fields by one step) the "
         f"{st['parents']} front points whose drop is nearest the budget, the current recommendation first, into "
         f"{st['children']} new schedules that go through the same halving. Each generation's finalists were timed "
         f"again with {st['final_rounds']} rounds in one session. Standard errors: "
