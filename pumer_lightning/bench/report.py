@@ -5,8 +5,11 @@ The combined table (docs/bench.md) is printed by ``python -m pumer_lightning.ben
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+from pumer_lightning.reduce import ReducerSchedule
 
 REQUIRED_FIELDS = (
     "name",
@@ -63,10 +66,8 @@ def _saving(ratio: float | None) -> str:
 def _schedule(s: dict | None) -> str:
     if s is None:
         return "none"
-    text = f"keep {s['keep_ratio']:g} / merge {s['merge_ratio']:g} / text {s['text_merge_ratio']:g} @ {s['layers']}"
-    if s.get("importance", "text") != "text":
-        text += f", {s['importance']}"
-    return text
+    known = {f.name for f in dataclasses.fields(ReducerSchedule)}
+    return str(ReducerSchedule(**{k: v for k, v in s.items() if k in known}))
 
 
 def hardware_line(result: dict) -> str:

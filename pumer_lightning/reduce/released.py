@@ -46,9 +46,7 @@ def markdown_table() -> str:
     ]
     for name, setting in RELEASED.items():
         s = setting.schedule
-        label = (
-            f"keep {s.keep_ratio:g}, merge {s.merge_ratio:g}, text {s.text_merge_ratio:g}, blocks {s.layers}"
-        )
+        label = str(s)
         for i, step in enumerate(s.plan(setting.n_image, setting.n_text)):
             first = (f"`{name}`", label) if i == 0 else ("", "")
             rows.append(

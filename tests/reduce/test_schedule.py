@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pumer_lightning.reduce import LayerPlan, ReducerSchedule
@@ -37,6 +39,10 @@ def test_released_table_lists_every_step():
     table = markdown_table()
     assert table.count("\n") == 2 + sum(len(v) for v in OFFICIAL_COUNTS.values()) - 1
     assert "| 1 | 325 → 227 → 114 | 40 → 32 |" in table
+    docs = Path(__file__).resolve().parents[2] / "docs" / "reducer.md"
+    assert table in docs.read_text(), (
+        "docs/reducer.md: regenerate with python -m pumer_lightning.reduce.released"
+    )
 
 
 def test_doubled_meter_ids_are_real_block_ids():
