@@ -393,14 +393,21 @@ def run(argv: list[str] | None = None) -> str:
         "last.ckpt of this experiment; an error when there is none) or 'auto' ('last' if there is one, else a new "
         "run); the run continues in the same run directory",
     )  # fmt: skip
+    parser.add_argument(
+        "-c", "--config", action="append", default=[], metavar="FILE",
+        help="more config files, layered after the experiment's (e.g. a `make tune` recommendation); repeatable",
+    )  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
+    missing = [f for f in args.config if not Path(f).is_file()]
+    if missing:
+        parser.error(f"-c/--config: no such file {missing[0]!r}")
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
         parser.error(f"unexpected arguments {bad}; overrides look like --model.reducer.keep_ratio=0.6")
 
     start = time.perf_counter()
     files = experiment_files(args.name)
-    cli_args = [a for f in files for a in ("-c", f)] + overrides
+    cli_args = [a for f in [*files, *args.config] for a in ("-c", f)] + overrides
     state: dict[str, Any] = {"phase": "setup", "cli": None, "done": []}
     previous = _raise_on_sigterm()
     try:

@@ -37,14 +37,16 @@ def test_demo_config_generates_its_data_fits_and_tests_a_checkpoint_with_another
 def test_make_exp_driver_prints_the_summary(tmp_path, capsys):
     from pumer_lightning.exp import run
 
+    extra = tmp_path / "tuned.yaml"  # a config layered after the experiment's, as `make tune` writes one
+    extra.write_text("model:\n  init_args:\n    reducer:\n      layers: [1]\n")
     text = run([
-        "shapes_vilt", "--timing-batches=1", "--timing-rounds=1", "--full-size=none", f"--data_root={tmp_path}", *SMALL,
+        "shapes_vilt", "-c", str(extra), "--timing-batches=1", "--timing-rounds=1", "--full-size=none", f"--data_root={tmp_path}", *SMALL,
         f"--trainer.default_root_dir={tmp_path}/runs", f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
         "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--data.num_workers=0",
         "--trainer.enable_progress_bar=false",
     ])  # fmt: skip
     assert "## make exp shapes_vilt: summary" in text
-    assert "| test |" in text and "| image | 37.0 | 37.0 | 19.0 | 9.0 |" in text
+    assert "| test |" in text and "| image | 37.0 | 37.0 | 19.0 | 19.0 |" in text
     assert "Measured speed-up:" in text and "FLOP ratio" in text
     assert "| reducers off |" in text and "| random pruning |" in text
     assert "What this demo shows" in text and "What it does not show" in text
@@ -54,6 +56,14 @@ def test_make_exp_driver_prints_the_summary(tmp_path, capsys):
     # the control runs wrote their predictions inside the run, not into the working directory
     assert list((tmp_path / "runs").rglob("controls/*/vqa2_test_answers.json"))
     assert not Path("predictions").exists()
+
+
+def test_make_exp_names_a_missing_config_file(tmp_path, capsys):
+    from pumer_lightning.exp import run
+
+    with pytest.raises(SystemExit):
+        run(["shapes_vilt", "-c", str(tmp_path / "nope.yaml")])
+    assert f"-c/--config: no such file '{tmp_path / 'nope.yaml'}'" in capsys.readouterr().err
 
 
 def test_unknown_experiment_lists_the_available_ones():
