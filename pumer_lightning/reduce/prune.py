@@ -30,7 +30,8 @@ def attention_probs(
         (B, H, Lq, N) fp32 probabilities.
     """
     q = q.to(torch.float32, memory_format=torch.contiguous_format)
-    logits = torch.matmul(q, k.to(torch.float32).transpose(-1, -2))
+    # contiguous (B, H, N, D) keys: a row copy at most, and the matmul reads them transposed without another copy
+    logits = torch.matmul(q, k.to(torch.float32, memory_format=torch.contiguous_format).mT)
     if key_mask is not None:
         masked = torch.zeros(key_mask.shape, device=q.device).masked_fill_(~key_mask.bool(), float("-inf"))
         bias = masked if bias is None else bias.float() + masked

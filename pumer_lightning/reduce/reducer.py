@@ -18,7 +18,7 @@ from torch import Tensor
 from .merge import layout, match_slots, merge_by_slots, remap
 from .prune import topk_keep_index
 from .schedule import LayerPlan
-from .static import positions
+from .static import cached, positions
 
 
 @dataclass
@@ -142,10 +142,11 @@ def _step(
         if plan.partition == "score" and plan.n_merge:
             metric = metric.gather(1, col[..., None].expand(-1, -1, metric.shape[-1]))
             return _score_order_step(tokens, size, n_real, metric, plan, col)
-        tokens = tokens.gather(1, col[..., None].expand(-1, -1, tokens.shape[-1]))
+        rows = _flat_rows(col, tokens.shape[1])
+        tokens = _take_rows(tokens, rows)
         size = size.gather(1, col)
         if metric is not None:
-            metric = metric.gather(1, col[..., None].expand(-1, -1, metric.shape[-1]))
+            metric = _take_rows(metric, rows)
     if not (plan.n_merge or plan.n_text_merge):
         real = torch.nn.functional.pad(
             positions(n_text, tokens.device) < n_real[:, None], (0, plan.image_out), value=True
@@ -153,6 +154,23 @@ def _step(
         return tokens, size, real, n_real, col, None
     slot, n_real, _ = match_slots(metric, n_real, plan, plan.image_kept)
     return _merge(tokens, size, n_real, slot, plan, col)
+
+
+def _flat_rows(index: Tensor, n: int) -> Tensor:
+    """(B, K) positions in sequences of length ``n`` -> (B * K,) rows of the (B * n, ...) flattened batch."""
+    batch = index.shape[0]
+    offsets = cached(
+        ("row_offsets", batch, n),
+        index.device,
+        lambda dev: torch.tensor([[b * n] for b in range(batch)], dtype=torch.long, device=dev),
+    )
+    return (index + offsets).flatten()
+
+
+def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x`` (B, n, D) at the flattened ``rows`` of `_flat_rows`: one row copy per token (a gather along dim 1
+    with an expanded index walks every element)."""
+    return x.flatten(0, 1).index_select(0, rows).view(x.shape[0], -1, x.shape[-1])
 
 
 def _merge(

@@ -155,7 +155,7 @@ def test_eager_step_op_count_is_pinned():
     counter = _Ops()
     with torch.inference_mode(), counter:
         reduce(state, plan, scores=scores, metric=metric)
-    assert counter.n == 37
+    assert counter.n == 38  # 37 before pruning took rows by index_select (one more op: the row offsets)
 
 
 @pytest.mark.slow
