@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +102,14 @@ class Backbone(nn.Module):
     def reduce_compiled(self, x: Tensor) -> bool:
         """Whether reduction steps on ``x`` run compiled (see ``reducer_impl``)."""
         return self.reducer_impl == "compiled" or (self.reducer_impl == "auto" and x.is_cuda)
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """What the weights compute that their shapes do not pin down (heads, LayerNorm epsilon, activation...)
+        next to the sizes. Checkpoints record it and loading compares it (`check_architecture`): a preset edited
+        after a checkpoint was saved fails loudly instead of loading into another model. Image size, vocabulary
+        and modality type rows are build options (resized or checked at load), not part of it."""
+        raise NotImplementedError
 
     @property
     def num_image_tokens(self) -> int:

@@ -15,7 +15,14 @@ from pumer_lightning.reduce import ReducerSchedule
 
 from .attention import AttnImpl, check_attn_impl
 from .base import Backbone, ReducerImpl, check_reducer_impl
-from .checkpoint import Checkpoint, CheckpointError, load_strict, read_checkpoint, resize_position_table
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_architecture,
+    load_strict,
+    read_checkpoint,
+    resize_position_table,
+)
 from .meter import MeterBackbone, MeterConfig
 from .vilt import ViltBackbone, vilt_config
 
@@ -170,6 +177,9 @@ def build_backbone(
             table = resize_position_table(table, grid, mode=mode, align_corners=corners)
         state[keys["positions"]] = table.unsqueeze(0) if vilt else table
     if state is not None:
+        check_architecture(
+            ckpt.config.get("architecture"), model.architecture, str(ckpt.path), f"preset {preset!r}"
+        )
         load_strict(model, state, f"backbone weights of {ckpt.path}")
     return model
 

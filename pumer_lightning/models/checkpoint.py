@@ -338,6 +338,7 @@ def save_checkpoint(
         "preset": preset,
         "image_size": backbone.image_size,
         "num_token_types": backbone.num_token_types,
+        "architecture": backbone.architecture,
         "task": task,
         **(extra or {}),
     }
@@ -375,6 +376,28 @@ def check_state_dict(module: nn.Module, state: dict[str, Tensor], what: str) -> 
             if keys:
                 parts.append(f"  {label} ({len(keys)}):\n    " + "\n    ".join(keys))
         raise CheckpointError("\n".join(parts))
+
+
+def check_architecture(saved: dict[str, Any] | None, current: dict[str, Any], what: str, model: str) -> None:
+    """Raise `CheckpointError` when a checkpoint's recorded ``Backbone.architecture`` differs from the model it is
+    loaded into (a preset edited since the checkpoint was saved: same shapes, other computation, e.g. more heads).
+
+    Only fields both sides record are compared; a checkpoint that records none (saved before they were recorded)
+    passes. ``what`` names the checkpoint, ``model`` what it is loaded into (``preset 'vilt_mini'``).
+    """
+    if not saved:
+        return
+    differ = [
+        f"{k}: checkpoint {saved[k]!r} vs {model} {current[k]!r}"
+        for k in sorted(set(saved) & set(current))
+        if saved[k] != current[k]
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{what} was saved from another architecture than {model}:\n  "
+            + "\n  ".join(differ)
+            + "\nBuild it with the preset it was trained with (the preset's definition may have changed since)."
+        )
 
 
 def load_strict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:

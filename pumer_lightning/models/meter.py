@@ -27,7 +27,9 @@ b - 1 (PuMer's code made it sequential, docs/official_code_differences.md#b8). A
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -278,6 +280,11 @@ class MeterBackbone(Backbone):
         self.text_position_limit = config.text_max_positions - config.pad_token_id - 1
         self.max_text_len = min(config.max_text_len, self.text_position_limit)
         self.reducer = reducer
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        build_options = ("image_size", "vocab_size", "num_token_types", "dropout", "max_text_len")
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if k not in build_options}
 
     def set_attn_impl(self, attn_impl: AttnImpl) -> None:
         """Switch the attention implementation of the co-attention blocks and both towers."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,12 @@ from pumer_lightning.reduce import (
 
 from .attention import AttnImpl, attend, merge_heads, split_heads
 from .base import Backbone, BackboneOutput, ReducerImpl, attention_dtype, reduction_bias
+
+#: the `ViltConfig` fields a checkpoint's weights depend on beyond their shapes (`Backbone.architecture`)
+VILT_ARCHITECTURE = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "hidden_act",
+    "layer_norm_eps", "qkv_bias",
+)  # fmt: skip
 
 
 class ViltBackbone(Backbone):
@@ -90,6 +97,11 @@ class ViltBackbone(Backbone):
             max_text_len or config.max_position_embeddings, config.max_position_embeddings
         )
         self.reducer = reducer
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        c = self.config
+        return {k: getattr(c, k) for k in VILT_ARCHITECTURE}
 
     # ---- embeddings -------------------------------------------------------------------------------------------
     def embed_image(self, pixel_values: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from pumer_lightning.models import (
     preset_family,
 )
 from pumer_lightning.models.build import preset_image_size
+from pumer_lightning.models.checkpoint import check_architecture
 from pumer_lightning.models.graphed import CudaGraphs
 from pumer_lightning.reduce import ReducerSchedule, ReductionTrace
 
@@ -396,7 +397,12 @@ class VLTask(pl.LightningModule):
                 )
             teacher = nn.ModuleDict({"backbone": self._build_backbone(None), "head": self.build_head()})
             if path.suffix == ".ckpt":
-                state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+                blob = torch.load(path, map_location="cpu", weights_only=False)
+                check_architecture(
+                    blob.get("backbone_architecture"), teacher["backbone"].architecture,
+                    f"--model.distill.teacher {source}", f"preset {self.spec.preset!r}",
+                )  # fmt: skip
+                state = blob["state_dict"]
                 own = {k: v for k, v in state.items() if k.startswith(("backbone.", "head."))}
                 if not own:
                     raise ValueError(
@@ -421,6 +427,20 @@ class VLTask(pl.LightningModule):
         teacher.requires_grad_(False)
         teacher.eval()
         return teacher
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the backbone's architecture: the hyper-parameters name only its preset, whose definition may
+        change after the checkpoint is saved."""
+        checkpoint["backbone_architecture"] = self.backbone.architecture
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        check_architecture(
+            checkpoint.get("backbone_architecture"), self.backbone.architecture,
+            f"Lightning checkpoint {path}" if path else "the Lightning checkpoint",
+            f"--model.backbone.preset {self.spec.preset}",
+        )  # fmt: skip
 
     def train(self, mode: bool = True) -> VLTask:
         super().train(mode)

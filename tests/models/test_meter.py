@@ -197,3 +197,19 @@ def test_single_file_output_round_trips(tmp_path):
     assert torch.equal(
         model.cross_modal_text_pooler.dense.weight.detach(), sd["cross_modal_text_pooler.dense.weight"]
     )
+
+
+def test_converted_meter_checkpoint_records_its_architecture(tmp_path):
+    """Build options (image size, vocabulary, type rows, dropout) are not the architecture; heads are."""
+    from pumer_lightning.models import CheckpointError, build_backbone, save_checkpoint
+
+    backbone = build_backbone("meter_tiny")
+    arch = backbone.architecture
+    assert arch["cross_heads"] == 2 and arch["vision_heads"] == 2 and arch["text_heads"] == 2
+    assert not {"image_size", "vocab_size", "num_token_types", "dropout", "max_text_len"} & set(arch)
+    path = save_checkpoint(tmp_path / "meter.pt", backbone, preset="meter_tiny")
+    blob = torch.load(path, weights_only=False)
+    blob["config"]["architecture"]["cross_heads"] = 4
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match=r"cross_heads: checkpoint 4 vs preset 'meter_tiny' 2"):
+        build_backbone("meter_tiny", path)

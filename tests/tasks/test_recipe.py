@@ -197,3 +197,45 @@ def test_task_and_data_must_agree(shapes, tmp_path):
     vqa = VQATask(num_answers=7, backbone=_spec(shapes), reducer=REDUCER)
     with pytest.raises(ValueError, match="num_answers=18"):
         _trainer(tmp_path, fast_dev_run=1).fit(vqa, _data(shapes, "vqa2"))
+
+
+def test_checkpoints_record_the_architecture_and_refuse_another(shapes, tmp_path):
+    """A preset edited after a checkpoint was saved (same shapes, other heads) fails loudly on every load path:
+    Lightning's own loading (resume, test, predict), a distillation teacher and a converted backbone."""
+    from pumer_lightning.models import CheckpointError, build_backbone, save_checkpoint
+
+    donor = NLVR2Task(backbone=_spec(shapes), reducer=ReducerSchedule())
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(donor, _data(shapes, "nlvr2"))
+    path = tmp_path / "donor.ckpt"
+    trainer.save_checkpoint(path)
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    assert blob["backbone_architecture"] == donor.backbone.architecture
+    assert blob["backbone_architecture"]["num_attention_heads"] == 2
+    assert (
+        NLVR2Task.load_from_checkpoint(path, weights_only=False).backbone.architecture
+        == donor.backbone.architecture
+    )
+
+    blob["backbone_architecture"]["num_attention_heads"] = 4  # as if vilt_tiny had had 4 heads back then
+    torch.save(blob, path)
+    want = r"num_attention_heads: checkpoint 4 vs --model.backbone.preset vilt_tiny 2"
+    with pytest.raises(CheckpointError, match=want):
+        NLVR2Task.load_from_checkpoint(path, weights_only=False)
+    with pytest.raises(
+        CheckpointError, match=r"(?s)--model.distill.teacher .*num_attention_heads: checkpoint 4"
+    ):
+        NLVR2Task(backbone=_spec(shapes), reducer=REDUCER, distill=DistillConfig(teacher=str(path)))
+
+    converted = save_checkpoint(tmp_path / "backbone.pt", donor.backbone, preset="vilt_tiny")
+    saved = torch.load(converted, weights_only=False)
+    assert saved["config"]["architecture"]["layer_norm_eps"] == donor.backbone.config.layer_norm_eps
+    saved["config"]["architecture"]["layer_norm_eps"] = 1e-6
+    torch.save(saved, converted)
+    with pytest.raises(
+        CheckpointError, match=r"layer_norm_eps: checkpoint 1e-06 vs preset 'vilt_tiny' 1e-12"
+    ):
+        build_backbone("vilt_tiny", converted, num_token_types=3)
+    del saved["config"]["architecture"]  # saved before architectures were recorded: loads as before
+    torch.save(saved, converted)
+    build_backbone("vilt_tiny", converted, num_token_types=3)
