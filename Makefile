@@ -64,7 +64,7 @@ BENCH_EXP = $(if $(filter command line environment,$(origin EXP)),$(EXP),vilt_nl
 bench: $(STAMP) ## throughput, memory and FLOPs: baseline vs PuMer settings at full size (EXP=vilt_nlvr2 ...)
 	$(BIN)/python -m pumer_lightning.bench $(BENCH_EXP) $(ARGS)
 
-study: $(STAMP) ## does PuMer keep accuracy? controlled study on the shapes world (~45 min on 2 CPU cores; ARGS="--budget quick")
+study: $(STAMP) ## does PuMer keep accuracy? controlled study on the shapes world (about an hour on 2 CPU cores; ARGS="--task vqa2", ARGS="--budget quick")
 	$(BIN)/python -m pumer_lightning.study $(ARGS)
 
 clean: ## remove caches and logs (keeps .venv and data/)

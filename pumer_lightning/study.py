@@ -1105,7 +1105,10 @@ def plot(r: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pumer_lightning.study", description=__doc__.split("\n")[0])
     p.add_argument(
-        "--budget", choices=sorted(BUDGETS), default="default", help="training budget (default ~45 CPU-min)"
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="default",
+        help="training budget (default: about an hour on 2 CPU cores from nothing)",
     )
     p.add_argument(
         "--work", type=Path, default=Path("data/study"), help="data, cached checkpoints, TensorBoard runs"

@@ -209,15 +209,19 @@ def test_merge_conserves_size_weighted_sum(batch, n, ratio, seed):
     torch.testing.assert_close(out_size.sum(1), size.sum(1))
 
 
-def test_batch_invariance_under_padding_and_company():
+@pytest.mark.parametrize("policy", ["real", "pads_first"])
+def test_batch_invariance_under_padding_and_company(policy):
+    """``real``: an example's result depends neither on its company nor on its padding; ``pads_first``: not on its
+    company when every text is padded to the same length (the fixed ``max_text_len`` padding)."""
     n_image, n_text = 30, 10
     image, text, mask, scores, im_metric, tx_metric = make_inputs(3, n_image, n_text, [10, 6, 3], seed=3)
-    schedule = ReducerSchedule(layers=[0], keep_ratio=0.6, merge_ratio=0.3, text_merge_ratio=0.4)
+    schedule = ReducerSchedule(
+        layers=[0], keep_ratio=0.6, merge_ratio=0.3, text_merge_ratio=0.4, text_merge_policy=policy
+    )
     _, _, together = run(schedule, 0, image, text, mask, scores, im_metric, tx_metric)
     for b in range(3):
         length = int(mask[b].sum())
-        for extra_pad in (0, 5):
-            width = length + extra_pad
+        for width in (length, length + 5) if policy == "real" else (n_text,):
             alone_text = torch.zeros(1, width, text.shape[-1], dtype=text.dtype)
             alone_text[0, :length] = text[b, :length]
             alone_metric = torch.randn(1, width, tx_metric.shape[-1], dtype=tx_metric.dtype)
