@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import json
 import math
@@ -191,6 +192,10 @@ def test_budgets_fit_their_promises():
     default = study.BUDGETS["default"]
     assert default.finetune_steps < default.baseline_steps
     assert default.num_test >= 3 * 300  # at least 300 examples per statement type
+    # "long" differs from the default in its baseline only, so it reuses the default's data and pre-training
+    long = study.BUDGETS["long"]
+    assert long.baseline_steps > default.baseline_steps
+    assert dataclasses.replace(long, baseline_steps=default.baseline_steps) == default
 
 
 def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
