@@ -1133,10 +1133,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--task", choices=sorted(TASK_TEXT), default="nlvr2", help="the study task (default nlvr2)"
     )
+    p.add_argument(
+        "--distil-seeds", type=int, nargs="*", default=[], metavar="SEED",
+        help="also fine-tune PuMer with distillation from the baseline, once per seed (default: none)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     run_study(
-        StudyConfig(budget=a.budget, seed=a.seed, task=a.task), a.work, a.out, a.fresh, device, a.workers
+        StudyConfig(budget=a.budget, seed=a.seed, task=a.task, distil_seeds=tuple(a.distil_seeds)),
+        a.work,
+        a.out,
+        a.fresh,
+        device,
+        a.workers,
     )
 
 
