@@ -300,3 +300,14 @@ def test_a_stage_trains_to_the_same_weights_whatever_ran_before(tmp_path, monkey
     a = torch.load(first, weights_only=False)["state_dict"]
     b = torch.load(second, weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_command_line_builds_the_study_config(monkeypatch):
+    """``python -m pumer_lightning.study`` flags reach the `StudyConfig` that keys the cache and names the outputs."""
+    seen = {}
+    monkeypatch.setattr(study, "run_study", lambda cfg, *args: seen.update(cfg=cfg, args=args))
+    study.main(["--budget", "long", "--task", "vqa2", "--distil-seeds", "0", "2", "--device", "cpu"])
+    cfg = seen["cfg"]
+    assert (cfg.budget, cfg.task, cfg.distil_seeds) == ("long", "vqa2", (0, 2))
+    study.main(["--device", "cpu"])
+    assert seen["cfg"].distil_seeds == () and seen["cfg"].budget == "default"
