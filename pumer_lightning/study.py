@@ -360,9 +360,22 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's training loss: cross-entropy for NLVR2's class ids; for VQA's soft score vectors, binary
+    cross-entropy summed over the answers (`VQATask.task_loss` is its mean over a batch)."""
+    if labels.dim() == 2:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.float(), labels.float(), reduction="none"
+        )
+        return bce.sum(dim=-1)
+    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+
+
 @torch.inference_mode()
-def predictions(model, batches: list[dict[str, Any]], schedule: ReducerSchedule | None, seed: int = 0):
-    """Per-example scores and statement types of ``batches`` under ``schedule``.
+def predictions(model, batches: list[dict[str, Any]], schedule: ReducerSchedule | None, seed: int = 0,
+                losses: list[float] | None = None):  # fmt: skip
+    """Per-example scores and statement types of ``batches`` under ``schedule``; each example's loss is appended
+    to ``losses`` when it is given.
 
     The score is 1/0 for a right/wrong NLVR2 answer and the VQA score (soft, from ten annotators) of the
     predicted answer for VQA; the mean is accuracy or VQA score.
@@ -372,11 +385,14 @@ def predictions(model, batches: list[dict[str, Any]], schedule: ReducerSchedule 
     types: list[str] = []
     with model.backbone.using(schedule):
         for batch in batches:
-            best = model(batch).argmax(-1)
+            logits = model(batch)
+            best = logits.argmax(-1)
             labels = batch["labels"]
             hit = labels.gather(1, best[:, None])[:, 0] if labels.dim() == 2 else (best == labels).float()
             scores += hit.float().tolist()
             types += [m["statement_type"] for m in batch["meta"]]
+            if losses is not None:
+                losses += example_losses(logits, labels).tolist()
     return scores, types
 
 
@@ -553,6 +569,8 @@ class Results:
     settings: list[dict[str, Any]]  #: one row per setting: accuracy, FLOPs and speed
     comparisons: dict[str, dict[str, Any]]
     targets: dict[str, dict[str, Any]]
+    #: `loss_check`'s rows: validation loss and score before and after fine-tuning
+    loss_check: list[dict[str, Any]]
 
 
 def finetune_schedules(cfg: StudyConfig) -> dict[str, ReducerSchedule | None]:
@@ -654,6 +672,40 @@ def evaluate_finetuned(st: Study, trained: Trained, data: EvalData) -> tuple[dic
                 test.setdefault(f"{name}:eval_random", []).append(_test_scores(model, data, random, name))
             del model
     return val, test
+
+
+def loss_check(st: Study, trained: Trained, data: EvalData, base, chosen: str,
+               only: tuple[str, ...]) -> list[dict[str, Any]]:  # fmt: skip
+    """Validation loss and score (learned types, mean over seeds) of the baseline and of the fine-tunes under the
+    reducer they were trained with and with it off: does fine-tuning with the reducer on lower the loss it
+    optimises, and does the score follow? (A loss that falls while the score falls says the fine-tune spends its
+    steps on the reduced model's confidence rather than on its answers.)"""
+    cfg = st.cfg
+    pumer = cfg.schedule(text_merge_policy=chosen)
+    runs: list[tuple[str, str, list[Path], ReducerSchedule | None]] = [
+        ("baseline", "off", [trained.baseline], None),
+        ("baseline", "PuMer (training-free)", [trained.baseline], pumer),
+        ("ft_control", "off", trained.checkpoints["ft_control"], None),
+        (f"ft_pumer_{chosen}", "PuMer (as trained)", trained.checkpoints[f"ft_pumer_{chosen}"], pumer),
+        (f"ft_pumer_{chosen}", "off", trained.checkpoints[f"ft_pumer_{chosen}"], None),
+    ]
+    rows = []
+    for weights, reducer, paths, sched in runs:
+        per_seed_scores, per_seed_losses = [], []
+        for path in paths:
+            model = base if path == trained.baseline else st.load(path, trained.start, cfg.task)
+            losses: list[float] = []
+            per_seed_scores.append(predictions(model, data.val, sched, losses=losses)[0])
+            kept = [x for x, t in zip(losses, data.val_types) if t in only]
+            per_seed_losses.append(sum(kept) / len(kept))
+        score = over_seeds(per_seed_scores, data.val_types, only)["learned"]
+        rows.append({
+            "weights": weights, "reducer": reducer, "seeds": len(paths), "loss": sum(per_seed_losses) / len(paths),
+            "loss_per_seed": per_seed_losses, "score": score["acc"], "score_se": score["se"],
+        })  # fmt: skip
+        log(f"validation, learned types: {weights}, reducer {reducer}: loss {rows[-1]['loss']:.3f}, "
+            f"score {100 * score['acc']:.1f}")  # fmt: skip
+    return rows
 
 
 POLICY_RULE = (
@@ -882,7 +934,8 @@ def evaluate(st: Study, trained: Trained, timing_rounds: int) -> Results:
         r.update(over_seeds(scores[r["name"]], data.test_types, only))
         r.update(figures[r["name"]])
     comps = comparisons(scores, seeds, data.test_types, only, list(cfg.policies), chosen)
-    return Results(validation, learned, policy_choice, rows, comps, _targets(comps))
+    losses = loss_check(st, trained, data, base, chosen, only)
+    return Results(validation, learned, policy_choice, rows, comps, _targets(comps), losses)
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -951,6 +1004,7 @@ def study_record(st: Study, trained: Trained, res: Results, wall_seconds: float)
         "settings": res.settings,
         "comparisons": res.comparisons,
         "targets": res.targets,
+        "loss_check": res.loss_check,
         "train_seconds": st.timings,
         "cached_stages_train_seconds": st.cached_timings,
         "wall_seconds": wall_seconds,
@@ -1073,6 +1127,14 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {name} | {100 * c['diff']:+.1f} ± {100 * c['se']:.1f} | {c.get('seeds', 1)} | {per} | "
             f"{100 * c.get('se_seeds', 0.0):.1f} / {100 * c.get('se_sample', c['se']):.1f} |"
         )
+    if r.get("loss_check"):
+        lines += ["", "Validation loss (the loss fine-tuning minimises) and score on the learned types, mean over seeds:",
+                  "", "| weights | reducer | seeds | loss | score % |", "|---|---|---|---|---|"]  # fmt: skip
+        for c in r["loss_check"]:
+            lines.append(
+                f"| {c['weights']} | {c['reducer']} | {c['seeds']} | {c['loss']:.3f} | "
+                f"{100 * c['score']:.1f} ± {100 * c['score_se']:.1f} |"
+            )
     if r.get("targets"):
         lines += ["", "Targets:", ""]
         for t in r["targets"].values():

@@ -19,6 +19,7 @@ from pumer_lightning.study import (
     StudyConfig,
     accuracy,
     chance,
+    example_losses,
     over_seeds,
     paired,
     paired_over_seeds,
@@ -179,6 +180,21 @@ def test_fine_tune_batches_pad_texts_to_max_text_len(tmp_path, monkeypatch):
     assert StudyConfig().text_padding == "max_length"
 
 
+def test_example_losses_average_to_the_tasks_training_loss():
+    """The loss check's per-example losses are the terms of the loss the fine-tunes minimise (NLVR2 and VQA)."""
+    from pumer_lightning.tasks.classify import ClassificationTask
+    from pumer_lightning.tasks.vqa import VQATask
+
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(6, 2, generator=g), torch.tensor([0, 1, 1, 0, 1, 0])
+    ce = ClassificationTask.task_loss(None, logits, {"labels": ids})
+    assert example_losses(logits, ids).mean().item() == pytest.approx(ce.item())
+    vqa_logits, soft = torch.randn(6, 5, generator=g), torch.rand(6, 5, generator=g)
+    bce = VQATask.task_loss(None, vqa_logits, {"labels": soft})
+    assert example_losses(vqa_logits, soft).mean().item() == pytest.approx(bce.item())
+    assert example_losses(vqa_logits, soft).shape == (6,)
+
+
 def test_chance_is_the_best_constant_answer_per_type():
     nlvr2 = [{"labels": torch.tensor([1, 0, 1, 1]), "meta": [{"statement_type": t} for t in "aabb"]}]
     assert chance(nlvr2, num_classes=2) == {"a": 0.5, "b": 1.0}
@@ -262,6 +278,18 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     assert set(result["targets"]) == {"training_free_loss_at_most_5", "finetuned_within_1_point",
                                       "random_5_below_text_at_keep_0.5"}  # fmt: skip
     assert "Text-merge policy chosen on validation" in (out / "shapes_tiny.md").read_text()
+    # the loss check: baseline (off, training-free PuMer), the control (off), the chosen PuMer fine-tune (on, off)
+    check = result["loss_check"]
+    assert [(c["weights"], c["reducer"], c["seeds"]) for c in check] == [
+        ("baseline", "off", 1), ("baseline", "PuMer (training-free)", 1), ("ft_control", "off", 2),
+        (f"ft_pumer_{chosen}", "PuMer (as trained)", 2), (f"ft_pumer_{chosen}", "off", 2),
+    ]  # fmt: skip
+    learned = result["learned_types"] or ["shape", "color", "exist"]
+    val = result["validation"]["by_type"]
+    base_val = sum(val[t]["acc"] * val[t]["n"] for t in learned) / sum(val[t]["n"] for t in learned)
+    assert check[0]["score"] == pytest.approx(base_val)
+    assert all(c["loss"] > 0 and len(c["loss_per_seed"]) == c["seeds"] for c in check)
+    assert "Validation loss (the loss fine-tuning minimises)" in (out / "shapes_tiny.md").read_text()
     assert all(st["chance"] == 0.5 for st in result["validation"]["by_type"].values())
     # a second run finds every stage in the cache and trains nothing
     again = run_study(cfg, tmp_path / "work", out, workers=0, timing_rounds=1)
