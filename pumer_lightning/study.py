@@ -22,12 +22,14 @@ Everything is generated and trained here, from nothing, on the synthetic shapes 
 6. **Report**: test accuracy per statement type, accuracy on the types the baseline learned (decided on the
    validation split, before looking at test), paired differences, all as means over seeds with standard errors
    that include the seed-to-seed spread (`over_seeds`, `paired_over_seeds`), the documented targets met or
-   missed, FLOPs per example and measured throughput for every setting; ``<out>/shapes.json``, ``shapes.md``
-   and ``shapes.png`` (accuracy vs FLOPs).
+   missed, FLOPs per example and measured throughput for every setting, and a loss check (`loss_check`: the
+   validation loss each fine-tune minimised, beside its score); ``<out>/shapes.json``, ``shapes.md`` and
+   ``shapes.png`` (accuracy vs FLOPs).
 
 `run_study` drives named stages, each passing its results to the next: `train_stages` (1-3 and the fine-tunes
 of 5), then `evaluate` (`eval_data`, `learned_types`, `evaluate_finetuned`, `choose_policy`, `train_distilled`,
-`free_settings` and `evaluate_free`, `finetuned_settings`, `time_settings`, `comparisons`, `_targets`), then
+`free_settings` and `evaluate_free`, `finetuned_settings`, `time_settings`, `comparisons`, `loss_check`,
+`_targets`), then
 `study_record` and `write_report`.
 
 Checkpoints and data live under ``--work`` (default ``data/study``, git-ignored); a stage whose inputs did not
@@ -226,7 +228,9 @@ class Study:
         return dm
 
     def task(self, kind: str, schedule: ReducerSchedule | None, checkpoint: str | None, lr: float, **kw: Any):
-        """A task module; a new (random) head learns 10x faster than pre-trained weights, as in PuMer's recipe."""
+        """A task module. On a pre-trained backbone (``checkpoint``) the head learns 10x faster, as in PuMer's recipe
+        for a new head; the fine-tunes that continue from the baseline keep the rule although their head is
+        trained (a one-off check with their head at 1x did not help: docs/study.md)."""
         from pumer_lightning.tasks import BackboneSpec, NLVR2Task, OptimConfig, VQATask
 
         spec = BackboneSpec(self.cfg.preset, checkpoint=checkpoint, tokenizer=str(self.root / "tokenizer"))
