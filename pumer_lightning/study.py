@@ -145,7 +145,7 @@ class StudyConfig:
             "text_merge_ratio": 0.2,
         }
     )
-    keep_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    keep_sweep: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     #: seeds of the fine-tuning stages (data order, dropout; every one starts from the same baseline). The
     #: pre-training and the baseline use ``seed`` alone and are shared.
     seeds: tuple[int, ...] = (0, 1, 2)
