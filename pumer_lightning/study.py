@@ -681,15 +681,16 @@ def evaluate_finetuned(st: Study, trained: Trained, data: EvalData) -> tuple[dic
 def loss_check(st: Study, trained: Trained, data: EvalData, base, chosen: str,
                only: tuple[str, ...]) -> list[dict[str, Any]]:  # fmt: skip
     """Validation loss and score (learned types, mean over seeds) of the baseline and of the fine-tunes under the
-    reducer they were trained with and with it off: does fine-tuning with the reducer on lower the loss it
-    optimises, and does the score follow? (A loss that falls while the score falls says the fine-tune spends its
-    steps on the reduced model's confidence rather than on its answers.)"""
+    reducer they were trained with and with it off, and the control's weights with PuMer switched on: does
+    fine-tuning with the reducer on lower the loss it optimises, does the score follow, and does it beat reducing
+    the control's weights without training for it?"""
     cfg = st.cfg
     pumer = cfg.schedule(text_merge_policy=chosen)
     runs: list[tuple[str, str, list[Path], ReducerSchedule | None]] = [
         ("baseline", "off", [trained.baseline], None),
         ("baseline", "PuMer (training-free)", [trained.baseline], pumer),
         ("ft_control", "off", trained.checkpoints["ft_control"], None),
+        ("ft_control", "PuMer (training-free)", trained.checkpoints["ft_control"], pumer),
         (f"ft_pumer_{chosen}", "PuMer (as trained)", trained.checkpoints[f"ft_pumer_{chosen}"], pumer),
         (f"ft_pumer_{chosen}", "off", trained.checkpoints[f"ft_pumer_{chosen}"], None),
     ]

@@ -278,10 +278,11 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     assert set(result["targets"]) == {"training_free_loss_at_most_5", "finetuned_within_1_point",
                                       "random_5_below_text_at_keep_0.5"}  # fmt: skip
     assert "Text-merge policy chosen on validation" in (out / "shapes_tiny.md").read_text()
-    # the loss check: baseline (off, training-free PuMer), the control (off), the chosen PuMer fine-tune (on, off)
+    # the loss check: baseline and control (off, training-free PuMer), the chosen PuMer fine-tune (on, off)
     check = result["loss_check"]
     assert [(c["weights"], c["reducer"], c["seeds"]) for c in check] == [
         ("baseline", "off", 1), ("baseline", "PuMer (training-free)", 1), ("ft_control", "off", 2),
+        ("ft_control", "PuMer (training-free)", 2),
         (f"ft_pumer_{chosen}", "PuMer (as trained)", 2), (f"ft_pumer_{chosen}", "off", 2),
     ]  # fmt: skip
     learned = result["learned_types"] or ["shape", "color", "exist"]
