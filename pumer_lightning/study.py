@@ -789,6 +789,10 @@ def finetuned_settings(cfg: StudyConfig, trained: Trained, chosen: str) -> dict[
     no_text = (f"{on}, without text merging", trained.schedules["ft_pumer_no_text"])
     rows["ft_pumer_no_text"] = ("ft_pumer_no_text", no_text)
     rows["ft_control"] = ("ft_control", ("fine-tuned with reducers off (matched control)", None))
+    rows["ft_control:eval_pumer"] = (
+        "ft_control",
+        ("matched control evaluated with PuMer (chosen policy): reduced without training for it", pumer),
+    )
     rows[f"{ch}:eval_off"] = (ch, (f"{on} (chosen policy), evaluated with reducers off", None))
     random = ablation(pumer, "random_prune")
     rows[f"{ch}:eval_random"] = (
@@ -872,6 +876,8 @@ def comparisons(scores: dict[str, list[list[float]]], seeds: dict[str, list[int]
            for p in policies},
         "pumer_ft_no_text_minus_control_ft": cmp("ft_pumer_no_text", "ft_control",
                                                  "fine-tuned PuMer without text merging vs control"),
+        "pumer_ft_minus_control_ft_eval_pumer": cmp(ch, "ft_control:eval_pumer",
+                                                    "fine-tuned PuMer vs the control's weights reduced by PuMer"),
         "pumer_ft_eval_random_minus_pumer_ft": cmp(f"{ch}:eval_random", ch,
                                                    "fine-tuned PuMer weights: random vs text-informed pruning"),
         "pumer_free_minus_baseline": cmp(f"pumer_{chosen}", "baseline", f"training-free PuMer ({chosen}) vs baseline"),
@@ -926,6 +932,10 @@ def evaluate(st: Study, trained: Trained, timing_rounds: int) -> Results:
     for path in train_distilled(st, trained, pumer):
         model = st.load(path, trained.start, cfg.task)
         scores.setdefault("ft_pumer_distil", []).append(_test_scores(model, data, pumer, "ft_pumer_distil"))
+        del model
+    for path in trained.checkpoints["ft_control"]:  # the ordinary fine-tune, reduced without training for it
+        model = st.load(path, trained.start, cfg.task)
+        scores.setdefault("ft_control:eval_pumer", []).append(_test_scores(model, data, pumer, "ft_control"))
         del model
     seeds = {name: list(cfg.seeds) for name in scores}
     seeds["ft_pumer_distil"] = list(cfg.distil_seeds)

@@ -242,7 +242,7 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     for required in ("baseline", "pumer_real", "pumer_pads_first", "pumer_pads_first_longest", "pumer_no_text",
                      "prune_only", "no_prune", "random_prune", "cls_prune", "keep_0.5", "random_keep_0.5", "keep_0.5_no_text",
                      "random_keep_0.5_no_text", "ft_pumer_real", "ft_pumer_pads_first", "ft_pumer_no_text",
-                     "ft_control", f"ft_pumer_{chosen}:eval_off", f"ft_pumer_{chosen}:eval_random",
+                     "ft_control", "ft_control:eval_pumer", f"ft_pumer_{chosen}:eval_off", f"ft_pumer_{chosen}:eval_random",
                      "ft_pumer_distil"):  # fmt: skip
         assert required in names
     assert "merge_only" not in names
@@ -261,6 +261,11 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     assert by["random_prune"]["gflops_per_example"] == pytest.approx(pumer["gflops_per_example"], rel=0.02)
     assert by[f"ft_pumer_{chosen}"]["gflops_per_example"] == pumer["gflops_per_example"]
     assert by["ft_control"]["gflops_per_example"] == by["baseline"]["gflops_per_example"]
+    # the control reduced at test costs what PuMer costs, and is scored seed by seed like the control
+    assert by["ft_control:eval_pumer"]["gflops_per_example"] == pumer["gflops_per_example"]
+    assert by["ft_control:eval_pumer"]["schedule"] == pumer["schedule"] and by["ft_control:eval_pumer"][
+        "seeds"
+    ] == [0, 1]
     assert pumer["image_tokens_per_layer"][0] > pumer["image_tokens_per_layer"][-1]
     # fine-tuned rows average the seeds, with the seed spread in their standard error
     assert by["ft_control"]["seeds"] == [0, 1] and len(by["ft_control"]["learned"]["per_seed"]) == 2
@@ -271,7 +276,7 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         assert s["learned"]["se"] >= s["learned"]["se_sample"]
     comparisons = result["comparisons"]
     assert {"pumer_ft_minus_control_ft", "pumer_ft_real_minus_control_ft", "pumer_ft_pads_first_minus_control_ft",
-            "pumer_ft_no_text_minus_control_ft", "random_keep0.5_minus_pumer_keep0.5",
+            "pumer_ft_no_text_minus_control_ft", "random_keep0.5_minus_pumer_keep0.5", "pumer_ft_minus_control_ft_eval_pumer",
             "pumer_free_pads_first_longest_minus_baseline"} <= set(comparisons)  # fmt: skip
     assert comparisons["pumer_ft_minus_control_ft"]["seeds"] == 2
     assert comparisons["pumer_distil_ft_minus_control_ft"]["seeds"] == 1
