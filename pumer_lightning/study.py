@@ -13,7 +13,8 @@ Everything is generated and trained here, from nothing, on the synthetic shapes 
 3. **Baseline** (cached): the unreduced model fine-tuned on NLVR2 from the pre-trained weights.
 4. **Training-free**: the baseline's weights evaluated with reducers switched on: PuMer, its parts, random and
    image-CLS pruning at the same token budget (the ablations of `pumer_lightning.reduce.ABLATIONS`, built with
-   `ablation`), and a keep-ratio sweep.
+   `ablation`), a keep-ratio sweep, and the pruning control by placement (text-informed against random pruning
+   with the reducer at one block only, ``StudyConfig.placement_keep``).
 5. **Fine-tuning from the baseline for the same number of steps, once per seed** (``StudyConfig.seeds``): with
    the reducers off (the matched control), with the PuMer reducer on under each text-merge policy
    (``StudyConfig.policies``) and without text merging; optionally (``distil_seeds``) with the reducer on plus
@@ -146,6 +147,10 @@ class StudyConfig:
         }
     )
     keep_sweep: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    #: the pruning control by placement: text-informed against random pruning at this keep ratio (same merge and
+    #: text settings) with the reducer at one block only, for every block but the last (in ViLT a reducer there
+    #: changes nothing the head reads: the pooled text CLS is protected and the MLP is per token); None drops it
+    placement_keep: float | None = 0.5
     #: seeds of the fine-tuning stages (data order, dropout; every one starts from the same baseline). The
     #: pre-training and the baseline use ``seed`` alone and are shared.
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -741,9 +746,10 @@ def choose_policy(cfg: StudyConfig, base, data: EvalData, ft_val: dict[str, list
 Setting = tuple[str, ReducerSchedule | None]  # (description, reducer at test)
 
 
-def free_settings(cfg: StudyConfig, chosen: str) -> dict[str, Setting]:
-    """The training-free settings evaluated on the baseline's weights, in report order. Rows named after an
-    ablation are `pumer_lightning.reduce.ablation` of the PuMer setting (``ABLATIONS`` says what each means)."""
+def free_settings(cfg: StudyConfig, chosen: str, num_layers: int) -> dict[str, Setting]:
+    """The training-free settings evaluated on the baseline's weights (a backbone of ``num_layers`` reducible
+    blocks), in report order. Rows named after an ablation are `pumer_lightning.reduce.ablation` of the PuMer
+    setting (``ABLATIONS`` says what each means)."""
     pumer, plain = cfg.schedule(text_merge_policy=chosen), cfg.schedule()
     free: dict[str, Setting] = {"baseline": ("no reduction", None)}
     for p in cfg.policies:
@@ -775,6 +781,18 @@ def free_settings(cfg: StudyConfig, chosen: str) -> dict[str, Setting]:
             "random pruning at keep 0.5 without text merging",
             ablation(no_text, "random_prune"),
         )
+    if cfg.placement_keep is not None:
+        for block in range(num_layers - 1):
+            at = dataclasses.replace(pumer, keep_ratio=cfg.placement_keep, layers=[block])
+            k = f"keep_{cfg.placement_keep:g}"
+            free[f"{k}@block{block}"] = (
+                f"PuMer at keep {cfg.placement_keep:g}, reducer at block {block} only",
+                at,
+            )
+            free[f"random_{k}@block{block}"] = (
+                f"random pruning at keep {cfg.placement_keep:g}, reducer at block {block} only",
+                ablation(at, "random_prune"),
+            )
     return free
 
 
@@ -914,6 +932,15 @@ def comparisons(scores: dict[str, list[list[float]]], seeds: dict[str, list[int]
             "keep_0.5_no_text",
             "random vs text pruning at keep 0.5, no text merging",
         )
+    for name in scores:  # the pruning control by placement (StudyConfig.placement_keep)
+        if name.startswith("random_keep_") and "@block" in name:
+            text, block = name.removeprefix("random_"), name.rpartition("@block")[2]
+            out[f"placement_block{block}_random_minus_text"] = cmp(
+                name,
+                text,
+                f"random vs text pruning, {text.partition('@')[0].replace('_', ' ')}, reducer at block "
+                f"{block} only",
+            )
     return out
 
 
@@ -939,7 +966,7 @@ def evaluate(st: Study, trained: Trained, timing_rounds: int) -> Results:
         del model
     seeds = {name: list(cfg.seeds) for name in scores}
     seeds["ft_pumer_distil"] = list(cfg.distil_seeds)
-    rows, free_scores = evaluate_free(base, free_settings(cfg, chosen), data)
+    rows, free_scores = evaluate_free(base, free_settings(cfg, chosen, base.backbone.num_layers), data)
     scores.update(free_scores)
     for name, (weights, setting) in finetuned_settings(cfg, trained, chosen).items():
         rows.append({**_row(name, "fine-tuned", weights, setting), "seeds": seeds[name]})
@@ -1090,6 +1117,24 @@ def _training_text(r: dict[str, Any]) -> str:
     )
 
 
+def _placement_lines(r: dict[str, Any]) -> list[str]:
+    """The pruning control by placement (``StudyConfig.placement_keep``) as a table of its own."""
+    by = {row["name"]: row for row in r["settings"]}
+    comps = [c for name, c in r["comparisons"].items() if name.startswith("placement_block")]
+    if not comps:
+        return []
+    keep = r["config"]["placement_keep"]
+    lines = ["", f"The pruning control by placement: training-free at keep {keep:g} (same merge and text settings), "
+             "the reducer at one block only (not the last: in ViLT a reducer there changes nothing the head reads):", "",
+             "| reducer at block | text-informed % (learned) | random % (learned) | random minus text (points) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for c in comps:
+        block = c["a"].rpartition("@block")[2]
+        lines.append(f"| {block} | {_pct(by[c['b']]['learned'])} | {_pct(by[c['a']]['learned'])} | "
+                     f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f} |")  # fmt: skip
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     learned = r["learned_types"]
     types = sorted({t for row in r["settings"] for t in row["by_type"]})
@@ -1142,6 +1187,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {name} | {100 * c['diff']:+.1f} ± {100 * c['se']:.1f} | {c.get('seeds', 1)} | {per} | "
             f"{100 * c.get('se_seeds', 0.0):.1f} / {100 * c.get('se_sample', c['se']):.1f} |"
         )
+    lines += _placement_lines(r)
     if r.get("loss_check"):
         lines += ["", "Validation loss (the loss fine-tuning minimises) and score on the learned types, mean over seeds:",
                   "", "| weights | reducer | seeds | loss | score % |", "|---|---|---|---|---|"]  # fmt: skip

@@ -164,3 +164,25 @@ def test_padding_ids_do_not_matter(preset):
     other[mask == 0] = 7  # a tokenizer with another pad id (positions come from the mask, not the ids)
     with torch.no_grad():
         assert_close(model(pixel_values, other, mask).pooled, model(pixel_values, input_ids, mask).pooled)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_reducer_at_the_last_vilt_block_leaves_the_pooled_output_unchanged(preset):
+    """ViLT pools the text CLS, which reduction protects, and its last MLP is per token: a reducer at the last
+    block saves FLOPs there and changes no prediction (why the study's placement control skips it), while one a
+    block earlier does. METER's last co-attention block still cross-attends after its reducer: it changes."""
+    model = build_backbone(preset).eval()
+    pixel_values, input_ids, mask = make_inputs(model, (9, 5, 3))
+    last = model.num_layers - 1
+    with torch.no_grad():
+        off = model(pixel_values, input_ids, mask).pooled
+        at = {}
+        for layer in (last, last - 1):
+            with model.using(_schedule(preset, layers=[layer], keep_ratio=0.5)):
+                at[layer] = model(pixel_values, input_ids, mask)
+    assert at[last].image_states.shape[1] < model.num_image_tokens
+    if preset == "vilt_tiny":
+        assert_close(at[last].pooled, off, rtol=1e-5, atol=1e-6)
+    else:
+        assert not torch.allclose(at[last].pooled, off, atol=1e-4)
+    assert not torch.allclose(at[last - 1].pooled, off, atol=1e-4)

@@ -134,7 +134,7 @@ def test_ablation_rows_come_from_the_one_ablation_table():
     keeps every image token and merges image and text (the row once called ``merge_only``)."""
     cfg = StudyConfig()
     for chosen in cfg.policies:
-        free = study.free_settings(cfg, chosen)
+        free = study.free_settings(cfg, chosen, num_layers=4)
         pumer = cfg.schedule(text_merge_policy=chosen)
         assert "merge_only" not in free
         for name in ("no_prune", "random_prune", "cls_prune"):
@@ -146,6 +146,16 @@ def test_ablation_rows_come_from_the_one_ablation_table():
         assert free["random_keep_0.5"][1] == ablation(cfg.schedule(text_merge_policy=chosen, keep_ratio=0.5),
                                                       "random_prune")  # fmt: skip
         assert free["baseline"][1] is None
+        # the pruning control by placement: one row pair per block but the last, the reducer there alone
+        placed = {name: sched for name, (_, sched) in free.items() if "@block" in name}
+        assert sorted(placed) == sorted(f"{r}keep_0.5@block{b}" for r in ("", "random_") for b in (0, 1, 2))
+        for b in (0, 1, 2):
+            text = dataclasses.replace(pumer, keep_ratio=0.5, layers=[b])
+            assert placed[f"keep_0.5@block{b}"] == text
+            assert placed[f"random_keep_0.5@block{b}"] == ablation(text, "random_prune")
+    assert not any(
+        "@block" in name for name in study.free_settings(StudyConfig(placement_keep=None), "real", 4)
+    )
 
 
 def test_study_code_is_stages_of_at_most_80_lines():
@@ -279,6 +289,15 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
             "pumer_ft_no_text_minus_control_ft", "random_keep0.5_minus_pumer_keep0.5", "pumer_ft_minus_control_ft_eval_pumer",
             "pumer_free_pads_first_longest_minus_baseline"} <= set(comparisons)  # fmt: skip
     assert comparisons["pumer_ft_minus_control_ft"]["seeds"] == 2
+    placement = {k: c for k, c in comparisons.items() if k.startswith("placement_block")}
+    assert [(c["a"], c["b"]) for c in placement.values()] == [
+        (f"random_keep_0.5@block{b}", f"keep_0.5@block{b}") for b in (0, 1, 2)
+    ]
+    assert (
+        by["keep_0.5@block0"]["image_tokens_per_layer"][1]
+        < by["keep_0.5@block0"]["image_tokens_per_layer"][0]
+    )
+    assert "The pruning control by placement" in (out / "shapes_tiny.md").read_text()
     assert comparisons["pumer_distil_ft_minus_control_ft"]["seeds"] == 1
     assert set(result["targets"]) == {"training_free_loss_at_most_5", "finetuned_within_1_point",
                                       "random_5_below_text_at_keep_0.5"}  # fmt: skip
