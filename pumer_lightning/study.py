@@ -1215,6 +1215,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"training-free": "o", "fine-tuned": "s"}
     for row in r["settings"]:
+        if "@block" in row["name"]:  # the placement control is a diagnostic with its own table, not a trade-off
+            continue
         random = "random" in row["name"]
         color = (
             "tab:red" if random else ("tab:gray" if row["name"] in ("baseline", "ft_control") else "tab:blue")
