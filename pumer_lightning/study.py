@@ -1215,7 +1215,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"training-free": "o", "fine-tuned": "s"}
     for row in r["settings"]:
-        if "@block" in row["name"]:  # the placement control is a diagnostic with its own table, not a trade-off
+        if "@block" in row["name"]:  # the placement control: a diagnostic with its own table
             continue
         random = "random" in row["name"]
         color = (
