@@ -214,16 +214,38 @@ def preset_image_size(preset: str) -> int:
     return _METER_PRESETS[preset].image_size
 
 
+def vilt_preset_config(preset: str) -> ViltConfig:
+    """A fresh `ViltConfig` of the ViLT preset ``preset``."""
+    if preset_family(preset) != "vilt":
+        raise ValueError(f"preset {preset!r} is not a ViLT preset")
+    return vilt_config(**_VILT_PRESETS[preset])
+
+
 def _vilt_preset_config(preset: str, ckpt: Checkpoint | None) -> ViltConfig | None:
     """The preset's ViltConfig, or an HF directory's own config after checking it is the preset's architecture.
 
-    A checkpoint of ours that records its LayerNorm epsilon (converted original ViLT weights: 1e-6) keeps it.
+    A converted original ViLT checkpoint keeps the LayerNorm epsilons its converter wrote next to the architecture
+    (1e-6, and 1e-12 on the text embeddings); the architecture check then compares the rest.
     """
-    config = vilt_config(**_VILT_PRESETS[preset])
-    if ckpt is not None and ckpt.kind != "hf_vilt" and "layer_norm_eps" in ckpt.config:
-        config.layer_norm_eps = float(ckpt.config["layer_norm_eps"])
+    config = vilt_preset_config(preset)
+    if ckpt is not None and ckpt.kind != "hf_vilt":
+        recorded = ckpt.config
+        if "layer_norm_eps" not in recorded:
+            return None
+        config.layer_norm_eps = float(recorded["layer_norm_eps"])
+        if "text_layer_norm_eps" in recorded:
+            config.text_layer_norm_eps = float(recorded["text_layer_norm_eps"])
+        elif "source" in ckpt.config and config.layer_norm_eps != 1e-12:
+            logger.warning(
+                "%s was converted by an older version that gave the text embeddings' LayerNorm eps %g "
+                "(original ViLT: 1e-12); pooled outputs differ from the original's by up to ~5e-4. "
+                "Convert %s again to get the original's.",
+                ckpt.path,
+                config.layer_norm_eps,
+                ckpt.config["source"],
+            )
         return config
-    if ckpt is None or ckpt.kind != "hf_vilt":
+    if ckpt is None:
         return None
     hf = ViltConfig.from_dict({k: v for k, v in ckpt.config.items() if k not in ("architectures",)})
     differ = [

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone
-from .build import PRESETS, new_backbone, preset_family, preset_image_size
+from .build import PRESETS, new_backbone, preset_family, preset_image_size, vilt_preset_config
 from .checkpoint import (
     CheckpointError,
     load_strict,
@@ -278,6 +278,12 @@ def convert(
         vilt_config_override=original_vilt_config(preset) if family == "vilt" else None,
     )
     load_strict(backbone, state, f"converted {family} backbone from {src}")
+    if family == "vilt":
+        eps = _vilt_eps(backbone)
+        log(
+            f"LayerNorm eps as original ViLT: {eps['layer_norm_eps']:g} (blocks, final norm), "
+            f"{eps['text_layer_norm_eps']:g} (text embeddings)"
+        )
     head = _converted_head(task, head_state, backbone, src)
     if converted.dropped:
         log(
@@ -291,7 +297,7 @@ def convert(
         task=task if head is not None else None,
         extra={
             "source": str(src),
-            **({"layer_norm_eps": backbone.config.layer_norm_eps} if family == "vilt" else {}),
+            **(_vilt_eps(backbone) if family == "vilt" else {}),
         },
     )
     log(
@@ -372,24 +378,31 @@ def _converted_head(
     return head
 
 
-#: LayerNorm epsilon of original ViLT (timm ``VisionTransformer`` blocks and final norm, ``eps=1e-6``);
-#: transformers' `ViltConfig` defaults to 1e-12, which moves image states by up to ~5e-4 on random weights
+#: LayerNorm epsilons of original ViLT: timm's `VisionTransformer` blocks and final norm use 1e-6, the text
+#: embeddings (transformers' `BertEmbeddings` under a default `BertConfig`) 1e-12. transformers' `ViltConfig` has one
+#: epsilon for all (default 1e-12); either single value moves the pooled output by up to ~5e-4 on weights at the
+#: originals' initial scale.
 ORIGINAL_VILT_LAYER_NORM_EPS = 1e-6
+ORIGINAL_VILT_TEXT_LAYER_NORM_EPS = 1e-12
 
 
 def original_vilt_config(preset: str):
-    """``preset``'s `ViltConfig` with original ViLT's LayerNorm epsilon (1e-6), for converted original checkpoints.
+    """``preset``'s `ViltConfig` with original ViLT's LayerNorm epsilons, for converted original checkpoints.
 
-    One epsilon serves every norm in transformers' ViLT, so the text-embedding norm (1e-12 in the original's BERT
-    embeddings) gets 1e-6 too; on embeddings of unit scale the difference is far below float32 noise. HF ViLT
-    directories are not converted (they load as they are) and keep their own ``layer_norm_eps``.
+    Blocks and final norm get 1e-6 (``layer_norm_eps``), the text embeddings 1e-12 (``text_layer_norm_eps``); both
+    are recorded in the written checkpoint's architecture and restored by `build_backbone`. HF ViLT directories
+    are not converted (they load as they are) and keep their own ``layer_norm_eps``.
     """
-    from .build import _VILT_PRESETS
-    from .vilt import vilt_config
-
-    config = vilt_config(**_VILT_PRESETS[preset])
+    config = vilt_preset_config(preset)
     config.layer_norm_eps = ORIGINAL_VILT_LAYER_NORM_EPS
+    config.text_layer_norm_eps = ORIGINAL_VILT_TEXT_LAYER_NORM_EPS
     return config
+
+
+def _vilt_eps(backbone: Backbone) -> dict[str, float]:
+    """The LayerNorm epsilons of a converted ViLT backbone, as written next to its architecture."""
+    arch = backbone.architecture
+    return {k: arch[k] for k in ("layer_norm_eps", "text_layer_norm_eps")}
 
 
 def _default_preset(family: str, image_size: int) -> str:

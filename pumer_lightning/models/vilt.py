@@ -52,7 +52,9 @@ class ViltBackbone(Backbone):
     """ViLT with reducers at any set of its transformer blocks.
 
     Args:
-        config: a `transformers.ViltConfig` (copied, never mutated).
+        config: a `transformers.ViltConfig` (copied, never mutated). ``layer_norm_eps`` applies to every LayerNorm
+            except the text embeddings' when the config carries ``text_layer_norm_eps`` (converted original ViLT
+            checkpoints: 1e-6 and 1e-12, as timm's blocks and BERT's embeddings had).
         max_text_len: default truncation length for the data pipeline (at most the text position table).
         reducer: the reducer schedule; block ids are 0-based indices of ``encoder.layer``.
         attn_impl: ``"sdpa"`` or ``"eager"``.
@@ -79,6 +81,9 @@ class ViltBackbone(Backbone):
         hf = ViltModel(config, add_pooling_layer=True)  # transformers' modules and weight init
         self.config = hf.config
         self.embeddings = hf.embeddings
+        text_eps = getattr(config, "text_layer_norm_eps", None)
+        if text_eps is not None:  # original ViLT: BERT's 1e-12 here, timm's 1e-6 everywhere else
+            self.embeddings.text_embeddings.LayerNorm.eps = float(text_eps)
         self.encoder = hf.encoder
         self.layernorm = hf.layernorm
         self.pooler = hf.pooler
@@ -101,7 +106,8 @@ class ViltBackbone(Backbone):
     @property
     def architecture(self) -> dict[str, Any]:
         c = self.config
-        return {k: getattr(c, k) for k in VILT_ARCHITECTURE}
+        text_eps = self.embeddings.text_embeddings.LayerNorm.eps
+        return {**{k: getattr(c, k) for k in VILT_ARCHITECTURE}, "text_layer_norm_eps": text_eps}
 
     # ---- embeddings -------------------------------------------------------------------------------------------
     def embed_image(self, pixel_values: Tensor) -> Tensor:

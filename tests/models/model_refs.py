@@ -8,11 +8,13 @@ their original key names, so they share no code with `pumer_lightning.models`.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from transformers import RobertaModel
+from torch import Tensor, nn
+from transformers import BertConfig, RobertaModel
+from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from pumer_lightning.models import MeterConfig
 
@@ -324,3 +326,133 @@ def vilt_reference(
         x = x + _lin(F.gelu(_lin(_ln(x, sd, b + "norm2", block_eps), sd, b + "mlp.fc1")), sd, b + "mlp.fc2")
     x = _ln(x, sd, "transformer.norm", block_eps)
     return torch.tanh(_lin(x[:, 0], sd, "pooler.dense"))
+
+
+# ---- original ViLT as modules (its vilt_module.py + timm-derived vision_transformer.py, written afresh) ----------
+class TimmAttention(nn.Module):
+    """timm's ViT attention as original ViLT defines it: fused ``qkv``, padded keys masked with -inf."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)  # qkv_bias=True (vit_base_patch32_384)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        batch, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(batch, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(batch, n, c))
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TimmBlock(nn.Module):
+    """A pre-LN ViT block; ``norm_layer`` is ViLT's ``partial(nn.LayerNorm, eps=1e-6)``."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, norm_layer) -> None:
+        super().__init__()
+        self.norm1, self.attn = norm_layer(dim), TimmAttention(dim, heads)
+        self.norm2, self.mlp = norm_layer(dim), TimmMlp(dim, mlp_hidden)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), keep)
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmPatchEmbed(nn.Module):
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+
+
+class TimmVisionTransformer(nn.Module):
+    """The parts of ViLT's ``VisionTransformer`` that its ``infer`` uses, initialised as timm does."""
+
+    def __init__(self, config, eps: float = 1e-6) -> None:
+        super().__init__()
+        c, grid = config.hidden_size, config.image_size // config.patch_size
+        norm_layer = partial(nn.LayerNorm, eps=eps)
+        self.patch_embed = TimmPatchEmbed(c, config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, c))
+        self.blocks = nn.ModuleList(
+            TimmBlock(c, config.num_attention_heads, config.intermediate_size, norm_layer)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = norm_layer(c)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def visual_embed(self, pixel_values: Tensor) -> Tensor:
+        """Patches in raster order: at the trained size without padding the original's position interpolation is
+        the identity and its patch sampling only reorders the image tokens, which attention does not see."""
+        x = self.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+
+def _vilt_init(module: nn.Module) -> None:
+    """Original ViLT's ``objectives.init_weights``."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(0.0, 0.02)
+    elif isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
+class OriginalVilt(nn.Module):
+    """Original ViLT (``ViLTransformerSS``) at any size, with its module names, so that ``state_dict()`` is an
+    original-layout checkpoint: BERT embeddings from transformers (LayerNorm eps 1e-12), timm blocks (1e-6), and a
+    VQA head (``nn.LayerNorm`` default 1e-5) when ``num_answers`` is given."""
+
+    def __init__(self, config, num_answers: int | None = None, block_eps: float = 1e-6) -> None:
+        super().__init__()
+        c = config.hidden_size
+        bert = BertConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=c,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=config.max_position_embeddings,
+        )
+        self.text_embeddings = BertEmbeddings(bert)
+        self.token_type_embeddings = nn.Embedding(2, c)
+        self.transformer = TimmVisionTransformer(config, block_eps)
+        self.pooler = nn.Module()
+        self.pooler.dense = nn.Linear(c, c)
+        for part in (self.text_embeddings, self.token_type_embeddings, self.pooler):
+            part.apply(_vilt_init)
+        if num_answers is not None:
+            self.vqa_classifier = nn.Sequential(
+                nn.Linear(c, 2 * c), nn.LayerNorm(2 * c), nn.GELU(), nn.Linear(2 * c, num_answers)
+            )
+            self.vqa_classifier.apply(_vilt_init)
+
+    def forward(
+        self, pixel_values: Tensor, input_ids: Tensor, mask: Tensor, image_index: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """``infer``'s pooled features (``cls_feats``) and final token states ``[text ; image CLS ; patches]``."""
+        types = self.token_type_embeddings.weight
+        text = self.text_embeddings(input_ids=input_ids) + types[0]
+        image = self.transformer.visual_embed(pixel_values) + types[1 + image_index]
+        x = torch.cat([text, image], dim=1)
+        keep = torch.cat([mask.bool(), torch.ones(image.shape[:2], dtype=torch.bool)], dim=1)
+        for block in self.transformer.blocks:
+            x = block(x, keep)
+        x = self.transformer.norm(x)
+        return torch.tanh(self.pooler.dense(x[:, 0])), x
