@@ -135,6 +135,12 @@ class VLDataModule(pl.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.train_splits = [train_split] if isinstance(train_split, str) else list(train_split)
+        twice = sorted({s for s in self.train_splits if self.train_splits.count(s) > 1})
+        if twice:
+            raise ValueError(
+                f"train_split lists {', '.join(map(repr, twice))} more than once ({self.train_splits}): its "
+                "examples would be read twice per epoch; list each split once"
+            )
         self.val_split = val_split
         self.test_split = test_split
         self.predict_split = predict_split or test_split

@@ -39,6 +39,8 @@ TASKS: tuple[str, ...] = ("nlvr2", "vqa2", "snli_ve", "retrieval")
 
 SCHEMA_VERSION = "pumer-wds/1"
 META_FILE = "meta.json"
+#: Written by a conversion while it runs (the shards done so far), replaced by ``meta.json`` at its end.
+PROGRESS_FILE = ".progress.json"
 
 NLVR2_LABELS: tuple[str, ...] = ("False", "True")  # index = int(label)
 SNLI_VE_LABELS: tuple[str, ...] = ("contradiction", "neutral", "entailment")
@@ -213,7 +215,9 @@ def read_split_meta(split_dir: str | Path) -> SplitMeta:
     """Read and check ``<split_dir>/meta.json``.
 
     A shard it lists that is missing on disk is logged here and then skipped and counted as ``shard_error`` by
-    the loaders (like any unreadable shard); only a split none of whose shards is on disk is an error.
+    the loaders (like any unreadable shard); only a split none of whose shards is on disk is an error. A shard
+    name listed twice, or a ``*.tar`` file in the split directory that no entry lists, is an error
+    (:func:`check_shard_listing`).
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
@@ -231,9 +235,9 @@ def read_split_meta(split_dir: str | Path) -> SplitMeta:
     meta = SplitMeta.from_json(obj, path)
     check_task(meta.task)
     missing = [s.name for s in meta.shards if not (split_dir / s.name).is_file()]
+    check_shard_listing(split_dir, meta, missing)
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        message = f"{path} lists shard(s) missing on disk: {', '.join(missing[:3])}{more}"
+        message = f"{path} lists shard(s) missing on disk: {_some(missing)}"
         if len(missing) == len(meta.shards):
             raise FileNotFoundError(f"{message} (none of its {len(missing)} shard(s) is there)")
         logging.getLogger("pumer_lightning.data").warning(
@@ -241,6 +245,50 @@ def read_split_meta(split_dir: str | Path) -> SplitMeta:
             message,
         )
     return meta
+
+
+def _some(names: list[str], at_most: int = 3) -> str:
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
+
+
+def check_shard_listing(split_dir: Path, meta: SplitMeta, missing: list[str]) -> None:
+    """Raise one ValueError when ``meta.json`` and the split directory disagree on which shards there are.
+
+    Two cases, both errors rather than warnings: a shard name listed twice (it would be read twice, so an
+    evaluation would score its examples twice and a training epoch would oversample them) and a ``*.tar`` file
+    in the directory that no entry lists (its examples would never be read, and the scores would not say so).
+    Either way ``meta.json`` no longer describes the directory (a hand-merged split, a copied-in shard, a
+    conversion interrupted between writing shards and rewriting ``meta.json``), and no guess of what was meant
+    is safe: a duplicate entry may stand for the unlisted file or be a copy-paste slip. The message names both
+    sides so that the fix (edit ``meta.json`` or re-run the conversion) takes a minute and loses nothing.
+    """
+    path = split_dir / META_FILE
+    entries: dict[str, list[int]] = {}
+    for i, s in enumerate(meta.shards):
+        entries.setdefault(Path(s.name).as_posix(), []).append(i)
+    twice = {name: where for name, where in entries.items() if len(where) > 1}
+    unlisted = sorted(
+        p.name for p in split_dir.glob("*.tar") if not p.name.startswith(".") and p.name not in entries
+    )
+    if not twice and not unlisted:
+        return
+    problems = [
+        f"shard {name} is listed {len(where)} times (shards[{'], shards['.join(map(str, where))}])"
+        for name, where in twice.items()
+    ]
+    if unlisted:
+        problems.append(f"{len(unlisted)} shard file(s) on disk are listed by no entry: {_some(unlisted, 5)}")
+    if missing:
+        problems.append(f"listed but missing on disk: {_some(missing, 5)}")
+    if (split_dir / PROGRESS_FILE).is_file():
+        problems.append(
+            f"a conversion of this split is running or was interrupted ({PROGRESS_FILE} is there)"
+        )
+    raise ValueError(
+        f"{path} does not describe the shards of {split_dir}: {'; '.join(problems)}. Each shard must be listed "
+        "exactly once: fix meta.json or re-run the conversion (`python -m pumer_lightning.data.prepare ...`)"
+    )
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -106,7 +106,8 @@ def warn_counts(path: str, records: int, samples: int, claim: ShardClaim | None,
     """Warn (once per process and shard) when a fully read shard disagrees with its ``meta.json`` counts.
 
     ``samples`` counts the texts of readable records; ``unknown`` records (no readable ``.json``) hold at least
-    one text each, which the claim includes."""
+    one text each, which the claim includes. The warning gives what was read against what is listed: every record
+    of the shard was read, so nothing is lost by the disagreement itself."""
     if claim is None or path in _warned_counts:
         return
     if records == claim.records and (
@@ -115,10 +116,30 @@ def warn_counts(path: str, records: int, samples: int, claim: ShardClaim | None,
         return
     _warned_counts.add(path)
     log.warning(
-        "%s holds %d record(s) with %d example(s), but its meta.json entry says %d record(s) with %d example(s); "
-        "the counts in meta.json are out of date (re-run the conversion): every record of the shard is read",
-        path, records, samples, claim.records, claim.samples,
-    )  # fmt: skip
+        "%s was read to its end: records / examples read %d / %d vs listed %d / %d in its meta.json entry; "
+        "nothing is lost, the counts in meta.json are out of date (re-run the conversion to rewrite them)",
+        *(path, records, samples, claim.records, claim.samples),
+    )
+
+
+def tar_end(path: str) -> tuple[bool, int]:
+    """(whether the tar file ends with its end-of-archive marker, the offset where reading its headers stopped).
+
+    Python's ``tarfile`` ends a read silently at a zero block (the marker), at the end of the file and at a
+    header it cannot parse after the first one; only the first is a complete file. So a shard that yields fewer
+    records than ``meta.json`` lists is out of date (the marker is there) or cut short (it is not).
+    """
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for _ in tar:
+                pass
+            end = tar.offset
+        with open(path, "rb") as f:
+            f.seek(end)
+            block = f.read(512)
+    except (OSError, tarfile.TarError, EOFError):
+        return False, 0
+    return len(block) == 512 and block == bytes(512), end
 
 
 def _texts_of(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, str]:
@@ -190,12 +211,16 @@ def read_shard(
     else:
         known, claimed = texts, (claim.samples if claim is not None else None)
     deficit = (claimed - known) if claimed is not None else 0
-    if errors or (claim is not None and records < claim.records):
-        what = f"{type(errors[0]).__name__}: {errors[0]}" if errors else "the tar ended early"
+    what = f"{type(errors[0]).__name__}: {errors[0]}" if errors else ""
+    if not errors and claim is not None and records < claim.records:
+        complete, end = tar_end(path)
+        if not complete:
+            what = f"the tar ends without its end-of-archive marker (cut short at byte {end})"
+    if what:
         lost = max(1, deficit - len(unknown))
-        claimed_text = "" if claim is None else f" of {claim.records} claimed by meta.json"
-        counter.skip("shard_error", f"after {last_key}", name,
-                     f"{what}; {records} record(s) read{claimed_text}", n=lost)  # fmt: skip
+        listed = "" if claim is None else f" vs {claim.records} listed in meta.json"
+        detail = f"{what}; records read {records}{listed}"
+        counter.skip("shard_error", f"after {last_key}", name, detail, n=lost)
         extra = 0
     else:
         warn_counts(path, records, texts, claim, len(unknown))
@@ -667,6 +692,8 @@ def count_shard(path: str, claim: ShardClaim | None = None) -> tuple[int, int]:
                     texts += n
     except (OSError, tarfile.TarError, EOFError):
         complete = False
+    if complete and claim is not None and all_records < claim.records:
+        complete = tar_end(path)[0]  # fewer records than listed: out of date, or cut short
     if complete:
         warn_counts(path, all_records, texts, claim, all_records - records)
     _count_cache[key] = (records, texts)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .schema import (
     META_FILE,
+    PROGRESS_FILE,
     ShardInfo,
     SplitMeta,
     check_key,
@@ -41,7 +42,6 @@ from .schema import (
 
 log = logging.getLogger(__name__)
 
-PROGRESS_FILE = ".progress.json"
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 

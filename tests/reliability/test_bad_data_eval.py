@@ -128,7 +128,7 @@ def test_understated_meta_counts_never_shorten_evaluation(tmp_path, tok, caplog)
     for stage in ("val", "test", "predict"):
         assert Counter(model.seen[stage]) == want, stage
     assert Counter(k for keys in predicted for k in keys) == want
-    stale = {r.getMessage().split()[0] for r in caplog.records if "meta.json entry says" in r.getMessage()}
+    stale = {r.getMessage().split()[0] for r in caplog.records if "vs listed" in r.getMessage()}
     assert {Path(p).name for p in stale} == {"nlvr2-val-000001.tar", "nlvr2-val-000003.tar"}
 
 
