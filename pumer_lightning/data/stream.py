@@ -59,12 +59,20 @@ SKIP_REASONS: dict[str, str] = {
 
 
 class SkipCounter:
-    """Counts dropped examples by reason in one process and logs them (the first ``log_limit`` per reason)."""
+    """Counts dropped examples by reason in one process and logs the events behind them.
+
+    An *event* is one call of :meth:`skip`: a record with a bad image, a bad text entry, a whole shard that could
+    not be read. The first ``log_limit`` events per reason are warnings naming the record key, the shard and the
+    error, whatever the number of examples each one lost (a 0-byte shard losing 500 examples is one event, and
+    the one most worth seeing); later events of that reason go to DEBUG, announced once by a warning. The counts
+    (:attr:`total`) are examples.
+    """
 
     def __init__(self, split: str, log_limit: int = 20):
         self.split = split
         self.log_limit = log_limit
         self.total: Counter = Counter()
+        self.events: Counter = Counter()
         self._pending: Counter = Counter()
         #: While True, skips are neither counted nor logged: a resumed training stream replays (without decoding)
         #: the part of the epoch that was already consumed, whose skips were counted before the interruption.
@@ -77,11 +85,18 @@ class SkipCounter:
             return
         self.total[reason] += n
         self._pending[reason] += n
-        level = logging.WARNING if self.total[reason] <= self.log_limit else logging.DEBUG
+        self.events[reason] += 1
+        level = logging.WARNING if self.events[reason] <= self.log_limit else logging.DEBUG
         if log.isEnabledFor(level):
             suffix = f": {detail}" if detail else ""
-            log.log(level, "[%s] skipped %d example(s), reason %s, key %s in %s%s",
-                    self.split, n, reason, key, shard, suffix)  # fmt: skip
+            message = "[%s] skipped %d example(s), reason %s, key %s in %s%s"
+            log.log(level, message, *(self.split, n, reason, key, shard, suffix))
+        if self.events[reason] == self.log_limit:
+            log.warning(
+                "[%s] %d %s events logged in this process; further ones are logged at DEBUG level (logger %s), "
+                "their examples still counted",
+                *(self.split, self.log_limit, reason, log.name),
+            )
 
     def take(self) -> dict[str, int]:
         """Counts since the last call (what still has to reach the main process)."""
