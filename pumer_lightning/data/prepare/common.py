@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..writer import RecordPlan, SplitSummary, SplitWriter
 
@@ -44,6 +46,49 @@ def check_text(value: object, field: str) -> str:
             f"{field} is not valid Unicode: {exc.reason} {value[exc.start : exc.end]!r} at position {exc.start}"
         ) from None
     return value
+
+
+#: What annotation files may be encoded in, as the errors say it.
+TEXT_ENCODINGS = "UTF-8 (with or without a byte-order mark) or UTF-16 with a byte-order mark"
+
+
+def sniff_encoding(path: Path) -> str:
+    """The codec to read annotation file ``path`` with: ``utf-8-sig`` (UTF-8 with or without a BOM) or ``utf-16``
+    (a UTF-16 BOM, either byte order). A UTF-32 BOM, or NUL bytes near the start (UTF-16/32 without a BOM), raise a
+    ValueError naming the file and the encodings expected."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        raise ValueError(f"{path}: is UTF-32 (its byte-order mark says so); expected {TEXT_ENCODINGS}")
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if b"\x00" in head:
+        raise ValueError(
+            f"{path}: holds NUL bytes (UTF-16 or UTF-32 without a byte-order mark?); expected {TEXT_ENCODINGS}"
+        )
+    return "utf-8-sig"
+
+
+@contextmanager
+def open_text(path: Path) -> Iterator[IO[str]]:
+    """Open an annotation file for reading as text, whatever of :data:`TEXT_ENCODINGS` it is in.
+
+    Every preparer reads its annotation files through this. The byte-order mark is dropped (a UTF-8 BOM would
+    otherwise make the first JSON line unreadable), and bytes that are not valid in the file's encoding raise one
+    ValueError naming the file, the offending byte and the encodings expected (not a bare ``'utf-8' codec can't
+    decode byte 0xff``).
+    """
+    encoding = sniff_encoding(path)
+    try:
+        with open(path, encoding=encoding) as f:
+            yield f
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start : exc.start + 4]
+        name = "UTF-8" if encoding == "utf-8-sig" else "UTF-16"
+        raise ValueError(
+            f"{path}: is not valid {name} (bytes {bad!r}: {exc.reason}); expected {TEXT_ENCODINGS}: re-save the "
+            "file in one of them"
+        ) from None
 
 
 def find_file(root: Path, name: str, subdirs: Iterable[str] = (".",), required: bool = True) -> Path | None:

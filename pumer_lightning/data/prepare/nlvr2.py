@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..writer import RecordPlan
-from .common import PreparedSplit, check_text, find_file, first_dir, index_images, shuffle_train
+from .common import PreparedSplit, check_text, find_file, first_dir, index_images, open_text, shuffle_train
 
 SPLITS = {"train": "train", "val": "dev", "test": "test1"}
 LABELS = {"True": True, "False": False, "true": True, "false": False}
@@ -44,7 +44,7 @@ def prepare(src: Path, splits: list[str] | None, images: Path | None, seed: int)
         stems = index_images(folder)
         pairs: dict[str, list[dict[str, Any]]] = {}
         skipped: dict[str, list[str]] = {}
-        with open(path) as f:
+        with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..writer import RecordPlan
-from .common import PreparedSplit, find_file, first_dir, shuffle_train
+from .common import PreparedSplit, find_file, first_dir, open_text, shuffle_train
 
 KARPATHY_FILES = {"flickr30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
 
@@ -32,7 +32,7 @@ def prepare(
     path = find_file(src, KARPATHY_FILES[dataset], (".", "data", "karpathy"))
     assert path is not None
     try:
-        with open(path) as f:
+        with open_text(path) as f:
             entries = json.load(f)["images"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise ValueError(f"{path}: not a Karpathy split file ({exc})") from exc

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..schema import SNLI_VE_LABELS
 from ..writer import RecordPlan
-from .common import PreparedSplit, check_text, find_file, first_dir, shuffle_train
+from .common import PreparedSplit, check_text, find_file, first_dir, open_text, shuffle_train
 
 SPLITS = {"train": "train", "val": "dev", "test": "test"}
 
@@ -47,7 +47,7 @@ def prepare(src: Path, splits: list[str] | None, images: Path | None, seed: int)
         assert path is not None
         by_image: dict[str, list[dict[str, Any]]] = {}
         skipped: dict[str, list[str]] = {}
-        with open(path) as f:
+        with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..writer import RecordPlan
-from .common import PreparedSplit, find_dir, find_file
+from .common import PreparedSplit, find_dir, find_file, open_text
 
 # ------------------------------------------------------------------------------------------------ normalisation
 _PUNCT = [
@@ -145,7 +145,7 @@ def _annotations_file(src: Path, official: str) -> Path | None:
 
 def _load(path: Path, field: str) -> list[dict[str, Any]]:
     try:
-        with open(path) as f:
+        with open_text(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
