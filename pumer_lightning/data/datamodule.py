@@ -20,6 +20,7 @@ from .stream import (
     RetrievalTexts,
     StreamLoader,
     TrainStream,
+    gather_per_rank,
     scan_retrieval_texts,
 )
 from .transforms import HALF, ImageTransform, RandAugment
@@ -454,11 +455,13 @@ class VLDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Skip counts and where the training epoch stands (Lightning saves this in every checkpoint).
+        """Skip counts and where the training epoch stands, on every rank (Lightning saves this in checkpoints).
 
         ``train_stream`` lets a run resumed from a mid-epoch checkpoint continue the epoch where it stopped: it
-        sees each remaining example of the epoch once and none of those already trained on. The skip counts
-        cover the batches the trainer consumed (not those the loader had fetched ahead).
+        sees each remaining example of the epoch once and none of those already trained on, on every rank (each
+        rank's stream position is saved). The skip counts cover the batches the trainer consumed (not those the
+        loader had fetched ahead): ``skipped`` is this rank's, ``skipped_by_rank`` every rank's. Under
+        ``torch.distributed`` every rank must call this (Lightning does): the ranks' states are gathered.
         """
         skipped = Counter(self._skipped)
         train: dict[str, Any] = dict(self._train_resume or {})
@@ -467,12 +470,32 @@ class VLDataModule(pl.LightningDataModule):
             for reason, n in self._train_loader.unconsumed_skips().items():
                 skipped[f"{split}/{reason}"] -= n
             train = self._train_loader.state_dict() or train
-        return {"skipped": {k: v for k, v in skipped.items() if v > 0}, "train_stream": train}
+        own = {k: v for k, v in skipped.items() if v > 0}
+        by_rank = gather_per_rank(own, _dist_info(self._trainer_or_none())[1])
+        return {"skipped": own, "skipped_by_rank": by_rank, "train_stream": train}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._skipped = Counter(state_dict.get("skipped", {}))
+        rank, world = _dist_info(self._trainer_or_none())
+        self._skipped = Counter(_rank_skips(state_dict, rank, world))
         train = state_dict.get("train_stream") or None
         self._train_resume = train
         if train and self._train_loader is not None:
             self._train_loader.load_state_dict(train)
             self._train_resume = None
+
+
+def _rank_skips(state: dict[str, Any], rank: int, world: int) -> dict[str, int]:
+    """This rank's skip counts from a saved state. Saved by as many ranks: its own. Saved by another number of
+    ranks (or, as before the counts were saved per rank, by rank 0 alone): rank 0 takes every count saved and the
+    other ranks start from zero, so that the sum over ranks stays the total."""
+    by_rank = state.get("skipped_by_rank")
+    if by_rank and len(by_rank) == world:
+        return dict(by_rank[rank] or {})
+    if rank != 0:
+        return {}
+    if not by_rank:
+        return dict(state.get("skipped", {}))
+    total: Counter = Counter()
+    for counts in by_rank:
+        total.update(counts or {})
+    return dict(total)

@@ -828,8 +828,9 @@ class StreamLoader:
 
     # ------------------------------------------------------------------------------------------ resumable state
     def _layout(self) -> dict[str, int]:
-        return {"workers": max(1, self.num_workers), "rank": self.stream.rank, "world_size": self.stream.world_size,
-                "batch_size": self.stream.batch_size, "num_batches": int(self.num_batches or 0)}  # fmt: skip
+        stream = self.stream
+        return {"workers": max(1, self.num_workers), "rank": stream.rank, "world_size": stream.world_size,
+                "batch_size": stream.batch_size, "num_batches": int(self.num_batches or 0)}  # fmt: skip
 
     def _consumed(self) -> int:
         """Batches of the current epoch the consumer has finished with (at least those of a resumed start)."""
@@ -850,8 +851,8 @@ class StreamLoader:
                 out.update(skipped)
         return dict(out)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where the training epoch stands: ``{}`` for an evaluation loader or before the first epoch."""
+    def _own_state(self) -> dict[str, Any]:
+        """This rank's position: the epoch, batches consumed, and where each worker's stream stood after them."""
         if not isinstance(self.stream, TrainStream) or self._epoch is None:
             return dict(self._resume or {})
         consumed = self._consumed()
@@ -859,7 +860,21 @@ class StreamLoader:
         for number, worker, pos, _ in self._trail:
             if number <= consumed:
                 pulls[worker] = pos
-        return {"epoch": self._epoch, "batches": consumed, "pulls": pulls, **self._layout()}
+        positions: list[dict[str, Any] | None] = [None] * self.stream.world_size
+        positions[self.stream.rank] = {"epoch": self._epoch, "batches": consumed, "pulls": pulls}
+        state = {"epoch": self._epoch, "batches": consumed, "pulls": pulls, **self._layout()}
+        return {**state, "positions": positions}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training epoch stands on every rank: ``{}`` for an evaluation loader or before the first epoch.
+
+        ``positions[r]`` is rank ``r``'s position. Under ``torch.distributed`` every rank must call this (Lightning
+        does: a checkpoint is dumped on every rank, then written by rank 0): the ranks' positions are gathered,
+        since a rank whose images failed to decode has pulled more examples than its batches hold.
+        """
+        if not isinstance(self.stream, TrainStream):
+            return {}
+        return merge_rank_states(gather_per_rank(self._own_state(), self.stream.world_size))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the epoch of ``state_dict`` where it stopped, the next time the loader runs that epoch."""
@@ -884,22 +899,29 @@ class StreamLoader:
         state, self._resume = self._resume, None
         if not state or state.get("epoch") != epoch:
             return fresh
-        batches = int(state.get("batches", 0))
+        layout = self._layout()
+        own = rank_position(state, layout["rank"], layout["world_size"])
+        batches = int((own or state).get("batches", 0))
         if not 0 < batches < (self.num_batches or 0):
             return fresh
-        layout = self._layout()
         same = all(state.get(k) == layout[k] for k in ("workers", "world_size", "batch_size", "num_batches"))
         if not same:
             log.warning(
                 "[%s] the checkpoint's loader layout %s differs from this run's %s: the rest of epoch %d (%d of %d "
                 "batches) is drawn from the start of the epoch's stream, so some of its examples repeat",
-                self.stream.name, {k: state.get(k) for k in layout}, layout, epoch, self.num_batches - batches,
-                self.num_batches,
-            )  # fmt: skip
+                *(self.stream.name, {k: state.get(k) for k in layout}, layout, epoch),
+                *(self.num_batches - batches, self.num_batches),
+            )
             return batches, [-1] * workers
-        pulls = [int(p) for p in state.get("pulls", [])][:workers]
-        if state.get("rank") != layout["rank"]:
-            # Only rank 0's position is saved; other ranks assume no image failed to decode in the consumed part.
+        if own is not None:
+            pulls = [int(p) for p in own.get("pulls", [])][:workers]
+        else:
+            log.warning(
+                "[%s] the checkpoint holds no stream position for rank %d (only rank %s's, as written before "
+                "positions were saved per rank): this rank continues epoch %d as if no image had failed to decode "
+                "in its first %d batches; if some did, a few of its examples repeat and as many are left out",
+                *(self.stream.name, layout["rank"], state.get("rank"), epoch, batches),
+            )
             bs = self.stream.batch_size
             pulls = [(batches // workers + (1 if v < batches % workers else 0)) * bs for v in range(workers)]
         return batches, pulls + [0] * (workers - len(pulls))
@@ -953,6 +975,63 @@ class StreamLoader:
             yield batch if self.postprocess is None else self.postprocess(batch)
             if self.num_batches is not None and n >= self.num_batches:
                 return
+
+
+# ---------------------------------------------------------------------------------------------- per-rank state
+def gather_per_rank(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` of every rank, in rank order, when ``torch.distributed`` runs ``world_size`` ranks (a collective:
+    every rank must call it); else ``[obj]`` (one process, or ranks simulated in one process)."""
+    dist = torch.distributed
+    if (
+        world_size > 1
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() == world_size
+    ):
+        out: list[Any] = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One training-loader state holding the ``positions`` of every rank, from the states of the ranks' loaders.
+
+    The first non-empty state gives the epoch and layout; every other must agree with it (a ValueError says
+    where not). A rank without a position keeps ``None``, which :func:`rank_position` reports.
+    """
+    states = [s for s in states if s]
+    if not states:
+        return {}
+    out = dict(states[0])
+    if "positions" not in out:
+        return out
+    positions = list(out["positions"])
+    for state in states[1:]:
+        for key in ("epoch", "workers", "world_size", "batch_size", "num_batches"):
+            if state.get(key) != out.get(key):
+                raise ValueError(
+                    f"loader states of rank {out.get('rank')} and rank {state.get('rank')} differ in {key!r}: "
+                    f"{out.get(key)!r} vs {state.get(key)!r}"
+                )
+        for r, position in enumerate(state.get("positions") or []):
+            if position is not None:
+                positions[r] = position
+    out["positions"] = positions
+    return out
+
+
+def rank_position(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+    """Rank ``rank``'s saved position in a loader state, or None when the state lacks it (a state written before
+    positions were saved per rank, or by another number of ranks)."""
+    positions = state.get("positions") or []
+    if state.get("world_size") == world_size and len(positions) == world_size:
+        position = positions[rank]
+        if position is not None and position.get("epoch", state.get("epoch")) == state.get("epoch"):
+            return position
+    if "positions" not in state and state.get("rank") == rank:
+        return {"batches": state.get("batches", 0), "pulls": state.get("pulls", [])}
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- retrieval texts
