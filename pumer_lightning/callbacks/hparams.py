@@ -11,7 +11,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 #: The main metric of each task (what the experiment YAMLs monitor for the best checkpoint).
-MAIN_METRIC: dict[str, str] = {"vqa2": "vqa_score", "nlvr2": "acc", "snli_ve": "acc", "retrieval": "ir_r1"}
+MAIN_METRIC: dict[str, str] = {
+    "vqa2": "vqa_score",
+    "nlvr2": "acc",
+    "snli_ve": "acc",
+    "retrieval": "ir_r1",
+    "pretrain": "itm_acc",
+}
 
 
 def flatten_params(params: Any, prefix: str = "") -> dict[str, Any]:

@@ -23,6 +23,7 @@ from .base import (
 )
 from .metrics import GroupedScore, VQAScore, recall_at_k, rerank_recall, topk_candidates
 from .nlvr2 import NLVR2Task
+from .pretrain import PretrainTask
 from .retrieval import RerankConfig, RetrievalTask
 from .snli_ve import SNLIVETask
 from .vqa import VQATask
@@ -42,6 +43,7 @@ __all__ = [
     "GroupedScore",
     "NLVR2Task",
     "OptimConfig",
+    "PretrainTask",
     "RerankConfig",
     "RetrievalTask",
     "SNLIVETask",
