@@ -16,7 +16,10 @@
   line, so a reducer override at test time takes effect (training-free PuMer on a fine-tuned model);
 * ``fit --ckpt_path=last`` resumes the newest ``interrupted.ckpt`` / ``last.ckpt`` of the experiment in its own
   run directory, or stops saying there is none; a fit without ``--ckpt_path`` never resumes, and refuses a run
-  directory that already holds checkpoints (`pumer_lightning.callbacks.checkpoint`);
+  directory that already holds checkpoints (`pumer_lightning.callbacks.checkpoint`); a fit locks its run directory
+  (`RunDirectoryLock`), so a second fit into it stops naming the holder;
+* a checkpoint the model cannot use (e.g. a distillation teacher of another architecture) stops with its own
+  message, not a traceback;
 * SIGTERM ends a fit with exit status 143 and the file and command to resume with; a checkpoint that cannot be
   written (disk full) ends it with one message naming the file;
 * reducer settings checked right after parsing (``--model.reducer.keep_ratio must be in (0, 1], got 1.5``), and
@@ -38,20 +41,23 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pumer_lightning.callbacks.checkpoint import (
     SIGTERM_EXIT_CODE,
     CheckpointWriteError,
+    RunDirectoryLock,
     interruption_report,
     refuse_to_overwrite,
     resolve_resume,
+    run_directories,
 )
 from pumer_lightning.data import VLDataModule, backbone_image_config
 from pumer_lightning.data.shapes import ShapesSpec, World, generate, is_current
 from pumer_lightning.models import build, preset_family
 from pumer_lightning.models.build import preset_image_size
-from pumer_lightning.models.checkpoint import checkpoint_problem, unreadable_reason
+from pumer_lightning.models.checkpoint import CheckpointError, checkpoint_problem, unreadable_reason
 from pumer_lightning.reduce import ReducerSchedule
 from pumer_lightning.tasks import VLTask
 
@@ -335,6 +341,8 @@ class PumerCLI(LightningCLI):
         given = kwargs.get("args")
         #: the command line as given (for the resume command printed after an interruption)
         self.argv: list[str] = [str(a) for a in given] if isinstance(given, (list, tuple)) else sys.argv[1:]
+        #: the lock on the run directory a fit writes (held from before the fit until it ends)
+        self.run_lock: RunDirectoryLock | None = None
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         kwargs.setdefault("model_class", VLTask)
         kwargs.setdefault("datamodule_class", VLDataModule)
@@ -403,11 +411,24 @@ class PumerCLI(LightningCLI):
         if problems:
             raise SystemExit("cannot start: unreadable inputs\n  - " + "\n  - ".join(problems))
 
+    def instantiate_classes(self) -> None:
+        """Build the trainer, model and data; a checkpoint the model cannot use (a distillation teacher of another
+        architecture, say) stops with its own message instead of the parser's traceback and union-type report."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = checkpoint_error_in(err)
+            if cause is None:
+                raise
+            raise SystemExit(f"error: {cause}") from None
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         ckpt_path = kwargs.get("ckpt_path")
         if subcommand == "fit":
             kwargs["ckpt_path"] = resolve_resume(self.trainer, ckpt_path)
+            if self.trainer.is_global_zero:  # before the overwrite check: a running fit is not an earlier run
+                self.run_lock = RunDirectoryLock(run_directories(self.trainer)).acquire()
             if kwargs["ckpt_path"] is None:
                 refuse_to_overwrite(self.trainer)
         elif ckpt_path == "auto":
@@ -419,6 +440,13 @@ class PumerCLI(LightningCLI):
         return kwargs
 
     def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            self._run_and_report(subcommand)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _run_and_report(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException as err:
@@ -432,8 +460,14 @@ class PumerCLI(LightningCLI):
             resume = interruption_report(self.trainer, err)[1] if subcommand == "fit" else None
             hint = f"\nresume with: {self.resume_command(resume)}" if resume else ""
             raise SystemExit(f"error: {err}{hint}") from None
+        except (
+            CheckpointError
+        ) as err:  # a checkpoint that does not fit the model: its own message is the report
+            raise SystemExit(f"error: {err}") from None
         except BaseException as err:  # a crash or Ctrl-C: say where the state went, then the usual traceback
-            if subcommand == "fit":
+            if (
+                subcommand == "fit" and self.trainer.state.fn == TrainerFn.FITTING
+            ):  # not a refusal before the fit
                 self._report_interruption(err, only_if_saved=True)
             raise
 
@@ -453,6 +487,18 @@ class PumerCLI(LightningCLI):
         if resume:
             lines.append(f"resume with: {self.resume_command(resume)}")
         print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def checkpoint_error_in(err: BaseException) -> CheckpointError | None:
+    """The `CheckpointError` that ``err`` is or was raised from (jsonargparse wraps errors raised while it
+    instantiates a class), or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CheckpointError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def without_ckpt_path(argv: list[str]) -> list[str]:

@@ -103,8 +103,8 @@ def unreadable_reason(path: str | Path) -> str | None:
         if not any(n.endswith("data.pkl") for n in names):
             return "it is a zip archive but not a PyTorch checkpoint (no data.pkl inside)"
         return None
-    if head.startswith(b"\x80"):
-        return None  # a legacy (pre-zip) torch.save pickle: torch.load has the last word
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return None  # a legacy (pre-zip) torch.save pickle (PROTO opcode, protocol 2-5): torch.load has the last word
     return "the file is corrupt or not a checkpoint (neither a PyTorch zip archive nor a pickle)"
 
 

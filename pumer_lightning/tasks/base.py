@@ -38,7 +38,7 @@ from pumer_lightning.models import (
     preset_family,
 )
 from pumer_lightning.models.build import preset_image_size
-from pumer_lightning.models.checkpoint import check_architecture
+from pumer_lightning.models.checkpoint import CheckpointError, check_architecture
 from pumer_lightning.models.graphed import CudaGraphs
 from pumer_lightning.reduce import ReducerSchedule, ReductionTrace
 
@@ -405,12 +405,12 @@ class VLTask(pl.LightningModule):
                 state = blob["state_dict"]
                 own = {k: v for k, v in state.items() if k.startswith(("backbone.", "head."))}
                 if not own:
-                    raise ValueError(
+                    raise CheckpointError(
                         f"--model.distill.teacher {source}: no backbone./head. weights in the checkpoint"
                     )
                 missing, unexpected = teacher.load_state_dict(own, strict=False)
                 if missing or unexpected:
-                    raise ValueError(
+                    raise CheckpointError(
                         f"--model.distill.teacher {source} does not fit a {self.spec.preset} {self.task_name} "
                         f"model: missing {missing[:5]}..., unexpected {unexpected[:5]}..."
                     )
