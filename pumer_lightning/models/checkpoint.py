@@ -360,9 +360,12 @@ def save_checkpoint(
     return dst
 
 
-def check_state_dict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """Raise `CheckpointError` naming every missing, unexpected and wrongly shaped key."""
-    expected = module.state_dict()
+def check_state_dict(
+    module: nn.Module, state: dict[str, Tensor], what: str, skip: tuple[str, ...] = ()
+) -> None:
+    """Raise `CheckpointError` naming every missing, unexpected and wrongly shaped key (keys starting with one of
+    ``skip`` left out on the module's side)."""
+    expected = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(
@@ -398,6 +401,44 @@ def check_architecture(saved: dict[str, Any] | None, current: dict[str, Any], wh
             + "\n  ".join(differ)
             + "\nBuild it with the preset it was trained with (the preset's definition may have changed since)."
         )
+
+
+#: Where `load_task_weights` points a user who gave it something else than a Lightning checkpoint.
+LIGHTNING_CHECKPOINT = (
+    "a Lightning checkpoint written by `make exp` or `python -m pumer_lightning fit` "
+    "(runs/<name>/version_N/checkpoints/best-*.ckpt)"
+)
+
+
+def load_task_weights(
+    module: nn.Module, path: str | Path, what: str, model: str, skip: tuple[str, ...] = ("teacher.",)
+) -> None:
+    """Load a task's weights from a Lightning checkpoint (``fit``'s ``.ckpt``) into ``module``: the one loader of
+    every command that reads one outside ``trainer.fit/test(ckpt_path=...)`` (the distillation teacher, ``make
+    tune``, ``make study``).
+
+    ``module`` has a ``backbone`` (a task module, or the teacher's ``{"backbone", "head"}``). The file must be an
+    intact checkpoint holding a ``state_dict``; the architecture it recorded must equal the backbone's
+    (`check_architecture`: the same shapes can hide another computation, e.g. more heads); then every key but
+    those starting with ``skip`` (a distilled run's teacher) loads strictly. ``what`` names the checkpoint in
+    errors (``--ckpt runs/x.ckpt``), ``model`` what it is loaded into (``preset 'vilt_small'``); every error is
+    a `CheckpointError`.
+    """
+    path = Path(path)
+    reason = unreadable_reason(path)
+    if reason:
+        raise CheckpointError(f"{what} is unreadable: {reason}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{what} could not be read: {type(err).__name__}: {err}") from err
+    state = blob.get("state_dict") if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} holds no state_dict: expected {LIGHTNING_CHECKPOINT}")
+    check_architecture(blob.get("backbone_architecture"), module.backbone.architecture, what, model)
+    own = {k: v for k, v in state.items() if not k.startswith(skip)}
+    check_state_dict(module, own, what, skip)
+    module.load_state_dict(own, strict=False)
 
 
 def load_strict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:

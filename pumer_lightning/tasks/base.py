@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from pumer_lightning.measure import register_flop_formulas
 from pumer_lightning.models import (
     Backbone,
     BackboneOutput,
@@ -38,7 +39,7 @@ from pumer_lightning.models import (
     preset_family,
 )
 from pumer_lightning.models.build import preset_image_size
-from pumer_lightning.models.checkpoint import CheckpointError, check_architecture
+from pumer_lightning.models.checkpoint import check_architecture, load_task_weights
 from pumer_lightning.models.graphed import CudaGraphs
 from pumer_lightning.reduce import ReducerSchedule, ReductionTrace
 
@@ -321,6 +322,8 @@ class VLTask(pl.LightningModule):
         self.teacher: nn.ModuleDict | None = self._build_teacher() if distill is not None else None
         self.build_metrics()
         self.cuda_graphs = CudaGraphs()
+        self.replay_graphs = True  # False while `forward` runs eagerly (see there)
+        register_flop_formulas()  # Lightning's model summary then counts the CPU attention kernel too
         self._predictions: list[dict[str, Any]] = []
         self.predictions_path: Path | None = None
 
@@ -396,24 +399,9 @@ class VLTask(pl.LightningModule):
                     f"of the starting weights; distillation is never skipped silently."
                 )
             teacher = nn.ModuleDict({"backbone": self._build_backbone(None), "head": self.build_head()})
-            if path.suffix == ".ckpt":
-                blob = torch.load(path, map_location="cpu", weights_only=False)
-                check_architecture(
-                    blob.get("backbone_architecture"), teacher["backbone"].architecture,
-                    f"--model.distill.teacher {source}", f"preset {self.spec.preset!r}",
-                )  # fmt: skip
-                state = blob["state_dict"]
-                own = {k: v for k, v in state.items() if k.startswith(("backbone.", "head."))}
-                if not own:
-                    raise CheckpointError(
-                        f"--model.distill.teacher {source}: no backbone./head. weights in the checkpoint"
-                    )
-                missing, unexpected = teacher.load_state_dict(own, strict=False)
-                if missing or unexpected:
-                    raise CheckpointError(
-                        f"--model.distill.teacher {source} does not fit a {self.spec.preset} {self.task_name} "
-                        f"model: missing {missing[:5]}..., unexpected {unexpected[:5]}..."
-                    )
+            if path.suffix == ".ckpt":  # the one loader: architecture checked, then strict
+                what = f"--model.distill.teacher {source}"
+                load_task_weights(teacher, path, what, f"preset {self.spec.preset!r}")
             else:
                 teacher["backbone"] = build_backbone(
                     self.spec.preset,
@@ -516,7 +504,7 @@ class VLTask(pl.LightningModule):
         counts."""
         ids = batch["input_ids"] if input_ids is None else input_ids
         mask = batch["attention_mask"] if attention_mask is None else attention_mask
-        if self.spec.cuda_graphs and CudaGraphs.applies(backbone, pixel_values):
+        if self.spec.cuda_graphs and self.replay_graphs and CudaGraphs.applies(backbone, pixel_values):
             return self.cuda_graphs(backbone, pixel_values, ids, mask, image_index)
         return backbone(pixel_values, ids, mask, image_index=image_index)
 
@@ -533,8 +521,31 @@ class VLTask(pl.LightningModule):
         return out
 
     # ------------------------------------------------------------------------------------------ steps
-    def forward(self, batch: dict[str, Any]) -> Any:
-        return self.compute_logits(batch, self.backbone, self.head).logits
+    def forward(self, batch: dict[str, Any], cuda_graphs: bool = True) -> Any:
+        """The logits of ``batch``; ``cuda_graphs=False`` runs every backbone pass eagerly even where a captured
+        CUDA graph would replay it (a replay dispatches no operator, so a FLOP counter would see nothing)."""
+        self.replay_graphs, previous = cuda_graphs, self.replay_graphs
+        try:
+            return self.compute_logits(batch, self.backbone, self.head).logits
+        finally:
+            self.replay_graphs = previous
+
+    @property
+    def example_input_array(self) -> tuple[dict[str, Tensor], bool]:
+        """``forward``'s arguments for one example (`example_batch`), run eagerly: what Lightning's model summary
+        forwards to fill its ``FLOPs`` column and total (``Total FLOPs: 0`` without it)."""
+        return self.example_batch(), False
+
+    def example_batch(self, batch_size: int = 1) -> dict[str, Tensor]:
+        """A batch of ``batch_size`` examples shaped as this task's ``compute_logits`` reads it: the backbone's image
+        size, ``images_per_example`` images each, texts of the backbone's ``max_text_len`` real tokens."""
+        size, length = self.backbone.image_size, self.backbone.max_text_len
+        ids = torch.full((batch_size, length), self.backbone.pad_token_id + 1, dtype=torch.long)
+        return {
+            "pixel_values": torch.zeros(batch_size, self.images_per_example, 3, size, size),
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+        }
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> StepOutput:
         """The step of every stage: logits, loss (if labelled), distillation (training), metrics, predictions;
