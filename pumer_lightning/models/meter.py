@@ -43,6 +43,8 @@ from pumer_lightning.reduce import (
     ReductionTrace,
     attention_probs,
     cls_importance,
+    fp32_contiguous,
+    key_metric,
     random_importance,
     reduce,
     text_importance,
@@ -396,12 +398,13 @@ class MeterBackbone(Backbone):
         schedule: ReducerSchedule,
     ) -> tuple[Tensor | None, Tensor | None]:
         """Image importance and the head-averaged key metric ``[text; image]`` of a reduction in this block."""
-        scores = None
+        scores, cross_keys = None, parts.cross_keys
         if plan.n_prune or (schedule.partition == "score" and plan.n_merge):
             if schedule.importance == "text":
                 # text queries of the text layer's cross-attention over the image keys (pre-dropout,
-                # docs/official_code_differences.md#b7)
-                probs = attention_probs(parts.cross_queries, parts.cross_keys, bias=image_bias32)
+                # docs/official_code_differences.md#b7); the fp32 keys serve the similarity metric too
+                cross_keys = fp32_contiguous(cross_keys)
+                probs = attention_probs(parts.cross_queries, cross_keys, bias=image_bias32)
                 scores = text_importance(probs, state.real[:, : state.n_text], normalize=False)
             elif schedule.importance == "cls":
                 # the image CLS query of image layer b's self-attention over the image tokens entering it
@@ -413,5 +416,5 @@ class MeterBackbone(Backbone):
                 scores = random_importance(image.shape[0], image.shape[1], device=image.device)
         metric = None
         if plan.n_merge or plan.n_text_merge:
-            metric = torch.cat([parts.self_keys.mean(dim=1), parts.cross_keys.mean(dim=1)], dim=1)
+            metric = torch.cat([key_metric(parts.self_keys), key_metric(cross_keys)], dim=1)
         return scores, metric

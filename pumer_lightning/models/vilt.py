@@ -33,6 +33,8 @@ from pumer_lightning.reduce import (
     ReductionTrace,
     attention_probs,
     cls_importance,
+    fp32_contiguous,
+    key_metric,
     random_importance,
     reduce,
     text_importance,
@@ -233,18 +235,21 @@ class ViltBackbone(Backbone):
 
         Selection carries no gradient (top-k indices and matching never do), so none of this is recorded.
         """
-        scores = None
+        scores, keys = None, k
         if plan.n_prune or (schedule.partition == "score" and plan.n_merge):
             if schedule.importance == "text":
-                # text queries over all keys (padded keys masked), then the image columns
-                probs = attention_probs(q[:, :, :n_text], k, bias=key_bias32)[..., n_text:]
+                # text queries over all keys (padded keys masked), then the image columns; the fp32 keys serve the
+                # similarity metric too
+                keys = fp32_contiguous(k)
+                probs = attention_probs(q[:, :, :n_text], keys, bias=key_bias32)[..., n_text:]
                 scores = text_importance(probs, state.real[:, :n_text], normalize=False)
             elif schedule.importance == "cls":
-                probs = attention_probs(q[:, :, n_text : n_text + 1], k, bias=key_bias32)[..., n_text:]
+                keys = fp32_contiguous(k)
+                probs = attention_probs(q[:, :, n_text : n_text + 1], keys, bias=key_bias32)[..., n_text:]
                 scores = cls_importance(probs)
             else:
                 scores = random_importance(q.shape[0], k.shape[2] - n_text, device=q.device)
-        metric = k.mean(dim=1) if (plan.n_merge or plan.n_text_merge) else None
+        metric = key_metric(keys) if (plan.n_merge or plan.n_text_merge) else None
         return scores, metric
 
 

@@ -3,8 +3,15 @@
 Nothing here knows about models, Lightning or configs; backbones call these functions.
 """
 
-from .merge import match_slots, merge_by_slots, size_bias
-from .prune import attention_probs, cls_importance, random_importance, text_importance, topk_keep_index
+from .merge import key_metric, match_slots, merge_by_slots, size_bias
+from .prune import (
+    attention_probs,
+    cls_importance,
+    fp32_contiguous,
+    random_importance,
+    text_importance,
+    topk_keep_index,
+)
 from .reducer import ReductionState, ReductionTrace, reduce
 from .schedule import (
     ABLATIONS,
@@ -28,6 +35,8 @@ __all__ = [
     "ablation",
     "attention_probs",
     "cls_importance",
+    "fp32_contiguous",
+    "key_metric",
     "match_slots",
     "merge_by_slots",
     "random_importance",

@@ -15,17 +15,20 @@ positions ``0..R-1``; the image CLS is the first image token.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .schedule import LayerPlan
-from .static import cached, positions
+from .static import cached, flat_rows, positions
 
 
-def text_table(plan: LayerPlan, device: torch.device) -> Tensor:
-    """(text_in + 1, 3) long: for ``R`` real tokens, (real tokens merged, first dropped position, real tokens left).
+def count_table(plan: LayerPlan, n_image: int, device: torch.device) -> Tensor:
+    """(text_in + 1, n + 2) long, row ``R`` for an example with ``R`` real text tokens (``n = text_in + n_image``):
+    how many sources each token's stream gives up (``n`` entries: the real text tokens it merges at text positions,
+    ``plan.n_merge`` at image positions), then its first dropped text position, then its real text tokens left.
 
     Pads are dropped from the end of the text, so "first dropped position" is ``text_in - pads dropped``.
     """
@@ -34,10 +37,19 @@ def text_table(plan: LayerPlan, device: torch.device) -> Tensor:
         rows = []
         for n_real in range(plan.text_in + 1):
             merged, dropped = plan.text_counts(n_real)
-            rows.append((merged, plan.text_in - dropped, n_real - merged))
+            quota = [merged] * plan.text_in + [plan.n_merge] * n_image
+            rows.append((*quota, plan.text_in - dropped, n_real - merged))
         return torch.tensor(rows, dtype=torch.long, device=dev)
 
-    key = ("text", plan.text_in, plan.n_text_merge, plan.text_ratio, plan.text_policy)
+    key = (
+        "counts",
+        plan.text_in,
+        plan.n_text_merge,
+        plan.text_ratio,
+        plan.text_policy,
+        n_image,
+        plan.n_merge,
+    )
     return cached(key, device, build)
 
 
@@ -47,16 +59,20 @@ class Layout:
 
     Attributes:
         text_pos: (n,) position of each text token, -1 for image tokens (``text_pos < R`` marks real text).
-        pairs: (n, n) long: for an allowed (A, B) pair of the bipartite matching, the largest text position involved
-            (-1 for image pairs), else ``n_text + 1``; ``pairs < R`` is then the pair mask of an example with ``R``
-            real tokens. A = even positions after the CLS, B = odd positions, counted within each stream.
+        blocked: (n, n) fp32, 0 for a pair the bipartite matching may join whatever the text's length (an A token
+            and a B token of the same stream), -inf otherwise: added to the similarities in the matmul that computes
+            them. A = even positions after the CLS, B = odd positions, counted within each stream.
+        text_pairs: (n_text, n_text) long, for an allowed (A, B) text pair the larger of the two positions, else
+            ``n_text + 1``: ``text_pairs >= R`` blocks the pairs that involve a pad of an example with ``R`` real
+            tokens.
         pos: (n,) ``0..n-1``.
         same: (n, n) bool, both tokens in the same stream.
         earlier: (n, n) bool, token j precedes token i in the same stream (breaks ties when ranking).
     """
 
     text_pos: Tensor
-    pairs: Tensor
+    blocked: Tensor
+    text_pairs: Tensor
     pos: Tensor
     same: Tensor
     earlier: Tensor
@@ -65,44 +81,53 @@ class Layout:
 def layout(n_text: int, n_image: int, device: torch.device) -> Layout:
     """The constants of a joint sequence of ``n_text`` text and ``n_image`` image tokens (built in Python, once)."""
     n = n_text + n_image
-    # position of each token inside its own stream, and its role in the matching (A: 2, 4, ...; B: 1, 3, ...)
-    within = [*range(n_text), *range(n_image)]
-    is_text = [True] * n_text + [False] * n_image
-    is_a = [w % 2 == 0 and w > 0 for w in within]
-    is_b = [w % 2 == 1 for w in within]
 
     def text_pos(dev: torch.device) -> Tensor:
+        within, is_text, _, _ = _roles(n_text, n_image)
         return torch.tensor([w if t else -1 for w, t in zip(within, is_text)], dtype=torch.long, device=dev)
 
-    def pairs(dev: torch.device) -> Tensor:
-        blocked = n_text + 1
-        rows = [
-            [
-                (max(within[i], within[j]) if is_text[i] else -1)
-                if is_a[i] and is_b[j] and is_text[i] == is_text[j]
-                else blocked
-                for j in range(n)
-            ]
-            for i in range(n)
-        ]
+    def allowed(i: int, j: int) -> bool:
+        _, is_text, is_a, is_b = _roles(n_text, n_image)
+        return is_a[i] and is_b[j] and is_text[i] == is_text[j]
+
+    def blocked(dev: torch.device) -> Tensor:
+        rows = [[0.0 if allowed(i, j) else float("-inf") for j in range(n)] for i in range(n)]
+        return torch.tensor(rows, dtype=torch.float32, device=dev)
+
+    def text_pairs(dev: torch.device) -> Tensor:
+        rows = [[max(i, j) if allowed(i, j) else n_text + 1 for j in range(n_text)] for i in range(n_text)]
         return torch.tensor(rows, dtype=torch.long, device=dev)
 
     def same(dev: torch.device) -> Tensor:
+        is_text = _roles(n_text, n_image)[1]
         rows = [[is_text[i] == is_text[j] for j in range(n)] for i in range(n)]
         return torch.tensor(rows, dtype=torch.bool, device=dev)
 
     def earlier(dev: torch.device) -> Tensor:
+        is_text = _roles(n_text, n_image)[1]
         rows = [[is_text[i] == is_text[j] and j < i for j in range(n)] for i in range(n)]
         return torch.tensor(rows, dtype=torch.bool, device=dev)
 
     key = (n_text, n_image)
     return Layout(
         cached(("text_pos", *key), device, text_pos),
-        cached(("pairs", *key), device, pairs),
+        cached(("blocked", *key), device, blocked),
+        cached(("text_pairs", *key), device, text_pairs),
         positions(n, device),
         cached(("same", *key), device, same),
         cached(("earlier", *key), device, earlier),
     )
+
+
+@functools.cache
+def _roles(n_text: int, n_image: int) -> tuple[list[int], list[bool], list[bool], list[bool]]:
+    """Each token's position inside its own stream, whether it is text, and its role in the matching (A: 2, 4, ...;
+    B: 1, 3, ...); computed only when a constant is built, never on a step that finds them cached."""
+    within = [*range(n_text), *range(n_image)]
+    is_text = [True] * n_text + [False] * n_image
+    is_a = [w % 2 == 0 and w > 0 for w in within]
+    is_b = [w % 2 == 1 for w in within]
+    return within, is_text, is_a, is_b
 
 
 def _stream_ranks(values: Tensor, lay: Layout, n_text: int) -> Tensor:
@@ -144,24 +169,27 @@ def match_slots(
     n_text = plan.text_in
     n_out = plan.text_out + n_image - plan.n_merge
     lay = layout(n_text, n_image, metric.device)
-    counts = text_table(plan, metric.device)[n_real]  # (B, 3)
+    counts = count_table(plan, n_image, metric.device).index_select(0, n_real)  # (B, n + 2)
+    quota, first_drop, n_left = counts[:, : n_text + n_image], counts[:, -2:-1], counts[:, -1]
     unit = metric.float()
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sim = torch.bmm(unit, unit.transpose(1, 2))
-    sim = sim.masked_fill(lay.pairs >= n_real[:, None, None], float("-inf"))
+    # similarities with every pair the layout rules out at -inf (one op), then the text pairs that involve a pad
+    sim = torch.baddbmm(lay.blocked, unit, unit.transpose(1, 2))
+    sim[:, :n_text, :n_text].masked_fill_(lay.text_pairs >= n_real[:, None, None], float("-inf"))
     best, partner = sim.max(dim=-1)
-    quota = torch.where(
-        lay.text_pos >= 0, counts[:, :1], plan.n_merge
-    )  # sources each token's stream gives up
     is_src = _stream_ranks(best, lay, n_text) < quota
-    drop = lay.text_pos >= counts[:, 1:2]
+    drop = lay.text_pos >= first_drop
     kept_slot = lay.pos - (is_src | drop).cumsum(dim=1)
     slot = torch.where(is_src, kept_slot.gather(1, partner), kept_slot).masked_fill_(drop, n_out)
-    return slot, counts[:, 2], is_src
+    return slot, n_left, is_src
 
 
 def merge_by_slots(x: Tensor, size: Tensor, slot: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
-    """Size-weighted average of the tokens that share a slot, as one batched matmul; slot ``n_out`` is discarded.
+    """Size-weighted average of the tokens that share a slot; slot ``n_out`` is discarded.
+
+    On a CPU the sums are index additions over the flattened batch (work proportional to the tokens); on other
+    devices one batched matmul with a (B, n_out, N) weight matrix (one deterministic kernel, where an index addition
+    would add in a varying order).
 
     Args:
         x: (B, N, C) token features.
@@ -171,11 +199,33 @@ def merge_by_slots(x: Tensor, size: Tensor, slot: Tensor, n_out: int) -> tuple[T
         ``(x_out (B, n_out, C), size_out (B, n_out))``; sizes add up, features are size-weighted means (a token
         alone in its slot comes out bit-identical).
     """
+    if x.device.type != "cpu":
+        return merge_by_matmul(x, size, slot, n_out)
+    batch, _, channels = x.shape
+    rows = flat_rows(slot, n_out + 1)  # every example's slot n_out is a row of its own, left out at the end
+    new_size = size.new_zeros(batch * (n_out + 1)).index_add_(0, rows, size.flatten())
+    weights = size.flatten() / new_size.index_select(0, rows)  # exactly 1 for a token alone in its slot
+    out = x.new_zeros(batch * (n_out + 1), channels)
+    out = out.index_add_(0, rows, x.flatten(0, 1) * weights[:, None].to(x.dtype))
+    return out.view(batch, n_out + 1, channels)[:, :n_out], new_size.view(batch, n_out + 1)[:, :n_out]
+
+
+def merge_by_matmul(x: Tensor, size: Tensor, slot: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
+    """`merge_by_slots` as one batched matmul (any device): (B, n_out, N) size-weighted, fp32-normalised weights."""
     n_slots = positions(n_out, slot.device)
     weights = torch.where(n_slots[:, None] == slot[:, None, :], size[:, None, :], 0.0)  # (B, n_out, N)
     new_size = weights.sum(dim=-1)
     weights = weights / new_size[..., None]
     return torch.bmm(weights.to(x.dtype), x), new_size
+
+
+def key_metric(keys: Tensor) -> Tensor:
+    """The similarity metric of the matching: (B, H, N, D) attention keys summed over heads, in fp32, (B, N, D).
+
+    The sum is the head mean up to a constant factor, which the cosine similarity ignores; accumulating in fp32
+    spares half-precision keys a rounding (and the copy to fp32 that the matching would make).
+    """
+    return keys.sum(dim=1, dtype=torch.float32)
 
 
 def remap(token_map: Tensor, moved: Tensor, offset: tuple[int, int], n_out: int) -> Tensor:

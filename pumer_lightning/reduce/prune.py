@@ -5,6 +5,10 @@ Scores are computed in fp32 whatever the autocast dtype: rankings of near-equal 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -28,10 +32,18 @@ def attention_probs(
             masked keys).
     Returns:
         (B, H, Lq, N) fp32 probabilities.
+
+    Queries and keys hold values of ``q``'s dtype (``k`` may be their fp32 copy, `fp32_contiguous`). When that is
+    bf16 and the CPU has bf16 matrix instructions, the logits are computed by oneDNN's bf16 kernels with fp32
+    output (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, for that one matmul): a product of two bf16
+    values is exact in fp32 and the sums stay fp32, so the logits are the fp32 logits up to summation order, about
+    twice as fast as fp32 (MKL) on small matrices.
     """
-    q = q.to(torch.float32, memory_format=torch.contiguous_format)
-    # contiguous (B, H, N, D) keys: a row copy at most, and the matmul reads them transposed without another copy
-    logits = torch.matmul(q, k.to(torch.float32, memory_format=torch.contiguous_format).mT)
+    exact_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and cpu_bf16_matmul()
+    q = fp32_contiguous(q)
+    # contiguous (B, H, N, D) keys: the matmul reads them transposed without another copy
+    with bf16_products(exact_bf16):
+        logits = torch.matmul(q, fp32_contiguous(k).mT)
     if key_mask is not None:
         masked = torch.zeros(key_mask.shape, device=q.device).masked_fill_(~key_mask.bool(), float("-inf"))
         bias = masked if bias is None else bias.float() + masked
@@ -55,11 +67,49 @@ def text_importance(probs: Tensor, text_mask: Tensor, normalize: bool = True) ->
     Returns:
         (B, Ni) fp32 scores: attention summed over heads and real text rows (averaged when ``normalize``).
     """
-    total = probs.float().mul(text_mask[:, None, :, None]).sum(dim=(1, 2))
+    batch, heads, n_rows, _ = probs.shape
+    # one (1 x H Lt) @ (H Lt x Ni) matmul per example: the 0/1 row weights repeated per head, in the probabilities'
+    # row order (head-major); flattening heads and rows is a view, even of the image columns of wider probabilities
+    weights = text_mask[:, None, :].expand(batch, heads, n_rows).to(torch.float32)
+    total = torch.bmm(weights.reshape(batch, 1, heads * n_rows), probs.float().flatten(1, 2)).squeeze(1)
     if not normalize:
         return total
     rows = text_mask.sum(dim=1, keepdim=True).clamp(min=1) * probs.shape[1]
     return total / rows
+
+
+def fp32_contiguous(x: Tensor) -> Tensor:
+    """``x`` as a contiguous fp32 tensor, with one copy at most.
+
+    ``x.to(torch.float32, memory_format=torch.contiguous_format)`` returns a non-contiguous fp32 tensor as it is
+    (a head-split view of the keys, say), and a matmul then copies it transposed: several times slower.
+    """
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+@functools.cache
+def cpu_bf16_matmul() -> bool:
+    """Whether oneDNN runs bf16 matmuls on this CPU's own bf16 instructions (AVX512-BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def bf16_products(enabled: bool) -> Iterator[None]:
+    """fp32 matmuls inside the block run on oneDNN's bf16 kernels (fp32 output) when ``enabled``; only for operands
+    whose values are bf16, where that loses nothing. A process-wide setting, restored on exit; left alone while
+    ``torch.compile`` traces."""
+    if not enabled or torch.compiler.is_compiling():
+        yield
+        return
+    matmul = torch.backends.mkldnn.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
 
 
 def cls_importance(probs: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 from .merge import layout, match_slots, merge_by_slots, remap
 from .prune import topk_keep_index
 from .schedule import LayerPlan
-from .static import cached, positions
+from .static import cached, flat_offsets, positions
 
 
 @dataclass
@@ -129,57 +129,65 @@ def _step(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The whole step on plain tensors (what `torch.compile` captures).
 
-    Returns ``(tokens, size, real, n_real, col, slot)``: the reduced joint sequence, its sizes, key mask and real
-    text counts, and how inputs moved: ``col`` (B, n) the input position of each token kept by pruning (None:
-    all kept), ``slot`` (B, n) the output slot of each of them (None: no merging).
+    Returns ``(tokens, size, real, n_real, rows, slot)``: the reduced joint sequence, its sizes, key mask and real
+    text counts, and how inputs moved: ``rows`` (B, n) the input token kept by pruning at each position, as a row of
+    the flattened (B * n_in) batch (None: all kept), ``slot`` (B, n) the output slot of each of them (None: no
+    merging).
     """
     n_text = plan.text_in
-    col = None
+    rows = None
     if plan.n_prune or (plan.partition == "score" and plan.n_merge):
         keep = topk_keep_index(scores, plan.image_kept, plan.partition)
-        text_cols = positions(n_text, tokens.device).expand(keep.shape[0], -1)
-        col = torch.cat([text_cols, keep + n_text], dim=1)
         if plan.partition == "score" and plan.n_merge:
+            col = torch.cat([positions(n_text, keep.device).expand(keep.shape[0], -1), keep + n_text], dim=1)
             metric = metric.gather(1, col[..., None].expand(-1, -1, metric.shape[-1]))
             return _score_order_step(tokens, size, n_real, metric, plan, col)
-        rows = _flat_rows(col, tokens.shape[1])
-        tokens = _take_rows(tokens, rows)
-        size = size.gather(1, col)
+        rows = _kept_rows(keep, n_text, tokens.shape[1])
+        flat = rows.flatten()
+        tokens = _take_rows(tokens, flat)
+        size = size.flatten().index_select(0, flat).view(rows.shape)
         if metric is not None:
-            metric = _take_rows(metric, rows)
+            metric = _take_rows(metric, flat)
     if not (plan.n_merge or plan.n_text_merge):
         real = torch.nn.functional.pad(
             positions(n_text, tokens.device) < n_real[:, None], (0, plan.image_out), value=True
         )
-        return tokens, size, real, n_real, col, None
+        return tokens, size, real, n_real, rows, None
     slot, n_real, _ = match_slots(metric, n_real, plan, plan.image_kept)
-    return _merge(tokens, size, n_real, slot, plan, col)
+    return _merge(tokens, size, n_real, slot, plan, rows)
 
 
-def _flat_rows(index: Tensor, n: int) -> Tensor:
-    """(B, K) positions in sequences of length ``n`` -> (B * K,) rows of the (B * n, ...) flattened batch."""
-    batch = index.shape[0]
-    offsets = cached(
-        ("row_offsets", batch, n),
-        index.device,
-        lambda dev: torch.tensor([[b * n] for b in range(batch)], dtype=torch.long, device=dev),
-    )
-    return (index + offsets).flatten()
+def _kept_rows(keep: Tensor, n_text: int, n: int) -> Tensor:
+    """(B, n_text + K) rows of the flattened (B * n) batch: every text token, then the kept image tokens ``keep``
+    (B, K) (image positions), with one addition and one concatenation (the text rows are a cached constant)."""
+    batch, device = keep.shape[0], keep.device
+
+    def text_rows(dev: torch.device) -> Tensor:
+        return torch.tensor(
+            [[b * n + t for t in range(n_text)] for b in range(batch)], dtype=torch.long, device=dev
+        )
+
+    def image_offsets(dev: torch.device) -> Tensor:
+        return torch.tensor([[b * n + n_text] for b in range(batch)], dtype=torch.long, device=dev)
+
+    key = (batch, n, n_text)
+    text = cached(("text_rows", *key), device, text_rows)
+    return torch.cat([text, keep + cached(("image_offsets", *key), device, image_offsets)], dim=1)
 
 
 def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """``x`` (B, n, D) at the flattened ``rows`` of `_flat_rows`: one row copy per token (a gather along dim 1
+    """``x`` (B, n, D) at the flattened ``rows`` (`_kept_rows`): one row copy per token (a gather along dim 1
     with an expanded index walks every element)."""
     return x.flatten(0, 1).index_select(0, rows).view(x.shape[0], -1, x.shape[-1])
 
 
 def _merge(
-    tokens: Tensor, size: Tensor, n_real: Tensor, slot: Tensor, plan: LayerPlan, col: Tensor | None
+    tokens: Tensor, size: Tensor, n_real: Tensor, slot: Tensor, plan: LayerPlan, rows: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     n_out = plan.text_out + plan.image_out
     tokens, size = merge_by_slots(tokens, size, slot, n_out)
     real = layout(plan.text_out, plan.image_out, tokens.device).text_pos < n_real[:, None]
-    return tokens, size, real, n_real, col, slot
+    return tokens, size, real, n_real, rows, slot
 
 
 def _score_order_step(
@@ -200,7 +208,8 @@ def _score_order_step(
     renumber = first.argsort(dim=1).argsort(dim=1)
     slot = torch.cat([slot[:, :n_text], renumber.gather(1, image_slot) + text_out], dim=1)
     tokens = tokens.gather(1, col[..., None].expand(-1, -1, tokens.shape[-1]))
-    return _merge(tokens, size.gather(1, col), n_real, slot, plan, col)
+    rows = col + flat_offsets(col.shape[0], n_text + plan.image_in, col.device)  # for `_remap`
+    return _merge(tokens, size.gather(1, col), n_real, slot, plan, rows)
 
 
 @functools.cache
@@ -261,22 +270,29 @@ def reduce(
             COMPILE_SECONDS[plan] = time.perf_counter() - start
     else:
         out = _step(state.tokens, state.size, state.n_real, scores, metric, plan)
-    tokens, size, real, n_real, col, slot = out
+    tokens, size, real, n_real, rows, slot = out
     patch_map, text_map = state.patch_map, state.text_map
     if patch_map is not None or text_map is not None:
-        patch_map, text_map = _remap(state, plan, col, slot)
+        patch_map, text_map = _remap(state, plan, rows, slot)
     return replace(
-        state, tokens=tokens, size=size, real=real, n_real=n_real, n_text=plan.text_out,
-        patch_map=patch_map, text_map=text_map,
-    )  # fmt: skip
+        state,
+        tokens=tokens,
+        size=size,
+        real=real,
+        n_real=n_real,
+        n_text=plan.text_out,
+        patch_map=patch_map,
+        text_map=text_map,
+    )
 
 
 def _remap(
-    state: ReductionState, plan: LayerPlan, col: Tensor | None, slot: Tensor | None
+    state: ReductionState, plan: LayerPlan, rows: Tensor | None, slot: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None]:
     """Carry the original-token maps through a step (visualisation only; eager)."""
     batch, n_in = state.real.shape
     n_out = plan.text_out + plan.image_out
+    col = None if rows is None else rows - flat_offsets(batch, n_in, rows.device)
     if slot is None:  # pruning only: kept tokens keep their order
         slot = positions(col.shape[1], col.device).expand(batch, -1)
     moved = slot

@@ -37,3 +37,17 @@ def positions(n: int, device: torch.device) -> Tensor:
     return cached(
         ("arange", n), device, lambda dev: torch.tensor(list(range(n)), dtype=torch.long, device=dev)
     )
+
+
+def flat_offsets(batch: int, n: int, device: torch.device) -> Tensor:
+    """(B, 1) long: the first row of each example in a (B * n, ...) flattened batch, cached."""
+    return cached(
+        ("row_offsets", batch, n),
+        device,
+        lambda dev: torch.tensor([[b * n] for b in range(batch)], dtype=torch.long, device=dev),
+    )
+
+
+def flat_rows(index: Tensor, n: int) -> Tensor:
+    """(B, K) positions in sequences of length ``n`` -> (B * K,) rows of the (B * n, ...) flattened batch."""
+    return (index + flat_offsets(index.shape[0], n, index.device)).flatten()
