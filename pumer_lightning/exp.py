@@ -46,6 +46,7 @@ from pumer_lightning.cli import EXPERIMENTS_DIR, PumerCLI, without_ckpt_path
 from pumer_lightning.measure import count_flops, interleaved_times, median_rates, speedup, spread
 from pumer_lightning.models import build_backbone
 from pumer_lightning.reduce import ReducerSchedule
+from pumer_lightning.tasks.pretrain import Pretrained, starting_weights
 
 DEFAULT_EXP = "shapes_vilt"
 
@@ -221,10 +222,14 @@ def summary_text(
     controls: dict[str, dict[str, float]],
     wall: float,
     full: dict[str, Any] | None = None,
+    pretrained: Pretrained | None = None,
 ) -> str:
-    """The ``make exp`` summary (Markdown): the run, accuracy, tokens per layer, speed, controls, caveats."""
+    """The ``make exp`` summary (Markdown): the run and its recipe, accuracy, tokens per layer, speed, controls,
+    caveats."""
     main = MAIN_METRIC[cli.model.task_name]
-    lines = _run_lines(name, cli.model, wall) + _accuracy_lines(main, val, test) + _token_lines(test)
+    lines = (
+        _run_lines(name, cli.model, wall, pretrained) + _accuracy_lines(main, val, test) + _token_lines(test)
+    )
     if timing:
         lines += _speed_lines(timing)
     if full:
@@ -235,15 +240,32 @@ def summary_text(
     return "\n".join(lines)
 
 
-def _run_lines(name: str, model: Any, wall: float) -> list[str]:
-    """The title, the task, backbone and reducer schedule, and the wall time."""
+def _run_lines(name: str, model: Any, wall: float, pretrained: Pretrained | None = None) -> list[str]:
+    """The title, the task, backbone and reducer schedule, the recipe (starting weights) and the wall time."""
     schedule = model.backbone.reducer
-    desc = "no reduction" if schedule is None or not schedule.is_active else str(schedule)
+    active = schedule is not None and schedule.is_active
+    desc = str(schedule) if active else "no reduction"
+    reducers = f"reducers {'on' if active else 'off'} during {'fine-tuning' if model.spec.checkpoint else 'training'}"
+    if pretrained is not None:
+        fig = pretrained.figures
+        made = f"made by this run in {pretrained.seconds / 60:.1f} min" if pretrained.made_now else "cached"
+        start = (
+            f"fine-tuned from the pre-trained checkpoint `{pretrained.path}` ({fig.get('objectives', '?')} on "
+            f"captions, no task labels, {fig.get('steps', '?')} steps; validation ITM accuracy "
+            f"{_fmt(fig.get('itm_acc'))}, MLM accuracy {_fmt(fig.get('mlm_acc'))}; made by `{pretrained.command}`, "
+            f"{made})"
+        )
+    elif model.spec.checkpoint:
+        start = f"fine-tuned from `{model.spec.checkpoint}`"
+    else:
+        start = "trained from random initialisation"
     return [
         f"## make exp {name}: summary",
         "",
         f"- task `{model.task_name}`, backbone `{model.spec.preset}`, reducer: {desc}",
-        f"- wall time (data + fit + test + this summary): {wall / 60:.1f} min",
+        f"- recipe: {start}; {reducers}",
+        f"- wall time (data + fit + test + this summary): {wall / 60:.1f} min"
+        + (" (pre-training included)" if pretrained is not None and pretrained.made_now else ""),
         "",
     ]
 
@@ -350,9 +372,12 @@ def _caveats(cli: Any, score: float | None, controls: dict[str, dict[str, float]
     params = sum(p.numel() for p in cli.model.backbone.parameters()) + sum(
         p.numel() for p in cli.model.head.parameters()
     )
+    pretrained = cli.model.spec.checkpoint is not None
+    how = "fine-tunes a tiny pre-trained model" if pretrained else "trains a tiny model from scratch"
+    init = "pre-trained on captions" if pretrained else "random-init"
     return [
         "**What this demo shows:** the whole pipeline (shards -> DataModule -> reducer inside the backbone -> task "
-        "module -> callbacks -> TensorBoard) trains a tiny model from scratch with PuMer on; it learns the "
+        f"module -> callbacks -> TensorBoard) {how} with PuMer on; it learns the "
         "single-attribute questions beyond their answer priors (33% for shapes, 17% for colours: compare the "
         "per-type table); the "
         "reducer removes the tokens in the table, which is the FLOP ratio, and the interleaved timing is what "
@@ -360,7 +385,7 @@ def _caveats(cli: Any, score: float | None, controls: dict[str, dict[str, float]
         "whose layers cost more than a reduction step's own work (top-k, matching, merges); at hidden 32 "
         "(`vilt_tiny`) the step costs about what it saves." + control,
         "",
-        f"**What it does not show:** PuMer's accuracy on real data (a {params / 1e3:.0f}k-parameter random-init "
+        f"**What it does not show:** PuMer's accuracy on real data (a {params / 1e3:.0f}k-parameter {init} "
         "model trained for minutes on synthetic scenes; counting, relations and two-image statements stay near chance at this "
         "budget), nor GPU speed-ups (on a GPU a model this small is bound by kernel launches, not FLOPs); the "
         "full-size line times the same reducer at ViLT-B size, and `make bench` measures full-size models "
@@ -408,9 +433,11 @@ def run(argv: list[str] | None = None) -> str:
     start = time.perf_counter()
     files = experiment_files(args.name)
     cli_args = [a for f in [*files, *args.config] for a in ("-c", f)] + overrides
-    state: dict[str, Any] = {"phase": "setup", "cli": None, "done": []}
+    state: dict[str, Any] = {"phase": "pre-training", "cli": None, "done": [], "pretrained": None}
     previous = _raise_on_sigterm()
     try:
+        state["pretrained"] = starting_weights([*files, *args.config], overrides)
+        state["phase"] = "setup"
         argv_, sys.argv = (
             sys.argv,
             sys.argv[:1],
@@ -487,7 +514,8 @@ def _run_phases(args: argparse.Namespace, state: dict[str, Any], start: float) -
     if bench_name and bench_name != "none":
         state["phase"] = "full-size timing"
         full = time_full_size(bench_name, batch_size=batch_size)
-    text = summary_text(args.name, cli, val, test, timing, controls, time.perf_counter() - start, full)
+    wall = time.perf_counter() - start
+    text = summary_text(args.name, cli, val, test, timing, controls, wall, full, state["pretrained"])
     log_dir = Path(trainer.log_dir or ".")  # every rank: a collective under DDP
     if trainer.is_global_zero:
         print("\n" + text + "\n", flush=True)

@@ -35,6 +35,7 @@ def run_args(
         f"--data.task={task}",
         f"--data_root={shapes.parent}",
         f"--model.backbone.preset={preset}",
+        "--model.backbone.checkpoint=null",  # random init (the demo fine-tunes from a pre-trained checkpoint)
         f"--model.backbone.tokenizer={shapes / 'tokenizer'}",
         f"--data.data_dir={shapes / task}",
         f"--model.reducer.layers={layers}",

@@ -309,6 +309,25 @@ class PretrainTask(VLTask):
             "mlm_labels": mlm_labels,
         }
 
+    def example_batch(self, batch_size: int = 1) -> dict[str, Tensor]:
+        """A training step's pairs for ``batch_size`` captions (`training_pairs`' keys): each caption with its image
+        for ITM and MLM, one negative each for ITM, the second token of every MLM text chosen."""
+        plain = super().example_batch(batch_size)
+        ids, mask = plain["input_ids"], plain["attention_mask"]
+        rows = torch.arange(batch_size)
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, 1] = ids[:, 1]
+        return {
+            "pixel_values": plain["pixel_values"][:, 0],
+            "itm_rows": torch.cat([rows, rows]),
+            "itm_input_ids": torch.cat([ids, ids]),
+            "itm_attention_mask": torch.cat([mask, mask]),
+            "mlm_rows": rows,
+            "mlm_input_ids": ids,
+            "mlm_attention_mask": mask,
+            "mlm_labels": labels,
+        }
+
     # ------------------------------------------------------------------------------------------ steps
     def compute_logits(self, batch: dict[str, Any], backbone: Backbone, head: nn.Module) -> Scored:
         """ITM logits (R, 2) and MLM logits (masked tokens, vocab) with their targets, from two passes."""
@@ -489,13 +508,15 @@ def configured_value(files: list[str], overrides: list[str], key: str) -> Any:
     cfg = OmegaConf.merge(*(OmegaConf.load(f) for f in files))
     for item in overrides:
         name, sep, value = item[2:].partition("=")
-        if name.startswith("model.") and not name.startswith(("model.init_args.", "model.class_path")):
+        if name == "model":  # --model=<class>: the class, init_args kept
+            name = "model.class_path"
+        elif name.startswith("model.") and not name.startswith(("model.init_args.", "model.class_path")):
             name = "model.init_args." + name[len("model.") :]
         if not sep:
             continue
         try:
             cfg.merge_with(OmegaConf.from_dotlist([f"{name}={value}"]))
-        except OmegaConfBaseException:  # an override that cannot change a plain value (e.g. --model=<class>)
+        except OmegaConfBaseException:  # a value OmegaConf cannot read: it names no path here
             continue
     return OmegaConf.select(cfg, key, default=None)
 
@@ -512,4 +533,13 @@ def starting_weights(files: list[str], overrides: list[str]) -> Pretrained | Non
     if path.parent.name != "pretrained" or not source.is_file():
         return None
     data_root = configured_value(files, overrides, "data_root") or "data"
-    return ensure_pretrained([files[0], source], path, [f"--data_root={data_root}"])
+    return ensure_pretrained([shown(files[0]), shown(source)], path, [f"--data_root={data_root}"])
+
+
+def shown(path: str | Path) -> Path:
+    """``path`` relative to the working directory when it lies below it (for the commands printed)."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path

@@ -14,7 +14,7 @@ SMALL = ("--shapes.num_train=96", "--shapes.num_val=24", "--shapes.num_test=24",
 
 
 def test_demo_config_generates_its_data_fits_and_tests_a_checkpoint_with_another_schedule(tmp_path):
-    common = ["-c", str(BASE), "-c", str(DEMO), f"--data_root={tmp_path}", *SMALL,
+    common = ["-c", str(BASE), "-c", str(DEMO), f"--data_root={tmp_path}", *SMALL, "--model.backbone.checkpoint=null",
               f"--trainer.default_root_dir={tmp_path}/runs", f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
               "--data.num_workers=0", "--trainer.enable_progress_bar=false"]  # fmt: skip
     fit = PumerCLI(args=["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"])
@@ -41,6 +41,7 @@ def test_make_exp_driver_prints_the_summary(tmp_path, capsys):
     extra.write_text("model:\n  init_args:\n    reducer:\n      layers: [1]\n")
     text = run([
         "shapes_vilt", "-c", str(extra), "--timing-batches=1", "--timing-rounds=1", "--full-size=none", f"--data_root={tmp_path}", *SMALL,
+        "--model.backbone.checkpoint=null",  # from scratch: tests/test_exp.py covers the pre-trained start
         f"--trainer.default_root_dir={tmp_path}/runs", f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
         "--trainer.max_epochs=1", "--trainer.limit_val_batches=1", "--data.num_workers=0",
         "--trainer.enable_progress_bar=false",
