@@ -29,8 +29,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 Importance = Literal["text", "cls", "random"]
 IMPORTANCE_SOURCES = ("text", "cls", "random")
 TextMergePolicy = Literal["real", "pads_first"]
@@ -42,11 +40,6 @@ PARTITIONS = ("spatial", "score")
 def round_count(ratio: float, n: int) -> int:
     """``round(ratio * n)`` with Python's round-half-to-even (the official code's rounding)."""
     return int(round(ratio * n))
-
-
-def round_count_tensor(ratio: float, n: torch.Tensor) -> torch.Tensor:
-    """Tensor version of `round_count`, in float64 so that it agrees with Python's arithmetic."""
-    return torch.round(n.to(torch.float64) * ratio).to(torch.long)
 
 
 @dataclass(frozen=True)
