@@ -364,8 +364,8 @@ class VLDataModule(pl.LightningDataModule):
             log.warning(
                 "%s/%s has %d shard(s) for %d rank x worker slots: every slot reads all shards and keeps its "
                 "share of records. Write more shards (prepare --shard-size) for efficient loading.",
-                self.data_dir, meta.split, len(stream.shards), n_slots,
-            )  # fmt: skip
+                *(self.data_dir, meta.split, len(stream.shards), n_slots),
+            )
         loader = StreamLoader(
             stream,
             num_workers=self.num_workers,

@@ -56,8 +56,13 @@ def prepare(src: Path, splits: list[str] | None, images: Path | None, seed: int)
                     if not isinstance(row, dict):
                         raise TypeError(f"a line must be a JSON object, got {type(row).__name__}")
                     image, label = str(row["Flickr30K_ID"]), row["gold_label"]
-                    entry = {"text_id": str(row["pairID"]), "text": row["sentence2"], "label": label,
-                             "premise": row.get("sentence1")}  # fmt: skip
+                    text_id, text = str(row["pairID"]), row["sentence2"]
+                    entry = {
+                        "text_id": text_id,
+                        "text": text,
+                        "label": label,
+                        "premise": row.get("sentence1"),
+                    }
                     check_text(entry["text_id"], "pairID")
                     check_text(entry["text"], f"sentence2 of {entry['text_id']}")
                     check_text(image, "Flickr30K_ID")
