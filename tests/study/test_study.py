@@ -1,88 +1,22 @@
-"""The accuracy study: its statistics, and one end-to-end run on a tiny budget (real data, real trainers)."""
+"""The accuracy study: its cache keys, settings and stages, and end-to-end runs on a tiny budget (real data, real
+trainers). Its statistics are `pumer_lightning.lab.stats` (tests/lab/test_stats.py)."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import inspect
 import json
-import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from pumer_lightning import study
 from pumer_lightning.reduce import ABLATIONS, ReducerSchedule, ablation
-from pumer_lightning.study import (
-    Budget,
-    StudyConfig,
-    accuracy,
-    chance,
-    example_losses,
-    over_seeds,
-    paired,
-    paired_over_seeds,
-    run_study,
-)
-
-
-def test_accuracy_reports_mean_and_standard_error_per_type():
-    scores = [1, 0, 1, 1, 0.5, 0.0]
-    types = ["shape", "shape", "color", "color", "exist", "exist"]
-    out = accuracy(scores, types, only=("shape", "color"))
-    assert out["all"]["acc"] == pytest.approx(3.5 / 6) and out["all"]["n"] == 6
-    assert out["by_type"]["shape"] == {"acc": 0.5, "se": pytest.approx(math.sqrt(0.5 / 2)), "n": 2}
-    assert out["by_type"]["color"]["se"] == 0.0
-    assert out["learned"]["acc"] == pytest.approx(0.75) and out["learned"]["n"] == 4
-
-
-def test_paired_difference_uses_the_same_examples():
-    a = [1, 1, 0, 1, 1, 0]
-    b = [1, 0, 0, 1, 0, 1]
-    types = ["shape"] * 4 + ["rel"] * 2  # rel is left out
-    d = paired(a, b, types, only=("shape",))
-    assert d["n"] == 4 and d["diff"] == pytest.approx(0.25)
-    # differences 0, 1, 0, 0: sample sd 0.5, se 0.25
-    assert d["se"] == pytest.approx(0.25)
-
-
-def test_over_seeds_combines_seed_spread_and_sampling_error():
-    types = ["shape"] * 4
-    per_seed = [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]  # accuracies 0.5, 0.75, 1.0
-    out = over_seeds(per_seed, types, only=("shape",))
-    stat = out["learned"]
-    assert stat["acc"] == pytest.approx(0.75) and stat["per_seed"] == [0.5, 0.75, 1.0]
-    assert stat["se_seeds"] == pytest.approx(0.25 / math.sqrt(3))  # sd 0.25 over 3 seeds
-    means = [1, 1, 2 / 3, 1 / 3]  # the seed-averaged per-example scores
-    m = sum(means) / 4
-    se_sample = math.sqrt(sum((x - m) ** 2 for x in means) / 3 / 4)
-    assert stat["se_sample"] == pytest.approx(se_sample)
-    assert stat["se"] == pytest.approx(math.hypot(se_sample, 0.25 / math.sqrt(3)))
-    # one seed: exactly `accuracy`
-    single = over_seeds([[1, 0, 1, 1]], types, only=("shape",))["learned"]
-    assert single["se"] == accuracy([1, 0, 1, 1], types, only=("shape",))["learned"]["se"]
-
-
-def test_paired_over_seeds_matches_seeds_and_includes_their_spread():
-    types = ["shape"] * 4
-    a = [[1, 1, 0, 0], [1, 1, 1, 1]]
-    b = [[1, 0, 0, 0], [1, 1, 1, 1]]  # per-seed differences 0.25, 0.0
-    d = paired_over_seeds(a, b, types, only=("shape",))
-    assert d["diff"] == pytest.approx(0.125) and d["per_seed"] == [0.25, 0.0] and d["seeds"] == 2
-    assert d["se_seeds"] == pytest.approx(math.sqrt(0.125**2 * 2) / math.sqrt(2))
-    assert d["se_sample"] == pytest.approx(
-        paired([1, 1, 0.5, 0.5], [1, 0.5, 0.5, 0.5], types, ("shape",))["se"]
-    )
-    assert d["se"] == pytest.approx(math.hypot(d["se_seeds"], d["se_sample"]))
-    # a single model on one side (training-free) is compared with every seed of the other
-    one = paired_over_seeds(a, [[1, 0, 0, 0]], types, only=("shape",))
-    assert one["per_seed"] == [0.25, 0.75]
-    # one seed each: exactly `paired`
-    assert (
-        paired_over_seeds(a[:1], b[:1], types, ("shape",))["se"]
-        == paired(a[0], b[0], types, ("shape",))["se"]
-    )
+from pumer_lightning.study import Budget, Stage, StudyConfig, run_study
+from pumer_lightning.study.evaluate import chance
+from pumer_lightning.study.settings import free_settings
 
 
 def test_fine_tune_seeds_and_padding_leave_the_shared_stages_cache_keys_alone(tmp_path):
@@ -90,7 +24,9 @@ def test_fine_tune_seeds_and_padding_leave_the_shared_stages_cache_keys_alone(tm
     fixed padding) only enter the keys of the stages that use them."""
     st = study.Study(StudyConfig(), tmp_path, False, "cpu", 0)
     c = st.cfg
-    legacy = study._key("baseline", "pre.pt", "None", "None", None, 3000, c.baseline_lr, c.seed, c.batch_size)
+    legacy = study.cache_key(
+        "baseline", "pre.pt", "None", "None", None, 3000, c.baseline_lr, c.seed, c.batch_size
+    )
     key = {}
 
     def fake_fit(label, model, dm, steps, seed=None):  # record the path instead of training
@@ -98,13 +34,13 @@ def test_fine_tune_seeds_and_padding_leave_the_shared_stages_cache_keys_alone(tm
 
     st.fit = fake_fit
     (tmp_path / "cache" / f"baseline-{legacy}.ckpt").write_bytes(b"")
-    path = st.train("baseline", "nlvr2", "pre.pt", None, 3000, c.baseline_lr)
+    path = st.train(Stage("baseline", "nlvr2", "pre.pt", None, 3000, c.baseline_lr))
     assert path.name == f"baseline-{legacy}.ckpt"
     for seed, padding in ((0, "max_length"), (1, "longest"), (1, "max_length")):
         parts = ["ft_control", "pre.pt", "b.ckpt", "None", None, 300, c.finetune_lr, seed, c.batch_size]
         if padding != "longest":
             parts.append({"padding": padding, "max_text_len": c.max_text_len})
-        key[(seed, padding)] = study._key(*parts)
+        key[(seed, padding)] = study.cache_key(*parts)
     assert len(set(key.values())) == 3
 
 
@@ -124,8 +60,10 @@ def test_fine_tune_cache_keys_are_the_ones_the_cached_checkpoints_carry(tmp_path
     assert list(schedules) == list(golden)
     for name, sched in schedules.items():
         (tmp_path / "cache" / f"{name}-{golden[name]}.ckpt").write_bytes(b"")
-        path = st.train(name, "nlvr2", "pre.pt", sched, 200, c.finetune_lr, "base.ckpt", seed=1,
-                        padding="max_length")  # fmt: skip
+        stage = Stage(
+            name, "nlvr2", "pre.pt", sched, 200, c.finetune_lr, "base.ckpt", seed=1, padding="max_length"
+        )
+        path = st.train(stage)
         assert path.name == f"{name}-{golden[name]}.ckpt"
 
 
@@ -134,7 +72,7 @@ def test_ablation_rows_come_from_the_one_ablation_table():
     keeps every image token and merges image and text (the row once called ``merge_only``)."""
     cfg = StudyConfig()
     for chosen in cfg.policies:
-        free = study.free_settings(cfg, chosen, num_layers=4)
+        free = free_settings(cfg, chosen, num_layers=4)
         pumer = cfg.schedule(text_merge_policy=chosen)
         assert "merge_only" not in free
         for name in ("no_prune", "random_prune", "cls_prune"):
@@ -153,22 +91,26 @@ def test_ablation_rows_come_from_the_one_ablation_table():
             text = dataclasses.replace(pumer, keep_ratio=0.5, layers=[b])
             assert placed[f"keep_0.5@block{b}"] == text
             assert placed[f"random_keep_0.5@block{b}"] == ablation(text, "random_prune")
-    assert not any(
-        "@block" in name for name in study.free_settings(StudyConfig(placement_keep=None), "real", 4)
-    )
+    assert not any("@block" in name for name in free_settings(StudyConfig(placement_keep=None), "real", 4))
 
 
 def test_study_code_is_stages_of_at_most_80_lines():
-    """A driver of named stages: no function longer than 80 lines; reducers swapped only by ``backbone.using``;
-    FLOPs and time only through `pumer_lightning.measure`."""
-    source = inspect.getsource(study)
-    functions = [
-        n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-    ]
-    assert [
-        (f.name, f.end_lineno - f.lineno + 1) for f in functions if f.end_lineno - f.lineno + 1 > 80
-    ] == []
-    assert not re.search(r"\.reducer\s*=[^=]", source) and "FlopCounterMode" not in source
+    """A driver of named stages: no file over 600 lines, no function longer than 80 lines, no ``# fmt: skip``;
+    reducers swapped only by ``backbone.using``; FLOPs and time only through `pumer_lightning.lab`, weights only
+    through the one loader."""
+    files = sorted(Path(study.__file__).parent.glob("*.py"))
+    assert {f.name for f in files} >= {"config.py", "train.py", "evaluate.py", "report.py", "__main__.py"}
+    for path in files:
+        source = path.read_text()
+        functions = [
+            n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+        ]
+        assert [
+            (f.name, f.end_lineno - f.lineno + 1) for f in functions if f.end_lineno - f.lineno > 79
+        ] == []
+        assert len(source.splitlines()) <= 600 and "fmt: skip" not in source, path.name
+        assert not re.search(r"\.reducer\s*=[^=]", source) and "FlopCounterMode" not in source, path.name
+        assert "interleaved_times(" not in source and "torch.load(" not in source, path.name
 
 
 def test_fine_tune_batches_pad_texts_to_max_text_len(tmp_path, monkeypatch):
@@ -188,21 +130,6 @@ def test_fine_tune_batches_pad_texts_to_max_text_len(tmp_path, monkeypatch):
     assert torch.equal(fixed["input_ids"][:, :n], loose["input_ids"])
     assert fixed["attention_mask"][:, n:].sum() == 0
     assert StudyConfig().text_padding == "max_length"
-
-
-def test_example_losses_average_to_the_tasks_training_loss():
-    """The loss check's per-example losses are the terms of the loss the fine-tunes minimise (NLVR2 and VQA)."""
-    from pumer_lightning.tasks.classify import ClassificationTask
-    from pumer_lightning.tasks.vqa import VQATask
-
-    g = torch.Generator().manual_seed(0)
-    logits, ids = torch.randn(6, 2, generator=g), torch.tensor([0, 1, 1, 0, 1, 0])
-    ce = ClassificationTask.task_loss(None, logits, {"labels": ids})
-    assert example_losses(logits, ids).mean().item() == pytest.approx(ce.item())
-    vqa_logits, soft = torch.randn(6, 5, generator=g), torch.rand(6, 5, generator=g)
-    bce = VQATask.task_loss(None, vqa_logits, {"labels": soft})
-    assert example_losses(vqa_logits, soft).mean().item() == pytest.approx(bce.item())
-    assert example_losses(vqa_logits, soft).shape == (6,)
 
 
 def test_chance_is_the_best_constant_answer_per_type():
@@ -347,9 +274,10 @@ def test_a_stage_trains_to_the_same_weights_whatever_ran_before(tmp_path, monkey
     st = study.Study(StudyConfig(budget="tiny", preset="vilt_tiny", batch_size=16), tmp_path, False,
                      "cpu", 0)  # fmt: skip
     st.data()
-    first = st.train("pretrain", "vqa2", None, None, 2, 1e-3, path=tmp_path / "a.ckpt")
+    stage = Stage("pretrain", "vqa2", None, None, 2, 1e-3)
+    first = st.train(stage, path=tmp_path / "a.ckpt")
     torch.rand(1000)  # disturb the global generator
-    second = st.train("pretrain", "vqa2", None, None, 2, 1e-3, path=tmp_path / "b.ckpt")
+    second = st.train(stage, path=tmp_path / "b.ckpt")
     a = torch.load(first, weights_only=False)["state_dict"]
     b = torch.load(second, weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -358,7 +286,7 @@ def test_a_stage_trains_to_the_same_weights_whatever_ran_before(tmp_path, monkey
 def test_command_line_builds_the_study_config(monkeypatch):
     """``python -m pumer_lightning.study`` flags reach the `StudyConfig` that keys the cache and names the outputs."""
     seen = {}
-    monkeypatch.setattr(study, "run_study", lambda cfg, *args: seen.update(cfg=cfg, args=args))
+    monkeypatch.setattr(study.run, "run_study", lambda cfg, *args: seen.update(cfg=cfg, args=args))
     study.main(["--budget", "long", "--task", "vqa2", "--distil-seeds", "0", "2", "--device", "cpu"])
     cfg = seen["cfg"]
     assert (cfg.budget, cfg.task, cfg.distil_seeds) == ("long", "vqa2", (0, 2))

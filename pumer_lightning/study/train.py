@@ -1,0 +1,317 @@
+"""The study's training stages: data, pre-training, the baseline and the fine-tunes, each cached under a hash of
+what determines it (`Study.train`), so that a second run only re-evaluates."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from pumer_lightning.lab.context import to_device, train_precision
+from pumer_lightning.lab.score import Scorer
+from pumer_lightning.models.checkpoint import load_task_weights
+from pumer_lightning.reduce import ReducerSchedule, ablation
+
+from .config import TYPES, StudyConfig, cache_key, log
+
+
+@dataclass
+class Stage:
+    """One training run: its name, task, starting point, reducer, steps and learning rate.
+
+    ``start``: a pre-trained backbone (converted format) or None (random initialisation); ``init_state``: a
+    Lightning checkpoint of the same task to continue from; ``distill``: the teacher's Lightning checkpoint;
+    ``seed``: the stage's seed (default ``StudyConfig.seed``); ``padding``: how its batches pad their texts.
+    """
+
+    name: str
+    kind: str
+    start: Path | None
+    schedule: ReducerSchedule | None
+    steps: int
+    lr: float
+    init_state: Path | None = None
+    distill: Path | None = None
+    seed: int | None = None
+    padding: str = "longest"
+
+    def key(self, cfg: StudyConfig) -> str:
+        """The cache key. With the defaults (``seed`` None or ``cfg.seed``, ``longest``) it is the one earlier
+        versions used, so the cached pre-training and baseline stay valid; the start / init_state paths carry
+        their own hashes."""
+        sched = dataclasses.asdict(self.schedule) if self.schedule is not None else None
+        seed = cfg.seed if self.seed is None else self.seed
+        parts: list[Any] = [self.name, str(self.start), str(self.init_state), str(self.distill), sched]
+        parts += [self.steps, self.lr, seed, cfg.batch_size]
+        if self.padding != "longest":
+            parts.append({"padding": self.padding, "max_text_len": cfg.max_text_len})
+        return cache_key(*parts)
+
+
+class Study:
+    """The stages of one study: data, cached training runs and model loading (``work`` holds them all)."""
+
+    def __init__(self, cfg: StudyConfig, work: Path, fresh: bool, device: str | torch.device, workers: int):
+        self.cfg, self.work, self.fresh, self.workers = cfg, work, fresh, workers
+        self.device = torch.device(device)
+        self.cache = work / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        self.cached_timings: dict[str, float | None] = {}
+        #: the one evaluation trainer (float32: the figures do not depend on the device's autocast)
+        self.scorer = Scorer(self.device)
+
+    # ---- data
+    def data(self) -> Path:
+        from pumer_lightning.cli import ShapesData
+
+        b, c = self.cfg.steps, self.cfg
+        root = self.work / f"shapes-{b.num_train}"
+        ShapesData(
+            root=str(root),
+            tasks=["vqa2", "nlvr2"],
+            num_train=b.num_train,
+            num_val=b.num_val,
+            num_test=b.num_test,
+            image_size=c.image_size,
+            patch_size=c.patch_size,
+            min_objects=c.min_objects,
+            max_objects=c.max_objects,
+            types=list(TYPES),
+            seed=c.seed,
+        ).ensure()
+        self.root = root
+        return root
+
+    def datamodule(self, task: str, seed: int | None = None, padding: str = "longest"):
+        """The task's data module; ``padding="max_length"`` pads every text to ``max_text_len``."""
+        from pumer_lightning.cli import backbone_image_settings
+        from pumer_lightning.data import VLDataModule
+
+        img = backbone_image_settings(self.cfg.preset)
+        # finished stages leave loader iterators in reference cycles; collect them here, in this process, before
+        # new worker processes fork (a child that inherits one tries to shut down workers it does not own)
+        gc.collect()
+        dm = VLDataModule(
+            task=task,
+            data_dir=str(self.root / task),
+            tokenizer=str(self.root / "tokenizer"),
+            max_text_len=self.cfg.max_text_len,
+            text_padding=padding,
+            image_size=img["image_size"],
+            image_mean=img["mean"],
+            image_std=img["std"],
+            resize=img["resize"],
+            batch_size=self.cfg.batch_size,
+            eval_batch_size=300,
+            num_workers=self.workers,
+            randaugment=False,
+            seed=self.cfg.seed if seed is None else seed,
+            persistent_workers=self.workers > 0,
+        )
+        dm.setup(None)
+        return dm
+
+    def eval_batches(self, dm: Any, split: str) -> list[dict[str, Any]]:
+        """Every evaluation batch of ``split``, on the study's device (read once, scored many times)."""
+        return [to_device(x, self.device) for x in dm.eval_dataloader(split)]
+
+    def task(self, kind: str, schedule: ReducerSchedule | None, checkpoint: str | None, lr: float, **kw: Any):
+        """A task module. On a pre-trained backbone (``checkpoint``) the head learns 10x faster, as in PuMer's recipe
+        for a new head; the fine-tunes that continue from the baseline keep the rule although their head is
+        trained (a one-off check with their head at 1x did not help: docs/study.md)."""
+        from pumer_lightning.tasks import BackboneSpec, NLVR2Task, OptimConfig, VQATask
+
+        spec = BackboneSpec(self.cfg.preset, checkpoint=checkpoint, tokenizer=str(self.root / "tokenizer"))
+        head_mult = 1.0 if checkpoint is None else 10.0
+        optim = OptimConfig(lr=lr, lr_mult_head=head_mult, weight_decay=0.01, warmup_ratio=0.1)
+        reducer = schedule or ReducerSchedule()
+        if kind == "vqa2":
+            from pumer_lightning.data.shapes import VQA_ANSWERS
+
+            return VQATask(backbone=spec, reducer=reducer, optim=optim, num_answers=len(VQA_ANSWERS), **kw)
+        return NLVR2Task(backbone=spec, reducer=reducer, optim=optim, **kw)
+
+    def fit(self, name: str, model, dm, steps: int, seed: int | None = None):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        from pumer_lightning.callbacks import TokenStatsCallback
+
+        pl.seed_everything(self.cfg.seed if seed is None else seed, workers=True, verbose=False)
+        trainer = pl.Trainer(
+            accelerator=self.device.type,
+            devices=1,
+            max_steps=steps,
+            max_epochs=-1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            logger=TensorBoardLogger(str(self.work / "runs"), name=name, default_hp_metric=False),
+            callbacks=[TokenStatsCallback()],
+            log_every_n_steps=50,
+            precision=train_precision(self.device),
+        )
+        t0 = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
+        self.timings[name] = time.perf_counter() - t0
+        log(f"{name}: {steps} steps in {self.timings[name] / 60:.1f} min")
+        return trainer
+
+    # ---- stages
+    def train(self, stage: Stage, path: Path | None = None) -> Path:
+        """Train ``stage`` and save its Lightning checkpoint at ``path`` (default: cached under `Stage.key`);
+        a cached stage is not trained again (unless ``--fresh``)."""
+        from pumer_lightning.tasks import DistillConfig
+
+        c, s = self.cfg, stage
+        seed = c.seed if s.seed is None else s.seed
+        path = path or self.cache / f"{s.name}-{s.key(c)}.ckpt"
+        label = s.name if seed == c.seed else f"{s.name}@seed{seed}"
+        if path.exists() and not self.fresh:
+            log(f"{label}: from cache {path}")
+            self._cached_time(label, path)
+            return path
+        dm = self.datamodule(s.kind, seed=seed, padding=s.padding)
+        kw = {"distill": DistillConfig(teacher=str(s.distill))} if s.distill is not None else {}
+        # seed before the model exists: its random initialisation (a new head, or everything from scratch) must
+        # not depend on what ran earlier in the process (torch's initial seed differs from process to process)
+        pl.seed_everything(seed, workers=True, verbose=False)
+        model = self.task(s.kind, s.schedule, str(s.start) if s.start else None, s.lr, **kw)
+        if s.init_state is not None:
+            self._load_into(model, s.init_state)
+        origin = "random init" if s.start is None and s.init_state is None else "trained weights"
+        distilled = ", distilled from the baseline" if s.distill else ""
+        log(
+            f"{s.name}: {s.steps} {s.kind} steps from {origin}, lr {s.lr:g}, seed {seed}, "
+            f"reducer {s.schedule or ReducerSchedule()}{distilled}"
+        )
+        trainer = self.fit(label, model, dm, s.steps, seed=seed)
+        trainer.save_checkpoint(str(path), weights_only=True)
+        path.with_suffix(".json").write_text(
+            json.dumps({"train_seconds": self.timings[label], "steps": s.steps})
+        )
+        return path
+
+    def _cached_time(self, name: str, path: Path) -> None:
+        """The training time a cached stage took when it was trained (kept beside its checkpoint)."""
+        try:
+            self.cached_timings[name] = json.loads(path.with_suffix(".json").read_text())["train_seconds"]
+        except (OSError, ValueError, KeyError):
+            self.cached_timings[name] = None
+
+    def _load_into(self, model, ckpt: Path) -> None:
+        """The task weights of a stage's checkpoint (`load_task_weights`: architecture checked, strict)."""
+        load_task_weights(model, ckpt, what=f"study checkpoint {ckpt}", model=f"preset {self.cfg.preset!r}")
+
+    def pretrained(self, need_ckpt: bool) -> tuple[Path | None, Path, float]:
+        """Shapes VQA trained from scratch: its Lightning checkpoint (None when cached without it and not needed),
+        its backbone exported in the converted-checkpoint format (the NLVR2 task loads it as it would load real
+        pre-trained weights), and its validation VQA score."""
+        from pumer_lightning.models import read_checkpoint, save_checkpoint
+
+        c, b = self.cfg, self.cfg.steps
+        key = cache_key(c.preset, c.seed, c.batch_size, c.lr, b.pretrain_steps, str(self.root))
+        pt = self.cache / f"pretrain-{key}.pt"
+        ckpt = pt.with_suffix(".ckpt")
+        if pt.exists() and not self.fresh and (ckpt.exists() or not need_ckpt):
+            log(f"pre-trained backbone from cache: {pt}")
+            self._cached_time("pretrain", ckpt)
+            return (ckpt if ckpt.exists() else None), pt, float(read_checkpoint(pt).config["vqa_val_score"])
+        ckpt = self.train(Stage("pretrain", "vqa2", None, None, b.pretrain_steps, c.lr), path=ckpt)
+        model = self.load(ckpt, None, "vqa2")
+        dm = self.datamodule("vqa2")
+        scores = self.scorer.score(model, dm, dm.val_split, self.eval_batches(dm, dm.val_split), None).scores
+        score = sum(scores) / len(scores)
+        log(f"pre-training: shapes VQA validation score {score:.3f}")
+        save_checkpoint(pt, model.backbone.cpu(), preset=c.preset, extra={"vqa_val_score": score})
+        return ckpt, pt, score
+
+    def load(self, ckpt: Path, start: Path | None, kind: str):
+        """A trained stage's task module, in evaluation mode on the study's device."""
+        model = self.task(kind, None, str(start) if start else None, self.cfg.finetune_lr)
+        self._load_into(model, ckpt)
+        return model.to(self.device).eval()
+
+
+# ---------------------------------------------------------------------------------------------- the stages
+@dataclass
+class Trained:
+    """The trained models: the fine-tunes' starting point, the baseline and every fine-tune (one per seed)."""
+
+    #: the pre-trained backbone the NLVR2 stages build on (None: the VQA baseline, trained from scratch)
+    start: Path | None
+    baseline: Path  #: the baseline's Lightning checkpoint
+    pretrain_val_score: float  #: the pre-training's shapes VQA validation score
+    #: fine-tune name -> the reducer it trains with (and is evaluated with)
+    schedules: dict[str, ReducerSchedule | None]
+    #: fine-tune name -> its checkpoint per seed, in ``StudyConfig.seeds`` order
+    checkpoints: dict[str, list[Path]]
+
+
+def finetune_schedules(cfg: StudyConfig) -> dict[str, ReducerSchedule | None]:
+    """The fine-tunes from the baseline: the matched control (reducers off), PuMer under each text-merge policy
+    and PuMer without text merging (their schedules feed the checkpoints' cache keys)."""
+    out: dict[str, ReducerSchedule | None] = {"ft_control": None}
+    out.update({f"ft_pumer_{p}": cfg.schedule(text_merge_policy=p) for p in cfg.policies})
+    out["ft_pumer_no_text"] = ablation(cfg.schedule(), "no_text_merge")
+    return out
+
+
+def finetune(
+    cfg: StudyConfig,
+    trained: Trained,
+    name: str,
+    schedule: ReducerSchedule | None,
+    seed: int,
+    distill: bool = False,
+) -> Stage:
+    """A fine-tune from the baseline (``distill``: with the baseline as its teacher)."""
+    return Stage(
+        name,
+        cfg.task,
+        trained.start,
+        schedule,
+        cfg.steps.finetune_steps,
+        cfg.finetune_lr,
+        init_state=trained.baseline,
+        distill=trained.baseline if distill else None,
+        seed=seed,
+        padding=cfg.text_padding,
+    )
+
+
+def train_stages(st: Study) -> Trained:
+    """Data, pre-training, baseline and the fine-tunes of every seed (each from its cache when it has one)."""
+    cfg, b, kind = st.cfg, st.cfg.steps, st.cfg.task
+    st.data()
+    pre_ckpt, pre_backbone, pre_val = st.pretrained(need_ckpt=kind == "vqa2")
+    if kind == "nlvr2":
+        start: Path | None = pre_backbone
+        base_ckpt = st.train(Stage("baseline", kind, start, None, b.baseline_steps, cfg.baseline_lr))
+    else:  # the VQA model trained from scratch is the baseline itself
+        assert pre_ckpt is not None  # need_ckpt
+        start, base_ckpt = None, pre_ckpt
+    schedules = finetune_schedules(cfg)
+    trained = Trained(start, base_ckpt, pre_val, schedules, {name: [] for name in schedules})
+    # seed-major order: an interrupted run leaves whole seeds in the cache
+    for seed in cfg.seeds:
+        for name, sched in schedules.items():
+            trained.checkpoints[name].append(st.train(finetune(cfg, trained, name, sched, seed)))
+    return trained
+
+
+def train_distilled(st: Study, trained: Trained, pumer: ReducerSchedule) -> list[Path]:
+    """PuMer + distillation from the baseline under the chosen policy, one per ``distil_seeds`` seed."""
+    cfg = st.cfg
+    stages = [
+        finetune(cfg, trained, "ft_pumer_distil", pumer, seed, distill=True) for seed in cfg.distil_seeds
+    ]
+    return [st.train(stage) for stage in stages]
