@@ -40,7 +40,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "interleaved_times",
     "median_rates",
     "paired_speedups",
+    "register_flop_formulas",
     "rotated_order",
     "speedup",
     "spread",
@@ -67,6 +68,14 @@ SDPA_FLOP_MAPPING: dict = {torch.ops.aten._scaled_dot_product_flash_attention_fo
 def flop_counter() -> FlopCounterMode:
     """A silent `FlopCounterMode` that also counts the CPU fused attention kernel (`SDPA_FLOP_MAPPING`)."""
     return FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_MAPPING)
+
+
+def register_flop_formulas() -> None:
+    """Add `SDPA_FLOP_MAPPING` to torch's own FLOP registry (once, idempotent), so that every `FlopCounterMode`
+    counts what `flop_counter` counts: Lightning's model summary builds its own counter."""
+    for op, formula in SDPA_FLOP_MAPPING.items():
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

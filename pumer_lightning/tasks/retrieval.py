@@ -117,6 +117,13 @@ class RetrievalTask(VLTask):
         k = min(self.num_negatives, available)
         return torch.multinomial(other.float(), k, replacement=False)
 
+    def example_batch(self, batch_size: int = 1) -> dict[str, Tensor]:
+        """``batch_size`` captions, each scored with its own image only (no negatives: one pair per example)."""
+        return {
+            **super().example_batch(batch_size),
+            "negatives": torch.zeros(batch_size, 0, dtype=torch.long),
+        }
+
     def compute_logits(self, batch: dict[str, Any], backbone: Backbone, head: nn.Module) -> Scored:
         """Rank scores (B, 1 + K) and ITM logits (B, 1 + K, 2) for each caption with its image and negatives,
         with the tokens of the B * (1 + K) pairs.
