@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pumer_lightning.lab.report import pct
+
 from .report import yaml_fragment
 from .tuner import Point, Tuner
 
@@ -28,35 +30,36 @@ def point_record(point: Point, finalist: bool, front: bool) -> dict[str, Any]:
     }
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path) -> dict[str, Any]:
     """The chosen schedule, its figures, the sentence that explains it and the YAML fragment."""
     st, metric = tuner.s, info["metric"]
     top, timing = chosen.at(), chosen.timing.get("playoff") or chosen.timing["final"]
     reference = next(p for p in tuner.points if p.role == "reference")
     margin = f" plus {st.z:g} standard error{'s' if st.z != 1 else ''}" if st.z else ""
-    rule = (f"among the finalists whose drop against the unreduced model on `{st.split}`{margin} is at most "
-            f"{st.max_drop:g} point{'s' if st.max_drop != 1 else ''}, the {st.playoff} fastest were timed again "
-            f"together with the experiment's schedule and the unreduced model ({st.playoff_rounds} interleaved "
-            "rounds); this is the fastest of them there")  # fmt: skip
+    rule = (
+        f"among the finalists whose drop against the unreduced model on `{st.split}`{margin} is at most "
+        f"{st.max_drop:g} point{'s' if st.max_drop != 1 else ''}, the {st.playoff} fastest were timed again "
+        f"together with the experiment's schedule and the unreduced model ({st.playoff_rounds} interleaved "
+        "rounds); this is the fastest of them there"
+    )
     if chosen.schedule is None:
         text = f"**No reduction** (`layers: []`): no reduced schedule beat the unreduced model ({rule})."
     else:
         text = (
-            f"**{chosen.label}**: {st.split} {metric} {_pct(top['value'])} ± {100 * top['se']:.1f} against "
-            f"{_pct(reference.at()['value'])} unreduced (drop {top['drop']:+.1f} ± {top['drop_se']:.1f} points), "
+            f"**{chosen.label}**: {st.split} {metric} {pct(top['value'], suffix='%')} ± {pct(top['se'])} against "
+            f"{pct(reference.at()['value'], suffix='%')} unreduced (drop "
+            f"{pct(top['drop'], top['drop_se'], sign=True, scale=1)} points), "
             f"{timing['examples_per_sec']:.0f} examples/s, **{timing['speedup']:.2f}x** the unreduced model "
             f"(spread {timing['spread']:.2f}x), {timing['gflops_per_example']:.4g} GFLOPs per example. The rule: "
             f"{rule}."
         )
     own = next((p for p in tuner.points if p.role == "experiment"), None)
     if own is not None and own.timing.get("playoff") and own is not chosen:
-        text += (f" The experiment's schedule ({own.label}): drop {own.at()['drop']:+.1f} ± "
-                 f"{own.at()['drop_se']:.1f} points, {own.timing['playoff']['speedup']:.2f}x in the same "
-                 "session.")  # fmt: skip
+        text += (
+            f" The experiment's schedule ({own.label}): drop {own.at()['drop']:+.1f} ± "
+            f"{own.at()['drop_se']:.1f} points, {own.timing['playoff']['speedup']:.2f}x in the same "
+            "session."
+        )
     path = out / f"{info['name']}.yaml"
     comments = [
         f"make tune {info['name']}: {chosen.label}",
@@ -67,17 +70,33 @@ def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path)
         f"  or: python -m pumer_lightning fit {' '.join('-c ' + f for f in info['files'])} -c {path}",
     ]
     return {
-        "key": chosen.key, "label": chosen.label, "role": chosen.role, "text": text, "path": str(path),
-        "yaml": yaml_fragment(chosen.schedule, comments), "accuracy": top, "timing": timing,
-        "max_drop": st.max_drop, "z": st.z,
-    }  # fmt: skip
+        "key": chosen.key,
+        "label": chosen.label,
+        "role": chosen.role,
+        "text": text,
+        "path": str(path),
+        "yaml": yaml_fragment(chosen.schedule, comments),
+        "accuracy": top,
+        "timing": timing,
+        "max_drop": st.max_drop,
+        "z": st.z,
+    }
 
 
 def playoff_record(tuner: Tuner, members: list[Point], chosen: Point) -> list[dict[str, Any]]:
     """The playoff session's rows, fastest first."""
-    rows = [{"key": p.key, "label": p.label, "role": p.role, "chosen": p is chosen,
-             "contender": p.key in tuner.contenders, "accuracy": p.at(),
-             "timing": p.timing["playoff"]} for p in members]  # fmt: skip
+    rows = [
+        {
+            "key": p.key,
+            "label": p.label,
+            "role": p.role,
+            "chosen": p is chosen,
+            "contender": p.key in tuner.contenders,
+            "accuracy": p.at(),
+            "timing": p.timing["playoff"],
+        }
+        for p in members
+    ]
     return sorted(rows, key=lambda r: -r["timing"]["speedup"])
 
 
@@ -92,12 +111,21 @@ def check_record(tuner: Tuner, checked: list[Point], chosen: Point) -> dict[str,
         variant = "recommended" if point is chosen else names.get(point.role, point.role)
         if point is chosen and point.role != "candidate":
             variant = f"recommended (= {names[point.role]})"
-        rows.append({"variant": variant, "label": point.label, "accuracy": point.check,
-                     "timing": point.timing["check"]})  # fmt: skip
+        rows.append(
+            {
+                "variant": variant,
+                "label": point.label,
+                "accuracy": point.check,
+                "timing": point.timing["check"],
+            }
+        )
     return {
-        "split": tuner.s.check_split, "examples": chosen.check["n"], "rounds": tuner.s.playoff_rounds,
-        "rows": rows, "verdict": verdict(tuner, checked, chosen),
-    }  # fmt: skip
+        "split": tuner.s.check_split,
+        "examples": chosen.check["n"],
+        "rounds": tuner.s.playoff_rounds,
+        "rows": rows,
+        "verdict": verdict(tuner, checked, chosen),
+    }
 
 
 def verdict(tuner: Tuner, checked: list[Point], chosen: Point) -> str:
@@ -114,8 +142,10 @@ def verdict(tuner: Tuner, checked: list[Point], chosen: Point) -> str:
     else:
         keeps = f"**misses** the {budget:g}-point budget (drop {drop:+.1f} ± {se:.1f} points)"
     val = chosen.at()
-    text = (f"**On {split}** the recommendation {keeps}; it was {val['drop']:+.1f} ± {val['drop_se']:.1f} on "
-            f"{tuner.s.split}")  # fmt: skip
+    text = (
+        f"**On {split}** the recommendation {keeps}; it was {val['drop']:+.1f} ± {val['drop_se']:.1f} on "
+        f"{tuner.s.split}"
+    )
     own = next((p for p in checked if p.role == "experiment"), None)
     if own is None or own is chosen:
         return text + (" and is the experiment's own schedule." if own is chosen else ".")
@@ -133,20 +163,29 @@ def verdict(tuner: Tuner, checked: list[Point], chosen: Point) -> str:
         a, b = chosen.timing.get("playoff", {}), own.timing.get("playoff", {})
         before = f"{a['speedup']:.2f}x vs {b['speedup']:.2f}x in the validation playoff; " if a and b else ""
         within = "within" if 1 / ratio < noise else "beyond"
-        flops = ("it does more FLOPs per example" if mine["gflops_per_example"] > theirs["gflops_per_example"]
-                 else "it does fewer FLOPs, so the reducer's own work costs it the difference")  # fmt: skip
-        text += (f" Why: {before}the {100 * (1 - ratio):.0f}% difference here is {within} the round-to-round noise "
-                 f"of the session, and {flops}.")  # fmt: skip
+        flops = (
+            "it does more FLOPs per example"
+            if mine["gflops_per_example"] > theirs["gflops_per_example"]
+            else "it does fewer FLOPs, so the reducer's own work costs it the difference"
+        )
+        text += (
+            f" Why: {before}the {100 * (1 - ratio):.0f}% difference here is {within} the round-to-round noise "
+            f"of the session, and {flops}."
+        )
     return text
 
 
 def se_note(points: list[Point]) -> str:
     kinds = {p.at()["se_kind"] for p in points if p.accuracy}
     if kinds == {"per-example"}:
-        return ("per example (the standard deviation of the task's per-example scores over sqrt(n)); drops are "
-                "paired example by example against the unreduced model.")  # fmt: skip
-    return ("binomial, sqrt(p (1 - p) / n), for the points whose per-example scores were not available; drops "
-            "from the two standard errors.")  # fmt: skip
+        return (
+            "per example (the standard deviation of the task's per-example scores over sqrt(n)); drops are "
+            "paired example by example against the unreduced model."
+        )
+    return (
+        "binomial, sqrt(p (1 - p) / n), for the points whose per-example scores were not available; drops "
+        "from the two standard errors."
+    )
 
 
 def assemble(
@@ -156,15 +195,25 @@ def assemble(
     finalists = {p.key: front for p, front in zip(outcome["finalists"], outcome["front"])}
     st, ev, cache = tuner.s, tuner.ev, tuner.cache
     return {
-        "name": info["name"], "command": command, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "name": info["name"],
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": info["environment"],
         "experiment": {
-            "config_files": info["files"], "overrides": info["overrides"], "checkpoint": info["checkpoint"],
-            "task": info["task"], "metric": info["metric"], "preset": info["preset"],
+            "config_files": info["files"],
+            "overrides": info["overrides"],
+            "checkpoint": info["checkpoint"],
+            "task": info["task"],
+            "metric": info["metric"],
+            "preset": info["preset"],
             "schedule": str(info["own"]) if info["own"] is not None else "off",
         },
-        "settings": {**dataclasses.asdict(st), "batch_size": ev.batch_size, "timing_batches": ev.timing_batches,
-                     "split_examples": ev.split_examples(st.split, ev.split_batches(st.split))},
+        "settings": {
+            **dataclasses.asdict(st),
+            "batch_size": ev.batch_size,
+            "timing_batches": ev.timing_batches,
+            "split_examples": ev.split_examples(st.split, ev.split_batches(st.split)),
+        },
         "space": tuner.space.describe(),
         "rungs": tuner.rungs,
         "points": [point_record(p, p.key in finalists, finalists.get(p.key, False)) for p in tuner.points],
@@ -172,7 +221,12 @@ def assemble(
         "playoff": playoff_record(tuner, outcome["playoff"], outcome["chosen"]),
         "check": check_record(tuner, outcome["checked"], outcome["chosen"]),
         "se_note": se_note(tuner.points),
-        "cache": {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses,
-                  "evaluations": ev.evaluations, "timing_sessions": ev.timing_sessions},
+        "cache": {
+            "path": str(cache.path),
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "evaluations": ev.evaluations,
+            "timing_sessions": ev.timing_sessions,
+        },
         "hparams_dir": str(Path(info["run_dir"]) / "tune" / "hparams"),
-    }  # fmt: skip
+    }

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import platform
+import dataclasses
 import re
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,11 +13,12 @@ from typing import Any
 
 import torch
 
-from pumer_lightning.cli import EXPERIMENTS_DIR, PumerCLI
+from pumer_lightning.lab.context import build_cli, experiment_files, resolve_device
+from pumer_lightning.lab.machine import machine_info, short_commit
 
 from .assemble import assemble
 from .cache import TuneCache, checkpoint_id, code_fingerprint, fingerprint
-from .evaluate import Evaluator, resolve_device
+from .evaluate import Evaluator
 from .report import write_hparams, write_outputs
 from .space import SpaceError, build_space
 from .tuner import Settings, Tuner
@@ -28,27 +28,49 @@ DEFAULT_EXP = "shapes_vilt"
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.tune", allow_abbrev=False,
+        prog="python -m pumer_lightning.tune",
+        allow_abbrev=False,
         description="Choose a reducer schedule for a trained model: search, Pareto front, recommendation.",
         epilog="Every other --dotted.option=value is a configuration override, as for python -m pumer_lightning.",
-    )  # fmt: skip
+    )
     p.add_argument(
         "name", nargs="?", default=None, help=f"experiment (experiments/NAME.yaml; default {DEFAULT_EXP})"
     )
-    p.add_argument("-c", "--config", action="append", default=None,
-                   help="configuration files instead of NAME (as the CLI takes them: base.yaml first; NAME is then ignored)")  # fmt: skip
-    p.add_argument("--ckpt", "--ckpt_path", "--ckpt-path", dest="ckpt", default=None,
-                   help="the trained checkpoint (default: the best-*.ckpt of the latest runs/<exp_name>/version_N)")  # fmt: skip
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=None,
+        help="configuration files instead of NAME (as the CLI takes them: base.yaml first; NAME is then ignored)",
+    )
+    p.add_argument(
+        "--ckpt",
+        "--ckpt_path",
+        "--ckpt-path",
+        dest="ckpt",
+        default=None,
+        help="the trained checkpoint (default: the best-*.ckpt of the latest runs/<exp_name>/version_N)",
+    )
     p.add_argument("--split", default=None, help="search split (default: the data's validation split)")
-    p.add_argument("--check-split", default="auto",
-                   help="split the recommendation is re-evaluated on, never used to choose (default: the data's "
-                   "test split; none: skip)")  # fmt: skip
+    p.add_argument(
+        "--check-split",
+        default="auto",
+        help="split the recommendation is re-evaluated on, never used to choose (default: the data's "
+        "test split; none: skip)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--batch-size", type=int, default=None, help="timing batch size (default: data.eval_batch_size)"
     )
     p.add_argument("--timing-batches", type=int, default=1, help="batches per timed pass")
-    space = p.add_argument_group("search space (LO:HI ranges at --step, or comma lists)")
+    space_flags(p.add_argument_group("search space (LO:HI ranges at --step, or comma lists)"))
+    search_flags(p.add_argument_group("search"))
+    output_flags(p.add_argument_group("outputs"))
+    return p
+
+
+def space_flags(space: Any) -> None:
+    """The search space's flags (LO:HI ranges at ``--step``, or comma lists)."""
     space.add_argument("--layers", default="auto", help="layer sets: auto, 1,2;0,1 or [[1,2],[0,1]]")
     space.add_argument("--keep", default="0.5:1.0", help="keep_ratio values")
     space.add_argument("--merge", default="0:0.5", help="merge_ratio values")
@@ -56,7 +78,10 @@ def parser() -> argparse.ArgumentParser:
     space.add_argument("--text-merge-policy", default="real,pads_first", help="text_merge_policy values")
     space.add_argument("--importance", default="text,cls", help="importance values")
     space.add_argument("--step", type=float, default=0.05, help="grid step of LO:HI ranges")
-    search = p.add_argument_group("search")
+
+
+def search_flags(search: Any) -> None:
+    """How the search runs: sampling, halving, timing rounds, generations, the budget."""
     search.add_argument("--candidates", type=int, default=40, help="schedules sampled from the space")
     search.add_argument(
         "--eta", type=int, default=2, help="halving factor: 1/eta of the schedules survive a rung"
@@ -79,29 +104,44 @@ def parser() -> argparse.ArgumentParser:
         "--playoff-rounds", type=int, default=10, help="interleaved rounds of the playoff and check"
     )
     search.add_argument("--max-drop", type=float, default=1.0, help="accuracy budget in points vs unreduced")
-    search.add_argument("--z", type=float, default=1.0,
-                        help="budget margin in standard errors: drop + z * SE <= max-drop (0: point estimate)")  # fmt: skip
+    search.add_argument(
+        "--z",
+        type=float,
+        default=1.0,
+        help="budget margin in standard errors: drop + z * SE <= max-drop (0: point estimate)",
+    )
     search.add_argument("--seed", type=int, default=0, help="sampling and evaluation seed")
-    out = p.add_argument_group("outputs")
+
+
+def output_flags(out: Any) -> None:
+    """Where the outputs and the cache go."""
     out.add_argument("--out", default="results/tune", help="directory of <name>.{json,md,png,yaml}")
     out.add_argument("--out-name", default=None, help="output name (default: the experiment's)")
     out.add_argument("--cache", default=None, help="cache file (default: <run dir>/tune/cache.jsonl)")
     out.add_argument("--fresh", action="store_true", help="ignore the cache (measure everything again)")
     out.add_argument("--preload-gib", type=float, default=2.0, help="hold a split in memory when it fits")
-    return p
 
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Flags with impossible values stop at once, each named."""
-    rules = [("--candidates", args.candidates >= 0, ">= 0"), ("--eta", args.eta >= 2, ">= 2"),
-             ("--min-finalists", args.min_finalists >= 1, ">= 1"), ("--rounds", args.rounds >= 1, ">= 1"),
-             ("--final-rounds", args.final_rounds >= 1, ">= 1"), ("--timing-group", args.timing_group >= 1, ">= 1"),
-             ("--timing-batches", args.timing_batches >= 1, ">= 1"), ("--max-drop", args.max_drop >= 0, ">= 0"),
-             ("--z", args.z >= 0, ">= 0"),
-             ("--generations", args.generations >= 0, ">= 0"), ("--children", args.children >= 1, ">= 1"),
-             ("--parents", args.parents >= 1, ">= 1"),
-             ("--playoff", args.playoff >= 1, ">= 1"), ("--playoff-rounds", args.playoff_rounds >= 1, ">= 1"), ("--step", args.step > 0, "> 0"),
-             ("--batch-size", args.batch_size is None or args.batch_size >= 1, ">= 1")]  # fmt: skip
+    rules = [
+        ("--candidates", args.candidates >= 0, ">= 0"),
+        ("--eta", args.eta >= 2, ">= 2"),
+        ("--min-finalists", args.min_finalists >= 1, ">= 1"),
+        ("--rounds", args.rounds >= 1, ">= 1"),
+        ("--final-rounds", args.final_rounds >= 1, ">= 1"),
+        ("--timing-group", args.timing_group >= 1, ">= 1"),
+        ("--timing-batches", args.timing_batches >= 1, ">= 1"),
+        ("--max-drop", args.max_drop >= 0, ">= 0"),
+        ("--z", args.z >= 0, ">= 0"),
+        ("--generations", args.generations >= 0, ">= 0"),
+        ("--children", args.children >= 1, ">= 1"),
+        ("--parents", args.parents >= 1, ">= 1"),
+        ("--playoff", args.playoff >= 1, ">= 1"),
+        ("--playoff-rounds", args.playoff_rounds >= 1, ">= 1"),
+        ("--step", args.step > 0, "> 0"),
+        ("--batch-size", args.batch_size is None or args.batch_size >= 1, ">= 1"),
+    ]
     for flag, ok, expected in rules:
         if not ok:
             raise SystemExit(
@@ -117,32 +157,8 @@ def config_files(args: argparse.Namespace) -> tuple[list[str], str]:
             raise SystemExit(f"error: -c {missing[0]} does not exist")
         stems = [Path(f).stem for f in args.config if Path(f).stem != "base"]
         return list(args.config), stems[-1] if stems else "tune"
-    name = args.name or DEFAULT_EXP
-    path = Path(name) if name.endswith((".yaml", ".yml")) else EXPERIMENTS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if p.stem != "base")
-        raise SystemExit(
-            f"error: unknown experiment {name!r}: {path} does not exist. Available: {', '.join(names)}"
-        )
-    return [_relative(EXPERIMENTS_DIR / "base.yaml"), _relative(path)], path.stem
-
-
-def _relative(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it (for commands printed in reports)."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def build_cli(files: list[str], overrides: list[str]) -> PumerCLI:
-    """The experiment's model, data module and trainer, as ``python -m pumer_lightning`` builds them (the
-    shapes demo generates its data here if it is missing)."""
-    argv, sys.argv = sys.argv, sys.argv[:1]  # arguments are passed explicitly; keep LightningCLI quiet
-    try:
-        return PumerCLI(args=[a for f in files for a in ("-c", f)] + overrides, run=False)
-    finally:
-        sys.argv = argv
+    files = experiment_files(args.name or DEFAULT_EXP)
+    return files, Path(files[-1]).stem
 
 
 def _version(path: Path) -> int:
@@ -150,7 +166,7 @@ def _version(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def find_checkpoint(cli: PumerCLI, given: str | None, name: str) -> Path:
+def find_checkpoint(cli: Any, given: str | None, name: str) -> Path:
     """``--ckpt``, or the newest ``best-*.ckpt`` of the latest ``<save_dir>/<exp_name>/version_N`` that ``make exp``
     finished (it writes ``summary.md`` last; a run still training has none), else of the latest that has one."""
     if given:
@@ -180,7 +196,7 @@ def find_checkpoint(cli: PumerCLI, given: str | None, name: str) -> Path:
     )
 
 
-def config_fingerprint(cli: PumerCLI) -> str:
+def config_fingerprint(cli: Any) -> str:
     """What the figures depend on besides the schedule: model and data configuration, precision."""
     config = cli.config.as_dict() if hasattr(cli.config, "as_dict") else dict(cli.config)
     model = dict(config.get("model") or {})
@@ -193,42 +209,27 @@ def config_fingerprint(cli: PumerCLI) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Machine, software and commit, for the report's header and the timing cache key."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        cpu = f"{names[0]} ({len(names)} logical CPUs)" if names else cpu
-    except OSError:
-        pass
-    root = Path(__file__).resolve().parents[2]
-    commit = _git(root, "rev-parse", "--short", "HEAD")
-    dirty = _git(root, "status", "--porcelain", "--", "pumer_lightning")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    """Machine, software and commit (`pumer_lightning.lab.machine.machine_info`), with the summary the report's
+    header and the timing cache key read."""
+    info = machine_info(device)
+    hw, sw = info["hardware"], info["software"]
+    cpu = f"{hw['cpu']} ({hw['logical_cpus']} logical CPUs)"
+    gpu = hw.get("gpu")
     return {
-        "machine": gpu or cpu, "cpu": cpu, "device": f"{device}" + (f" ({gpu})" if gpu else ""),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-        "commit": (commit or "unknown") + (" (with uncommitted changes)" if dirty else ""),
-    }  # fmt: skip
-
-
-def _git(root: Path, *args: str) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+        "machine": gpu or cpu,
+        "cpu": cpu,
+        "device": f"{device}" + (f" ({gpu})" if gpu else ""),
+        "threads": hw["threads"],
+        "torch": sw["torch"],
+        "python": sw["python"],
+        "commit": short_commit(sw["git_commit"]),
+        **info,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Tuner, dict[str, Any]]:
-    """The CLI, checkpoint, device, splits, search space, cache and `Tuner` of a run, plus what the report
-    says about the experiment."""
-    files, name = config_files(args)
-    cli = build_cli(files, overrides)
-    model, dm = cli.model, cli.datamodule
-    ckpt = find_checkpoint(cli, args.ckpt, name)
-    device = resolve_device(args.device)
+def splits(args: argparse.Namespace, dm: Any) -> tuple[str, str | None]:
+    """The search split and the check split (None: no check), each checked to exist in the data."""
     split = args.split or dm.val_split
     check = (dm.test_split if args.check_split == "auto" else args.check_split) or None
     check = None if check == "none" else check
@@ -240,36 +241,75 @@ def setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Tuner, dict[s
                 dm.split_meta(value)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"error: {flag} {value}: {err}") from None
-    own = model.backbone.reducer
+    return split, check
+
+
+def search_space(args: argparse.Namespace, model: Any) -> Any:
+    """The search space of the flags, for ``model``'s backbone; a bad value names its flag."""
     try:
-        space = build_space(
-            layers=args.layers, keep=args.keep, merge=args.merge, text_merge=args.text_merge,
-            policies=args.text_merge_policy, importance=args.importance, step=args.step,
-            depth=model.backbone.num_layers, own=own, what=f"{model.spec.preset} backbone",
-        )  # fmt: skip
+        return build_space(
+            layers=args.layers,
+            keep=args.keep,
+            merge=args.merge,
+            text_merge=args.text_merge,
+            policies=args.text_merge_policy,
+            importance=args.importance,
+            step=args.step,
+            depth=model.backbone.num_layers,
+            own=model.backbone.reducer,
+            what=f"{model.spec.preset} backbone",
+        )
     except SpaceError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Tuner, dict[str, Any]]:
+    """The CLI, checkpoint, device, splits, search space, cache and `Tuner` of a run, plus what the report
+    says about the experiment."""
+    files, name = config_files(args)
+    cli = build_cli(files, overrides)
+    model, dm = cli.model, cli.datamodule
+    ckpt = find_checkpoint(cli, args.ckpt, name)
+    device = resolve_device(args.device)
+    split, check = splits(args, dm)
+    space = search_space(args, model)
     evaluator = Evaluator(
-        model, dm, ckpt, device, str(cli.trainer.precision), batch_size=args.batch_size or dm.eval_batch_size,
-        timing_batches=args.timing_batches, preload_gib=args.preload_gib, seed=args.seed,
-    )  # fmt: skip
+        model,
+        dm,
+        ckpt,
+        device,
+        str(cli.trainer.precision),
+        batch_size=args.batch_size or dm.eval_batch_size,
+        timing_batches=args.timing_batches,
+        preload_gib=args.preload_gib,
+        seed=args.seed,
+    )
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     cache = TuneCache(Path(args.cache) if args.cache else run_dir / "tune" / "cache.jsonl", fresh=args.fresh)
     env = environment(device)
-    context = {"checkpoint": checkpoint_id(ckpt), "config": config_fingerprint(cli), "code": code_fingerprint(),
-               "seed": args.seed,
-               "device": env["device"], "threads": env["threads"]}  # fmt: skip
-    settings = Settings(
-        split=split, check_split=check, candidates=args.candidates, eta=args.eta, min_finalists=args.min_finalists,
-        rounds=args.rounds, final_rounds=args.final_rounds, timing_group=args.timing_group,
-        max_drop=args.max_drop, z=args.z, seed=args.seed, generations=args.generations, children=args.children,
-        parents=args.parents, playoff=args.playoff, playoff_rounds=args.playoff_rounds,
-    )  # fmt: skip
+    context = {
+        "checkpoint": checkpoint_id(ckpt),
+        "config": config_fingerprint(cli),
+        "code": code_fingerprint(),
+        "seed": args.seed,
+        "device": env["device"],
+        "threads": env["threads"],
+    }
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    settings = Settings(**{**flags, "split": split, "check_split": check})
+    own = model.backbone.reducer
     info = {
-        "name": args.out_name or name, "files": files, "overrides": overrides, "checkpoint": str(ckpt),
-        "run_dir": run_dir, "environment": env, "task": model.task_name, "metric": evaluator.metric.split("/")[1],
-        "preset": model.spec.preset, "own": own,
-    }  # fmt: skip
+        "name": args.out_name or name,
+        "files": files,
+        "overrides": overrides,
+        "checkpoint": str(ckpt),
+        "run_dir": run_dir,
+        "environment": env,
+        "task": model.task_name,
+        "metric": evaluator.metric.split("/")[1],
+        "preset": model.spec.preset,
+        "own": own,
+    }
     return Tuner(evaluator, cache, space, settings, context, own), info
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from pumer_lightning.callbacks.hparams import flatten_params
+from pumer_lightning.lab.report import pct, table
 from pumer_lightning.reduce import ReducerSchedule
 
 from .search import on_front
@@ -34,17 +35,12 @@ def yaml_fragment(schedule: ReducerSchedule | None, comments: list[str]) -> str:
     return "".join(f"# {line}\n" for line in comments) + body
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{100 * value:.1f}"
-
-
 def _acc(figures: dict[str, Any]) -> str:
-    return f"{_pct(figures.get('value'))} ± {_pct(figures.get('se'))}"
+    return pct(figures.get("value"), figures.get("se"))
 
 
 def _drop(figures: dict[str, Any]) -> str:
-    drop, se = figures.get("drop"), figures.get("drop_se")
-    return "n/a" if drop is None else f"{drop:+.1f} ± {se:.1f}"
+    return pct(figures.get("drop"), figures.get("drop_se"), sign=True, scale=1)
 
 
 def _speed(figures: dict[str, Any]) -> tuple[str, str, str]:
@@ -68,18 +64,16 @@ def front_table(result: dict[str, Any]) -> list[str]:
     metric, split = result["experiment"]["metric"], result["settings"]["split"]
     rows = [p for p in result["points"] if p["finalist"]]
     rows.sort(key=lambda p: (not p["on_front"], -p["timing"]["final"]["speedup"]))
-    lines = [
-        f"| schedule | role | {split} {metric} ± SE | drop ± SE (points) | examples/s | speed-up (spread) | "
-        "GFLOPs/example | front | from cache |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["schedule", "role", f"{split} {metric} ± SE", "drop ± SE (points)", "examples/s"]
+    header += ["speed-up (spread)", "GFLOPs/example", "front", "from cache"]
+    cells = []
     for p in rows:
-        top = p["accuracy"][-1]
-        rate, up, flops = _speed(p["timing"]["final"])
+        top, final = p["accuracy"][-1], p["timing"]["final"]
         mark = "**yes**" if p["on_front"] else "no"
-        lines.append(f"| {p['label']} | {p['role']} | {_acc(top)} | {_drop(top)} | {rate} | {up} | {flops} | "
-                     f"{mark} | {_cached(top, p['timing']['final'])} |")  # fmt: skip
-    return lines
+        cells.append(
+            [p["label"], p["role"], _acc(top), _drop(top), *_speed(final), mark, _cached(top, final)]
+        )
+    return table(header, cells)
 
 
 def check_lines(result: dict[str, Any]) -> list[str]:
@@ -93,15 +87,15 @@ def check_lines(result: dict[str, Any]) -> list[str]:
         f"{split} split ({check['examples']} examples), drops paired example by example, timed in one session "
         f"({check['rounds']} interleaved rounds).",
         "",
-        f"| variant | schedule | {split} {metric} ± SE | drop ± SE (points) | examples/s | speed-up (spread) | "
-        "GFLOPs/example | from cache |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in check["rows"]:
-        rate, up, flops = _speed(row["timing"])
-        lines.append(f"| {row['variant']} | {row['label']} | {_acc(row['accuracy'])} | {_drop(row['accuracy'])} | "
-                     f"{rate} | {up} | {flops} | {_cached(row['accuracy'], row['timing'])} |")  # fmt: skip
-    lines += ["", check["verdict"], ""]
+    header = ["variant", "schedule", f"{split} {metric} ± SE", "drop ± SE (points)", "examples/s"]
+    header += ["speed-up (spread)", "GFLOPs/example", "from cache"]
+    cells = [
+        [row["variant"], row["label"], _acc(row["accuracy"]), _drop(row["accuracy"]), *_speed(row["timing"])]
+        + [_cached(row["accuracy"], row["timing"])]
+        for row in check["rows"]
+    ]
+    lines += [*table(header, cells), "", check["verdict"], ""]
     return lines
 
 
@@ -149,17 +143,17 @@ def markdown(result: dict[str, Any]) -> str:
 def playoff_lines(result: dict[str, Any]) -> list[str]:
     """The playoff session: the contenders, the experiment's schedule and the unreduced model, fastest first."""
     metric, split = result["experiment"]["metric"], result["settings"]["split"]
-    lines = [
-        f"| playoff ({result['settings']['playoff_rounds']} rounds, one session) | {split} {metric} ± SE | "
-        "drop ± SE (points) | examples/s | speed-up (spread) | GFLOPs/example | from cache |",
-        "|---|---|---|---|---|---|---|",
+    header = [
+        f"playoff ({result['settings']['playoff_rounds']} rounds, one session)",
+        f"{split} {metric} ± SE",
     ]
+    header += ["drop ± SE (points)", "examples/s", "speed-up (spread)", "GFLOPs/example", "from cache"]
+    cells = []
     for row in result["playoff"]:
-        rate, up, flops = _speed(row["timing"])
         label = f"**{row['label']}** (recommended)" if row["chosen"] else f"{row['label']} ({row['role']})"
-        lines.append(f"| {label} | {_acc(row['accuracy'])} | {_drop(row['accuracy'])} | {rate} | {up} | {flops} | "
-                     f"{_cached(row['timing'])} |")  # fmt: skip
-    return [*lines, ""]
+        acc = row["accuracy"]
+        cells.append([label, _acc(acc), _drop(acc), *_speed(row["timing"]), _cached(row["timing"])])
+    return [*table(header, cells), ""]
 
 
 def search_lines(result: dict[str, Any]) -> list[str]:
@@ -178,11 +172,11 @@ def search_lines(result: dict[str, Any]) -> list[str]:
         f"({st['rounds']} interleaved rounds per session, always with the unreduced model), then the best "
         f"1/{st['eta']} by Pareto rank on ({st['split']} accuracy, speed) went on to the next, longer prefix:",
         "",
-        "| generation | examples | schedules scored | from cache |",
-        "|---|---|---|---|",
+        *table(
+            ["generation", "examples", "schedules scored", "from cache"],
+            [[r["generation"], r["examples"], r["points"], r["cached"]] for r in result["rungs"]],
+        ),
     ]
-    for rung in result["rungs"]:
-        lines.append(f"| {rung['generation']} | {rung['examples']} | {rung['points']} | {rung['cached']} |")
     lines += [
         "",
         f"Generation 0 is the sample; {len(result['points']) - generation0} more schedules came from later "
@@ -219,8 +213,16 @@ def _panel(ax: Any, result: dict[str, Any], key: str, better: float) -> None:
     for p in result["points"]:
         x, y, se = _xy(p, key)
         marker, color = styles[p["role"]]
-        ax.errorbar(x, y, yerr=se if p["finalist"] else None, fmt=marker, ms=5, capsize=2,
-                    color=color if p["finalist"] else "lightgray", zorder=3 if p["finalist"] else 1)  # fmt: skip
+        ax.errorbar(
+            x,
+            y,
+            yerr=se if p["finalist"] else None,
+            fmt=marker,
+            ms=5,
+            capsize=2,
+            color=color if p["finalist"] else "lightgray",
+            zorder=3 if p["finalist"] else 1,
+        )
     finalists = [p for p in result["points"] if p["finalist"]]
     values = [(_xy(p, key)[1], better * _xy(p, key)[0]) for p in finalists]
     front = sorted((_xy(p, key) for p, on in zip(finalists, on_front(values)) if on), key=lambda v: v[0])
@@ -278,11 +280,16 @@ def write_hparams(result: dict[str, Any], log_dir: Path) -> None:
         params = flatten_params({"reducer": p["schedule"] or reducer_fields(None)})
         params.update({"tune/role": p["role"], "tune/schedule": p["label"], "tune/examples": top["n"]})
         metrics = {
-            "tune/accuracy": top["value"], "tune/accuracy_se": top["se"], "tune/drop": top["drop"],
-            "tune/drop_se": top["drop_se"], "tune/examples_per_sec": timing["examples_per_sec"],
-            "tune/speedup": timing["speedup"], "tune/gflops_per_example": timing["gflops_per_example"],
-            "tune/finalist": float(p["finalist"]), "tune/on_front": float(p["on_front"]),
-        }  # fmt: skip
+            "tune/accuracy": top["value"],
+            "tune/accuracy_se": top["se"],
+            "tune/drop": top["drop"],
+            "tune/drop_se": top["drop_se"],
+            "tune/examples_per_sec": timing["examples_per_sec"],
+            "tune/speedup": timing["speedup"],
+            "tune/gflops_per_example": timing["gflops_per_example"],
+            "tune/finalist": float(p["finalist"]),
+            "tune/on_front": float(p["on_front"]),
+        }
         writer.add_hparams(
             params, {k: v for k, v in metrics.items() if _finite(v)}, run_name=f"point_{index:03d}"
         )

@@ -194,9 +194,13 @@ class SearchSpace:
         """A neighbour of ``schedule``: one or two of its fields moved one step along their value list (a
         numeric field to the next value up or down, the layer set, policy or importance to another choice)."""
         combo: list = [
-            tuple(schedule.layers), schedule.keep_ratio, schedule.merge_ratio, schedule.text_merge_ratio,
-            schedule.text_merge_policy, schedule.importance,
-        ]  # fmt: skip
+            tuple(schedule.layers),
+            schedule.keep_ratio,
+            schedule.merge_ratio,
+            schedule.text_merge_ratio,
+            schedule.text_merge_policy,
+            schedule.importance,
+        ]
         for index in rng.sample(range(len(self.axes)), rng.choice((1, 2))):
             axis = self.axes[index]
             if len(axis) < 2:

@@ -29,10 +29,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pumer_lightning.lab.stats import paired_drop
 from pumer_lightning.reduce import ReducerSchedule
 
 from .cache import TuneCache
-from .evaluate import REFERENCE, Evaluator, paired_drop
+from .evaluate import REFERENCE, Evaluator
 from .search import on_front, recommend, rung_batches, survivors, within_budget
 from .space import SearchSpace, schedule_key, schedule_label
 
@@ -100,8 +101,15 @@ class Settings:
 class Tuner:
     """Runs the search (module docstring) for one evaluator, cache and search space."""
 
-    def __init__(self, evaluator: Evaluator, cache: TuneCache, space: SearchSpace, settings: Settings,
-                 context: dict[str, Any], own: ReducerSchedule | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        cache: TuneCache,
+        space: SearchSpace,
+        settings: Settings,
+        context: dict[str, Any],
+        own: ReducerSchedule | None,
+    ) -> None:
         self.ev, self.cache, self.space, self.s = evaluator, cache, space, settings
         self.context, self.own = context, own
         self.points: list[Point] = []
@@ -112,12 +120,25 @@ class Tuner:
 
     # ------------------------------------------------------------------------------------------ keys
     def accuracy_key(self, point: Point, split: str, n_batches: int) -> dict[str, Any]:
-        return {"kind": "accuracy", **self.context, "schedule": point.key, "split": split,
-                "batches": n_batches, "eval_batch_size": self.ev.dm.eval_batch_size}  # fmt: skip
+        return {
+            "kind": "accuracy",
+            **self.context,
+            "schedule": point.key,
+            "split": split,
+            "batches": n_batches,
+            "eval_batch_size": self.ev.dm.eval_batch_size,
+        }
 
     def timing_key(self, point: Point, split: str, stage: str, rounds: int) -> dict[str, Any]:
-        return {"kind": "timing", **self.context, **self.context_timing, "schedule": point.key,
-                "split": split, "stage": stage, "rounds": rounds}  # fmt: skip
+        return {
+            "kind": "timing",
+            **self.context,
+            **self.context_timing,
+            "schedule": point.key,
+            "split": split,
+            "stage": stage,
+            "rounds": rounds,
+        }
 
     @property
     def context_timing(self) -> dict[str, Any]:
@@ -219,8 +240,15 @@ class Tuner:
             desc = f"generation {generation} rung {index + 1}/{len(rungs)}: {len(alive)} schedules, {examples} examples"
             self.score(alive, split, n_batches, desc)
             self._clock("accuracy", clock)
-            self.rungs.append({"generation": generation, "batches": n_batches, "examples": examples,
-                               "points": len(alive), "cached": sum(bool(p.at(n_batches).get("cached")) for p in alive)})  # fmt: skip
+            self.rungs.append(
+                {
+                    "generation": generation,
+                    "batches": n_batches,
+                    "examples": examples,
+                    "points": len(alive),
+                    "cached": sum(bool(p.at(n_batches).get("cached")) for p in alive),
+                }
+            )
             if index == len(rungs) - 1:
                 break
             values = [(p.at(n_batches)["value"], p.speed("screen")) for p in alive]
@@ -277,8 +305,16 @@ class Tuner:
 
     def recommend(self, finalists: list[Point]) -> Point:
         """The fastest finalist (final timing) within the accuracy budget; the reference when none is faster."""
-        rows = [(p.key, p.at(self.full)["value"], p.at(self.full)["drop"], p.at(self.full)["drop_se"],
-                 p.speed("final")) for p in finalists]  # fmt: skip
+        rows = [
+            (
+                p.key,
+                p.at(self.full)["value"],
+                p.at(self.full)["drop"],
+                p.at(self.full)["drop_se"],
+                p.speed("final"),
+            )
+            for p in finalists
+        ]
         key = recommend(rows, self.s.max_drop, self.s.z)
         return next(p for p in finalists if p.key == (key or REFERENCE))
 
@@ -286,8 +322,16 @@ class Tuner:
         """The ``--playoff`` fastest finalists within the budget, timed again in one session with the
         experiment's schedule and the reference (``--playoff-rounds``): the fastest of them there is the
         recommendation (speed-ups of a few tenths are within one session's noise on a shared machine)."""
-        rows = [(p.key, p.at(self.full)["value"], p.at(self.full)["drop"], p.at(self.full)["drop_se"],
-                 p.speed("final")) for p in self.finalists]  # fmt: skip
+        rows = [
+            (
+                p.key,
+                p.at(self.full)["value"],
+                p.at(self.full)["drop"],
+                p.at(self.full)["drop_se"],
+                p.speed("final"),
+            )
+            for p in self.finalists
+        ]
         eligible = [
             p
             for p, row in zip(self.finalists, rows)
