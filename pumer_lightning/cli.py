@@ -47,7 +47,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pumer_lightning.callbacks.checkpoint import (
     SIGTERM_EXIT_CODE,
     CheckpointWriteError,
-    RunDirectoryLock,
     interruption_report,
     refuse_to_overwrite,
     resolve_resume,
@@ -59,6 +58,7 @@ from pumer_lightning.models import build, preset_family
 from pumer_lightning.models.build import preset_image_size
 from pumer_lightning.models.checkpoint import CheckpointError, checkpoint_problem, unreadable_reason
 from pumer_lightning.reduce import ReducerSchedule
+from pumer_lightning.run_lock import RunDirectoryLock
 from pumer_lightning.tasks import VLTask
 
 #: The experiment files shipped with the project (``experiments/<name>.yaml``).

@@ -23,8 +23,8 @@ import pytest
 import torch
 from reliability_helpers import REPO, cli_fit_args, script_env
 
-from pumer_lightning.callbacks.checkpoint import LOCK_NAME
 from pumer_lightning.cli import PumerCLI
+from pumer_lightning.run_lock import LOCK_NAME
 
 HERE = Path(__file__).resolve().parent
 EXPLICIT = "--trainer.logger.init_args.version=0"
@@ -112,7 +112,7 @@ def test_a_refused_run_directory_prints_the_refusal_alone(shapes_snli, tmp_path,
 _HOLDER = """
 import sys
 from pathlib import Path
-from pumer_lightning.callbacks.checkpoint import RunDirectoryLock
+from pumer_lightning.run_lock import RunDirectoryLock
 lock = RunDirectoryLock([Path(sys.argv[1])]).acquire()
 print("held", flush=True)
 sys.stdin.read()
@@ -156,7 +156,7 @@ def test_the_lock_of_a_killed_fit_is_taken_over_with_a_warning(shapes_snli, tmp_
     holder.stdin.close()
     holder.stdout.close()
     assert json.loads((_run_dir(tmp_path) / LOCK_NAME).read_text())["pid"] == holder.pid
-    with caplog.at_level(logging.WARNING, logger="pumer_lightning.callbacks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pumer_lightning.run_lock"):
         done = PumerCLI(args=_args(shapes_snli, tmp_path, EXPLICIT))
     assert done.trainer.global_step == 2
     (warning,) = [r.getMessage() for r in caplog.records if "stale lock" in r.getMessage()]
