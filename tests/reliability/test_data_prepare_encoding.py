@@ -47,7 +47,9 @@ def nlvr2_src(tmp_path) -> Path:
 
 
 def run(src: Path, out: Path, dataset: str = "nlvr2", splits: str = "val") -> int:
-    return main([dataset, "--src", str(src), "--out", str(out), "--splits", splits, "--no-progress"])
+    return main(
+        [dataset, "--src", str(src), "--out", str(out), "--splits", splits, "--workers", "1", "--no-progress"]
+    )
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-bom", "utf-16", "utf-16-le-bom", "utf-16-be-bom"])
