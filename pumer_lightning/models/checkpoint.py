@@ -340,6 +340,9 @@ def save_checkpoint(
         "num_token_types": backbone.num_token_types,
         "architecture": backbone.architecture,
         "task": task,
+        # the LayerNorm epsilons a ViLT backbone is rebuilt with (a converted original ViLT's differ from the
+        # preset's; `build_backbone` restores them, then checks the architecture)
+        **{k: v for k, v in backbone.architecture.items() if k in ("layer_norm_eps", "text_layer_norm_eps")},
         **(extra or {}),
     }
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}

@@ -279,7 +279,7 @@ def convert(
     )
     load_strict(backbone, state, f"converted {family} backbone from {src}")
     if family == "vilt":
-        eps = _vilt_eps(backbone)
+        eps = backbone.architecture
         log(
             f"LayerNorm eps as original ViLT: {eps['layer_norm_eps']:g} (blocks, final norm), "
             f"{eps['text_layer_norm_eps']:g} (text embeddings)"
@@ -295,10 +295,7 @@ def convert(
         preset=preset,
         head=head,
         task=task if head is not None else None,
-        extra={
-            "source": str(src),
-            **(_vilt_eps(backbone) if family == "vilt" else {}),
-        },
+        extra={"source": str(src)},
     )
     log(
         f"wrote {out} ({family}, preset {preset}, {target_size} px, {wanted} type rows, head: {task or 'none'})"
@@ -397,12 +394,6 @@ def original_vilt_config(preset: str):
     config.layer_norm_eps = ORIGINAL_VILT_LAYER_NORM_EPS
     config.text_layer_norm_eps = ORIGINAL_VILT_TEXT_LAYER_NORM_EPS
     return config
-
-
-def _vilt_eps(backbone: Backbone) -> dict[str, float]:
-    """The LayerNorm epsilons of a converted ViLT backbone, as written next to its architecture."""
-    arch = backbone.architecture
-    return {k: arch[k] for k in ("layer_norm_eps", "text_layer_norm_eps")}
 
 
 def _default_preset(family: str, image_size: int) -> str:

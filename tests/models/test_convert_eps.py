@@ -148,3 +148,16 @@ def test_the_convert_log_names_the_epsilons(tmp_path):
     lines: list[str] = []
     convert("vilt", tmp_path / "vilt.ckpt", tmp_path / "c", preset="vilt_tiny", log=lines.append)
     assert "LayerNorm eps as original ViLT: 1e-06 (blocks, final norm), 1e-12 (text embeddings)" in lines
+
+
+def test_a_converted_vilt_saved_again_keeps_its_epsilons(tmp_path):
+    """A converted original ViLT written again by `save_checkpoint` (a pre-training export, say) rebuilds with the
+    same epsilons; before, it was rebuilt at the preset's 1e-12 and refused by the architecture check."""
+    from pumer_lightning.models import save_checkpoint
+
+    torch.save({"state_dict": OriginalVilt(CONFIG).state_dict()}, tmp_path / "vilt.ckpt")
+    out = convert("vilt", tmp_path / "vilt.ckpt", tmp_path / "c", preset="vilt_tiny", **quiet)
+    again = save_checkpoint(tmp_path / "again.pt", build_backbone("vilt_tiny", out), preset="vilt_tiny")
+    rebuilt = build_backbone("vilt_tiny", again)
+    assert (rebuilt.embeddings.text_embeddings.LayerNorm.eps, rebuilt.layernorm.eps) == (1e-12, 1e-6)
+    assert {m.eps for m in rebuilt.encoder.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
