@@ -31,6 +31,7 @@ def fitted(shapes, tmp_path_factory) -> list[str]:
     return args
 
 
+@pytest.mark.slow  # two searches end to end; the store's rules are fast tests (tests/lab/test_cache.py)
 def test_unreadable_cache_lines_are_skipped_counted_and_named(fitted, tmp_path, caplog):
     cache = tmp_path / "cache.jsonl"
     search = [*fitted, *TINY_SEARCH, f"--cache={cache}", f"--out={tmp_path / 'out'}"]
