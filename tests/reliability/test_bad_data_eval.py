@@ -28,13 +28,6 @@ from pumer_lightning.data.schema import ShardInfo, SplitMeta, shard_name, write_
 from pumer_lightning.data.writer import write_shard
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    from pumer_lightning.data.shapes import save_tokenizer
-
-    return save_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
-
-
 def nlvr2_records(prefix: str, n: int, texts: int = 1) -> list[dict]:
     """``n`` NLVR2 records of ``texts`` statements each (text ids ``<prefix>-<i>-0-<j>``)."""
     out = []
@@ -109,7 +102,7 @@ def trainer() -> pl.Trainer:
 
 
 # ------------------------------------------------------------------------------------------------ FAIL 1
-def test_understated_meta_counts_never_shorten_evaluation(tmp_path, tok, caplog):
+def test_understated_meta_counts_never_shorten_evaluation(tmp_path, tokenizer_dir, caplog):
     """60 examples in 5 shards of 6 records x 2 texts; meta.json says shard 1 holds 4 examples (not 12) and
     shard 3 holds no record at all. Validation, test and predict must each see all 60, and the two stale
     entries are named in a warning."""
@@ -122,9 +115,9 @@ def test_understated_meta_counts_never_shorten_evaluation(tmp_path, tok, caplog)
     assert sum(want.values()) == 60
     with caplog.at_level(logging.WARNING, logger="pumer_lightning.data"):
         model = KeyRecorder()
-        trainer().validate(model, datamodule=dm_for(tmp_path, tok))
-        trainer().test(model, datamodule=dm_for(tmp_path, tok))
-        predicted = trainer().predict(model, datamodule=dm_for(tmp_path, tok, workers=2))
+        trainer().validate(model, datamodule=dm_for(tmp_path, tokenizer_dir))
+        trainer().test(model, datamodule=dm_for(tmp_path, tokenizer_dir))
+        predicted = trainer().predict(model, datamodule=dm_for(tmp_path, tokenizer_dir, workers=2))
     for stage in ("val", "test", "predict"):
         assert Counter(model.seen[stage]) == want, stage
     assert Counter(k for keys in predicted for k in keys) == want
@@ -132,22 +125,22 @@ def test_understated_meta_counts_never_shorten_evaluation(tmp_path, tok, caplog)
     assert {Path(p).name for p in stale} == {"nlvr2-val-000001.tar", "nlvr2-val-000003.tar"}
 
 
-def test_eval_length_comes_from_the_shards(tmp_path, tok):
+def test_eval_length_comes_from_the_shards(tmp_path, tokenizer_dir):
     shards = [nlvr2_records(f"val{s}", 5) for s in range(4)]
     write_claimed(tmp_path / "val", [(recs, 1, 1) for recs in shards])  # every claim far too small
     for workers in (0, 2):
-        loader = dm_for(tmp_path, tok, workers=workers).eval_dataloader("val")
+        loader = dm_for(tmp_path, tokenizer_dir, workers=workers).eval_dataloader("val")
         batches = list(loader)
         assert len(loader) == len(batches)
         assert sum(len(b["keys"]) for b in batches) == 20
 
 
 # ------------------------------------------------------------------------------------------------ missing shard
-def test_a_shard_missing_on_disk_is_skipped_and_counted(tmp_path, tok, caplog):
+def test_a_shard_missing_on_disk_is_skipped_and_counted(tmp_path, tokenizer_dir, caplog):
     shards = [nlvr2_records(f"val{s}", 4) for s in range(3)]
     write_claimed(tmp_path / "val", [(recs, 4, 4) for recs in shards])
     (tmp_path / "val" / "nlvr2-val-000001.tar").unlink()
-    dm = dm_for(tmp_path, tok)
+    dm = dm_for(tmp_path, tokenizer_dir)
     with caplog.at_level(logging.WARNING, logger="pumer_lightning.data"):
         dm.setup("validate")
         model = KeyRecorder()
@@ -157,11 +150,11 @@ def test_a_shard_missing_on_disk_is_skipped_and_counted(tmp_path, tok, caplog):
     assert "missing on disk: nlvr2-val-000001.tar" in caplog.text
 
 
-def test_a_split_with_every_shard_missing_is_an_error(tmp_path, tok):
+def test_a_split_with_every_shard_missing_is_an_error(tmp_path, tokenizer_dir):
     write_claimed(tmp_path / "val", [(nlvr2_records("val", 2), 2, 2)])
     (tmp_path / "val" / "nlvr2-val-000000.tar").unlink()
     with pytest.raises(FileNotFoundError, match="missing on disk: nlvr2-val-000000.tar"):
-        dm_for(tmp_path, tok).setup("validate")
+        dm_for(tmp_path, tokenizer_dir).setup("validate")
 
 
 # ------------------------------------------------------------------------------------------------ meta.json fields
@@ -178,21 +171,21 @@ def test_a_split_with_every_shard_missing_is_an_error(tmp_path, tok):
         (lambda m: m.pop("task"), "task"),
     ],
 )
-def test_meta_json_field_errors_name_the_file_and_field(tmp_path, tok, edit, field):
+def test_meta_json_field_errors_name_the_file_and_field(tmp_path, tokenizer_dir, edit, field):
     write_claimed(tmp_path / "val", [(nlvr2_records("val", 2), 2, 2)])
     path = tmp_path / "val" / "meta.json"
     meta = json.loads(path.read_text())
     edit(meta)
     path.write_text(json.dumps(meta))
     with pytest.raises(ValueError) as info:
-        dm_for(tmp_path, tok).setup("validate")
+        dm_for(tmp_path, tokenizer_dir).setup("validate")
     message = str(info.value)
     assert str(path) in message and field in message, message
     assert len(message.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------------ lost json
-def test_a_record_without_readable_json_counts_every_lost_example(tmp_path, tok, caplog):
+def test_a_record_without_readable_json_counts_every_lost_example(tmp_path, tokenizer_dir, caplog):
     """A record whose .json member is missing (3 texts) or not JSON (2 texts): its texts are unknown, so the
     examples it lost come from the shard's meta.json count, not 1 per record."""
     good = nlvr2_records("val0", 3, texts=3)
@@ -200,7 +193,7 @@ def test_a_record_without_readable_json_counts_every_lost_example(tmp_path, tok,
     nojson = {k: v for k, v in lost[0].items() if k != "json"}
     broken = dict(lost[1], json=b'{"texts": [{"text_id": "val1-1-0-0", "text": "a"}, {"te')  # 2 texts, cut
     write_claimed(tmp_path / "val", [(good + [nojson], 4, 12), (nlvr2_records("val2", 1) + [broken], 2, 3)])
-    dm = dm_for(tmp_path, tok)
+    dm = dm_for(tmp_path, tokenizer_dir)
     with caplog.at_level(logging.WARNING, logger="pumer_lightning.data"):
         seen = [k for b in dm.eval_dataloader("val") for k in b["keys"]]
     assert len(seen) == 9 + 1
@@ -209,7 +202,7 @@ def test_a_record_without_readable_json_counts_every_lost_example(tmp_path, tok,
 
 
 # ------------------------------------------------------------------------------------------------ validate / predict
-def test_validate_and_predict_report_skips_and_prediction_files_record_them(tmp_path, tok):
+def test_validate_and_predict_report_skips_and_prediction_files_record_them(tmp_path, tokenizer_dir):
     from pumer_lightning.tasks import NLVR2Task
     from pumer_lightning.tasks.base import BackboneSpec
 
@@ -220,10 +213,12 @@ def test_validate_and_predict_report_skips_and_prediction_files_record_them(tmp_
                       [image_bytes()])  # fmt: skip
     write_claimed(tmp_path / "val", [(good, 6, 6), ([bad_label, no_image], 2, 3)])
     out = tmp_path / "predictions"
-    model = NLVR2Task(backbone=BackboneSpec(preset="vilt_tiny", tokenizer=str(tok)), predictions_dir=str(out))
+    model = NLVR2Task(
+        backbone=BackboneSpec(preset="vilt_tiny", tokenizer=str(tokenizer_dir)), predictions_dir=str(out)
+    )
 
     def dm():
-        return dm_for(tmp_path, tok, image_size=96)
+        return dm_for(tmp_path, tokenizer_dir, image_size=96)
 
     metrics = trainer().validate(model, datamodule=dm())[0]
     assert metrics["data/skipped/val/bad_label"] == 1 and metrics["data/skipped/val/missing_image"] == 2

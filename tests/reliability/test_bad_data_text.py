@@ -25,13 +25,6 @@ from pumer_lightning.data.prepare.cli import convert, main
 SURROGATE = "\ud83d"  # what json.loads makes of the escape "\ud83d": a str no tokenizer accepts
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    from pumer_lightning.data.shapes import save_tokenizer
-
-    return save_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
-
-
 def dm_for(root: Path, tok: Path, task: str, workers: int = 0) -> VLDataModule:
     return VLDataModule(task=task, data_dir=str(root), tokenizer=str(tok), image_size=16, eval_batch_size=4,
                         num_workers=workers, train_split="val")  # fmt: skip
@@ -39,7 +32,7 @@ def dm_for(root: Path, tok: Path, task: str, workers: int = 0) -> VLDataModule:
 
 # ------------------------------------------------------------------------------------------------ FAIL 3 (loader)
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_lone_surrogate_is_skipped_as_bad_text(tmp_path, tok, caplog, workers):
+def test_a_lone_surrogate_is_skipped_as_bad_text(tmp_path, tokenizer_dir, caplog, workers):
     texts = [
         {"text_id": "img0-0", "text": "a red circle", "label": "entailment"},
         {"text_id": "img0-1", "text": f"a smiling face {SURROGATE}", "label": "neutral"},
@@ -51,7 +44,7 @@ def test_a_lone_surrogate_is_skipped_as_bad_text(tmp_path, tok, caplog, workers)
     ]
     assert b"\\ud83d" in recs[0]["json"]  # stored as the JSON escape, exactly as a converter would write it
     write_split(tmp_path / "val", "snli_ve", recs, [1, 1], split="val")
-    dm = dm_for(tmp_path, tok, "snli_ve", workers)
+    dm = dm_for(tmp_path, tokenizer_dir, "snli_ve", workers)
     with caplog.at_level(logging.WARNING, logger="pumer_lightning.data"):
         keys = [k for b in dm.val_dataloader() for k in b["keys"]]  # tokenised: no TypeError
     assert Counter(keys) == Counter(["img0-0", "img0-2", "img1-0"])
@@ -62,7 +55,7 @@ def test_a_lone_surrogate_is_skipped_as_bad_text(tmp_path, tok, caplog, workers)
 
 
 # ------------------------------------------------------------------------------------------------ FAIL 4
-def test_snli_ve_labels_of_the_wrong_type_are_bad_label(tmp_path, tok):
+def test_snli_ve_labels_of_the_wrong_type_are_bad_label(tmp_path, tokenizer_dir):
     texts = [
         {"text_id": "a-0", "text": "a circle", "label": ["entailment"]},
         {"text_id": "a-1", "text": "a circle", "label": {"entailment": 1}},
@@ -70,13 +63,13 @@ def test_snli_ve_labels_of_the_wrong_type_are_bad_label(tmp_path, tok):
         {"text_id": "a-3", "text": "a circle", "label": "entailment"},
     ]
     write_split(tmp_path / "val", "snli_ve", [record("a", texts, [image_bytes()])], [1], split="val")
-    dm = dm_for(tmp_path, tok, "snli_ve")
+    dm = dm_for(tmp_path, tokenizer_dir, "snli_ve")
     batches = list(dm.val_dataloader())
     assert [k for b in batches for k in b["keys"]] == ["a-3"] and batches[0]["labels"].tolist() == [2]
     assert dm.skipped == {"val/bad_label": 3}
 
 
-def test_nlvr2_labels_of_the_wrong_type_are_bad_label(tmp_path, tok):
+def test_nlvr2_labels_of_the_wrong_type_are_bad_label(tmp_path, tokenizer_dir):
     texts = [
         {"text_id": "val-0-0-0", "text": "a circle", "label": ["True"]},
         {"text_id": "val-0-0-1", "text": "a circle", "label": {"True": 1}},
@@ -90,7 +83,7 @@ def test_nlvr2_labels_of_the_wrong_type_are_bad_label(tmp_path, tok):
         [1],
         split="val",
     )
-    dm = dm_for(tmp_path, tok, "nlvr2")
+    dm = dm_for(tmp_path, tokenizer_dir, "nlvr2")
     assert [k for b in dm.val_dataloader() for k in b["keys"]] == ["val-0-0-3"]
     assert dm.skipped == {"val/bad_label": 3}
 
@@ -125,7 +118,7 @@ def nlvr2_src(tmp_path) -> Path:
     return src
 
 
-def test_prepare_nlvr2_skips_and_lists_bad_lines(nlvr2_src, tmp_path, tok, capsys):
+def test_prepare_nlvr2_skips_and_lists_bad_lines(nlvr2_src, tmp_path, tokenizer_dir, capsys):
     out = tmp_path / "out"
     assert main(["nlvr2", "--src", str(nlvr2_src), "--out", str(out), "--no-progress", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
@@ -134,12 +127,14 @@ def test_prepare_nlvr2_skips_and_lists_bad_lines(nlvr2_src, tmp_path, tok, capsy
     assert "dev.json:4" in printed and "dev.json:5" in printed and "not valid Unicode" in printed
     meta = json.loads((out / "val" / "meta.json").read_text())
     assert meta["num_samples"] == 2
-    dm = VLDataModule(task="nlvr2", data_dir=str(out), tokenizer=str(tok), image_size=16, num_workers=0)
+    dm = VLDataModule(
+        task="nlvr2", data_dir=str(out), tokenizer=str(tokenizer_dir), image_size=16, num_workers=0
+    )
     assert sorted(k for b in dm.eval_dataloader("val") for k in b["keys"]) == ["dev-0-0-0", "dev-1-0-2"]
     assert dm.skipped == {}
 
 
-def test_prepare_reports_a_truncated_image_and_rebuilds_after_repair(nlvr2_src, tmp_path, tok):
+def test_prepare_reports_a_truncated_image_and_rebuilds_after_repair(nlvr2_src, tmp_path, tokenizer_dir):
     image = nlvr2_src / "dev" / "dev-1-0-img1.png"
     good = image.read_bytes()
     image.write_bytes(good[: len(good) // 2])  # truncated: the header is fine, the pixels are not
@@ -155,6 +150,8 @@ def test_prepare_reports_a_truncated_image_and_rebuilds_after_repair(nlvr2_src, 
     assert again.shards_written == 1 and again.samples == 2 and "truncated_image" not in again.skipped
     (third,) = convert("nlvr2", nlvr2_src, out, workers=1, progress=False)
     assert third.shards_written == 0 and third.shards_reused == 1  # and stable once repaired
-    dm = VLDataModule(task="nlvr2", data_dir=str(out), tokenizer=str(tok), image_size=16, num_workers=0)
+    dm = VLDataModule(
+        task="nlvr2", data_dir=str(out), tokenizer=str(tokenizer_dir), image_size=16, num_workers=0
+    )
     assert sorted(k for b in dm.eval_dataloader("val") for k in b["keys"]) == ["dev-0-0-0", "dev-1-0-2"]
     assert dm.skipped == {}

@@ -27,13 +27,6 @@ from pumer_lightning.data.schema import ShardInfo, SplitMeta, shard_name, write_
 from pumer_lightning.data.writer import write_shard
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    from pumer_lightning.data.shapes import save_tokenizer
-
-    return save_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
-
-
 def nlvr2_records(prefix: str, n: int) -> list[dict]:
     out = []
     for i in range(n):
@@ -98,11 +91,11 @@ def trainer(root: Path, **kw) -> pl.Trainer:
 
 
 # ------------------------------------------------------------------------------------------------ FAIL 2
-def test_a_corrupt_shard_alone_in_its_worker_slot_does_not_stop_training(tmp_path, tok):
+def test_a_corrupt_shard_alone_in_its_worker_slot_does_not_stop_training(tmp_path, tokenizer_dir):
     good = nlvr2_records("train0", 8)
     paths = write_train(tmp_path, [good, nlvr2_records("train1", 8)])
     paths[1].write_bytes(b"")  # 0 bytes: worker 1's only shard
-    dm = dm_for(tmp_path, tok, num_workers=2)
+    dm = dm_for(tmp_path, tokenizer_dir, num_workers=2)
     model = BatchRecorder()
     trainer(tmp_path, max_epochs=2).fit(model, datamodule=dm)
     assert len(model.batches) == 2 * (16 // 4)  # every step of both epochs ran
@@ -137,7 +130,7 @@ def _ddp_rank(rank: int, port: int, root: str, tok: str, out: str) -> None:
 
 
 @pytest.mark.slow  # two spawned processes: about a minute on a busy 2-core machine
-def test_a_corrupt_shard_alone_on_a_ddp_rank_does_not_stop_training(tmp_path, tok):
+def test_a_corrupt_shard_alone_on_a_ddp_rank_does_not_stop_training(tmp_path, tokenizer_dir):
     import torch.multiprocessing as mp
 
     paths = write_train(tmp_path, [nlvr2_records("train0", 8), nlvr2_records("train1", 8)])
@@ -146,7 +139,7 @@ def test_a_corrupt_shard_alone_on_a_ddp_rank_does_not_stop_training(tmp_path, to
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ranks.json"
-    mp.spawn(_ddp_rank, args=(port, str(tmp_path), str(tok), str(out)), nprocs=2)
+    mp.spawn(_ddp_rank, args=(port, str(tmp_path), str(tokenizer_dir), str(out)), nprocs=2)
     ranks = json.loads(out.read_text())
     for r in ranks:
         assert r["batches"] == 16 // (2 * 2)
@@ -157,11 +150,11 @@ def test_a_corrupt_shard_alone_on_a_ddp_rank_does_not_stop_training(tmp_path, to
     assert sum(lost) > 0 and all(n % 8 == 0 for n in lost) and all(r["skipped"] == {} for r in ranks)
 
 
-def test_no_usable_example_anywhere_stops_with_one_message(tmp_path, tok):
+def test_no_usable_example_anywhere_stops_with_one_message(tmp_path, tokenizer_dir):
     paths = write_train(tmp_path, [nlvr2_records("train0", 4), nlvr2_records("train1", 4)])
     for p in paths:
         p.write_bytes(b"")
-    loader = dm_for(tmp_path, tok, num_workers=2).train_dataloader()
+    loader = dm_for(tmp_path, tokenizer_dir, num_workers=2).train_dataloader()
     with pytest.raises(RuntimeError) as info:
         next(iter(loader))
     message = str(info.value)
@@ -170,20 +163,20 @@ def test_no_usable_example_anywhere_stops_with_one_message(tmp_path, tok):
     assert "shard_error" in message
 
 
-def test_undecodable_images_everywhere_stop_with_one_message_not_a_hang(tmp_path, tok):
+def test_undecodable_images_everywhere_stop_with_one_message_not_a_hang(tmp_path, tokenizer_dir):
     recs = [dict(r, **{"img0.png": b"not an image"}) for r in nlvr2_records("train0", 6)]
     write_train(tmp_path, [recs[:3], recs[3:]])
-    loader = dm_for(tmp_path, tok, num_workers=0, shuffle_buffer=0).train_dataloader()
+    loader = dm_for(tmp_path, tokenizer_dir, num_workers=0, shuffle_buffer=0).train_dataloader()
     with pytest.raises(RuntimeError, match="no usable example in any of the 2 shard"):
         next(iter(loader))
 
 
-def test_a_run_of_undecodable_images_is_skipped_not_taken_for_a_dead_slot(tmp_path, tok, caplog):
+def test_a_run_of_undecodable_images_is_skipped_not_taken_for_a_dead_slot(tmp_path, tokenizer_dir, caplog):
     recs = nlvr2_records("train0", 12)
     for i in range(4):
         recs[i] = dict(recs[i], **{"img0.png": b"not an image"})
     write_train(tmp_path, [recs])
-    dm = dm_for(tmp_path, tok, num_workers=0, shuffle_buffer=0, batch_size=2)
+    dm = dm_for(tmp_path, tokenizer_dir, num_workers=0, shuffle_buffer=0, batch_size=2)
     with caplog.at_level("WARNING", logger="pumer_lightning.data"):
         keys = [k for b in dm.train_dataloader() for k in b["keys"]]
     # 6 steps of 2 = 12 examples: the 8 good ones, then (a new pass: the 4 bad ones skipped again) 4 more
@@ -193,7 +186,7 @@ def test_a_run_of_undecodable_images_is_skipped_not_taken_for_a_dead_slot(tmp_pa
 
 # ------------------------------------------------------------------------------------------------ mid-epoch resume
 @pytest.mark.parametrize("stop_at", [3, 8, 13])
-def test_mid_epoch_resume_continues_the_epoch_stream(tmp_path, tok, stop_at):
+def test_mid_epoch_resume_continues_the_epoch_stream(tmp_path, tokenizer_dir, stop_at):
     """40 examples in 3 shards (one record with an undecodable image), batch 4, 2 workers: 10 steps per epoch,
     2 epochs. A run stopped after ``stop_at`` steps (13: in the second epoch) (a checkpoint saved by ModelCheckpoint at that step) and
     resumed from that checkpoint runs exactly the batches of the uninterrupted run, in order: the rest of the
@@ -203,7 +196,7 @@ def test_mid_epoch_resume_continues_the_epoch_stream(tmp_path, tok, stop_at):
     write_train(tmp_path, [recs[:16], recs[16:28], recs[28:]])
 
     def dm():
-        return dm_for(tmp_path, tok, num_workers=2, shuffle_buffer=6)
+        return dm_for(tmp_path, tokenizer_dir, num_workers=2, shuffle_buffer=6)
 
     reference, ref_dm = BatchRecorder(), dm()
     trainer(tmp_path / "a", max_epochs=2).fit(reference, datamodule=ref_dm)

@@ -19,19 +19,6 @@ from pumer_lightning.models import build_backbone
 from pumer_lightning.reduce import ReducerSchedule
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> tuple[Path, Path]:
-    """A small SNLI-VE shapes world (several training shards) and its tokenizer."""
-    from pumer_lightning.data.shapes import ShapesSpec, World, generate
-
-    spec = ShapesSpec(
-        seed=5, num_train=60, num_val=8, num_test=8, world=World(image_size=32, patch_size=8), shard_size=8,
-        tasks=("snli_ve",),
-    )  # fmt: skip
-    root = generate(spec, tmp_path_factory.mktemp("shapes") / "shapes", workers=1, progress=False)
-    return root / "snli_ve", root / "tokenizer"
-
-
 def _setup(data_dir: Path, tokenizer: Path) -> VLDataModule:
     dm = VLDataModule(task="snli_ve", data_dir=data_dir, tokenizer=tokenizer, image_size=32, batch_size=4,
                       num_workers=0)  # fmt: skip
@@ -39,65 +26,65 @@ def _setup(data_dir: Path, tokenizer: Path) -> VLDataModule:
     return dm
 
 
-def _copy(shapes, tmp_path) -> Path:
-    return Path(shutil.copytree(shapes[0], tmp_path / "snli_ve"))
+def _copy(shapes_snli, tmp_path) -> Path:
+    return Path(shutil.copytree(shapes_snli[0], tmp_path / "snli_ve"))
 
 
-def test_intact_copy_sets_up(shapes, tmp_path):
+def test_intact_copy_sets_up(shapes_snli, tmp_path):
     """The control for the cases below: the same copy, untouched, sets up and yields a batch."""
-    dm = _setup(_copy(shapes, tmp_path), shapes[1])
+    dm = _setup(_copy(shapes_snli, tmp_path), shapes_snli[1])
     assert next(iter(dm.train_dataloader()))["labels"].shape == (4,)
 
 
-def test_data_dir_that_does_not_exist(shapes, tmp_path):
+def test_data_dir_that_does_not_exist(shapes_snli, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"data_dir {tmp_path / 'nowhere'} does not exist.*prepare"):
-        _setup(tmp_path / "nowhere", shapes[1])
+        _setup(tmp_path / "nowhere", shapes_snli[1])
 
 
-def test_data_dir_without_splits(shapes, tmp_path):
+def test_data_dir_without_splits(shapes_snli, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"split directory {tmp_path / 'train'} does not exist"):
-        _setup(tmp_path, shapes[1])
+        _setup(tmp_path, shapes_snli[1])
 
 
-def test_split_with_shards_but_no_meta(shapes, tmp_path):
-    data_dir = _copy(shapes, tmp_path)
+def test_split_with_shards_but_no_meta(shapes_snli, tmp_path):
+    data_dir = _copy(shapes_snli, tmp_path)
     (data_dir / "train" / "meta.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"train/meta.json is missing: .* is not a converted split"):
-        _setup(data_dir, shapes[1])
+        _setup(data_dir, shapes_snli[1])
 
 
-def test_meta_listing_shards_missing_on_disk(shapes, tmp_path, caplog):
+def test_meta_listing_shards_missing_on_disk(shapes_snli, tmp_path, caplog):
     """Shared storage not mounted, or only meta.json copied: the missing shard files are named at setup; with
     some shards there the run goes on (the missing ones are shard_error skips), with none it stops."""
-    data_dir = _copy(shapes, tmp_path)
+    data_dir = _copy(shapes_snli, tmp_path)
     tars = sorted((data_dir / "train").glob("*.tar"))
     assert len(tars) >= 2
     for tar in tars[1:]:
         tar.unlink()
     with caplog.at_level("WARNING", logger="pumer_lightning.data"):
-        dm = _setup(data_dir, shapes[1])
+        dm = _setup(data_dir, shapes_snli[1])
     assert f"missing on disk: {tars[1].name}" in caplog.text
     assert next(iter(dm.train_dataloader()))["labels"].shape == (4,)
     tars[0].unlink()
     with pytest.raises(FileNotFoundError, match=f"missing on disk: {tars[0].name}"):
-        _setup(data_dir, shapes[1])
+        _setup(data_dir, shapes_snli[1])
 
 
-def test_meta_listing_no_nonempty_shard(shapes, tmp_path, caplog):
+def test_meta_listing_no_nonempty_shard(shapes_snli, tmp_path, caplog):
     """Shard entries are claims: entries that say 0 do not keep their shards from being read (a warning names
     them); a split whose meta.json says it holds no example at all cannot size an epoch and stops."""
-    data_dir = _copy(shapes, tmp_path)
+    data_dir = _copy(shapes_snli, tmp_path)
     meta_path = data_dir / "train" / "meta.json"
     meta = json.loads(meta_path.read_text())
     for shard in meta["shards"]:
         shard["records"] = shard["samples"] = 0
     meta_path.write_text(json.dumps(meta))
     with caplog.at_level("WARNING", logger="pumer_lightning.data"):
-        batch = next(iter(_setup(data_dir, shapes[1]).train_dataloader()))
+        batch = next(iter(_setup(data_dir, shapes_snli[1]).train_dataloader()))
     assert batch["labels"].shape == (4,) and "vs listed 0 / 0" in caplog.text
     meta["num_samples"] = 0
     meta_path.write_text(json.dumps(meta))
-    dm = _setup(data_dir, shapes[1])
+    dm = _setup(data_dir, shapes_snli[1])
     with pytest.raises(ValueError, match="train: meta.json lists no non-empty shard"):
         dm.train_dataloader()
 

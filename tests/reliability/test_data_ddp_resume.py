@@ -36,13 +36,6 @@ STOP = 7
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    from pumer_lightning.data.shapes import save_tokenizer
-
-    return save_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """80 NLVR2 examples in 8 shards; every fifth record's left image does not decode."""
     root = tmp_path_factory.mktemp("ddp_resume")
@@ -79,13 +72,13 @@ def _loader(root: Path, tok: Path, rank: int):
     return StreamLoader(stream, num_batches=STEPS, num_workers=2)
 
 
-def test_per_rank_positions_round_trip_in_one_process(data, tok, caplog):
+def test_per_rank_positions_round_trip_in_one_process(data, tokenizer_dir, caplog):
     from pumer_lightning.data.stream import merge_rank_states
 
-    reference = {r: [b["keys"] for b in _loader(data, tok, r)] for r in (0, 1)}
+    reference = {r: [b["keys"] for b in _loader(data, tokenizer_dir, r)] for r in (0, 1)}
     first, states = {}, []
     for r in (0, 1):
-        loader = _loader(data, tok, r)
+        loader = _loader(data, tokenizer_dir, r)
         batches = iter(loader)
         first[r] = [next(batches)["keys"] for _ in range(STOP)]
         states.append(loader.state_dict())
@@ -95,26 +88,26 @@ def test_per_rank_positions_round_trip_in_one_process(data, tok, caplog):
     for r in (0, 1):  # each rank pulled more examples than its batches hold: an image failed to decode
         assert sum(saved["positions"][r]["pulls"]) > STOP * BATCH, saved["positions"][r]
     for r in (0, 1):
-        loader = _loader(data, tok, r)
+        loader = _loader(data, tokenizer_dir, r)
         loader.load_state_dict(saved)
         rest = [b["keys"] for b in loader]
         assert first[r] + rest == reference[r], f"rank {r}"
 
     # a checkpoint written before positions were saved per rank: rank 1 says what it has to assume
     legacy = {k: v for k, v in saved.items() if k != "positions"}
-    loader = _loader(data, tok, 1)
+    loader = _loader(data, tokenizer_dir, 1)
     loader.load_state_dict(legacy)
     with caplog.at_level(logging.WARNING, logger="pumer_lightning.data"):
         rest = [b["keys"] for b in loader]
     assert len(rest) == STEPS - STOP and "holds no stream position for rank 1" in caplog.text
 
 
-def test_merging_states_of_different_epochs_is_an_error(data, tok):
+def test_merging_states_of_different_epochs_is_an_error(data, tokenizer_dir):
     from pumer_lightning.data.stream import merge_rank_states
 
     states = []
     for r in (0, 1):
-        loader = _loader(data, tok, r)
+        loader = _loader(data, tokenizer_dir, r)
         batches = iter(loader)
         next(batches)
         states.append(loader.state_dict())
@@ -124,10 +117,12 @@ def test_merging_states_of_different_epochs_is_an_error(data, tok):
         merge_rank_states(states)
 
 
-def test_skip_counts_restore_per_rank(data, tok):
+def test_skip_counts_restore_per_rank(data, tokenizer_dir):
     by_rank = [{"train/decode_error": 2}, {"train/decode_error": 3, "train/bad_label": 1}]
     state = {"skipped": by_rank[0], "skipped_by_rank": by_rank, "train_stream": {}}
-    dm = VLDataModule(task="nlvr2", data_dir=str(data), tokenizer=str(tok), val_split=None, test_split=None)
+    dm = VLDataModule(
+        task="nlvr2", data_dir=str(data), tokenizer=str(tokenizer_dir), val_split=None, test_split=None
+    )
     dm.load_state_dict(state)  # one process resumes what two ranks saved: it takes the total
     assert dm.skipped == {"train/decode_error": 5, "train/bad_label": 1}
     dm.load_state_dict({**state, "skipped_by_rank": [by_rank[1]]})
@@ -200,13 +195,13 @@ def _rank(rank: int, port: int, root: str, tok: str, out: str) -> None:
 
 
 @pytest.mark.slow  # three 2-process Lightning fits in two spawned processes
-def test_sigterm_and_resume_under_ddp_continue_every_rank_exactly(data, tok, tmp_path):
+def test_sigterm_and_resume_under_ddp_continue_every_rank_exactly(data, tokenizer_dir, tmp_path):
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(data), str(tok), str(tmp_path)), nprocs=2)
+    mp.spawn(_rank, args=(port, str(data), str(tokenizer_dir), str(tmp_path)), nprocs=2)
     for r in (0, 1):
         result = json.loads((tmp_path / f"rank{r}.json").read_text())
         reference = result["reference"]

@@ -26,13 +26,6 @@ from pumer_lightning.data.schema import ShardInfo, SplitMeta, shard_name, write_
 from pumer_lightning.data.writer import write_shard
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    from pumer_lightning.data.shapes import save_tokenizer
-
-    return save_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
-
-
 def records(prefix: str, n: int) -> list[dict]:
     """``n`` NLVR2 records of one statement each (text ids ``<prefix>-<i>-0-0``)."""
     out = []
@@ -67,12 +60,12 @@ def keys(recs: list[dict]) -> list[str]:
     return [t["text_id"] for r in recs for t in json.loads(r["json"])["texts"]]
 
 
-def test_a_shard_listed_twice_is_an_error_naming_it_and_the_unlisted_one(tmp_path, tok):
+def test_a_shard_listed_twice_is_an_error_naming_it_and_the_unlisted_one(tmp_path, tokenizer_dir):
     shards = [records("a", 6), records("b", 6)]
     names = write_listed(tmp_path / "val", shards, [(0, 6), (0, 6)])  # b's entry overwritten by a's
     for stage in ("validate", "test", "fit"):
         with pytest.raises(ValueError) as info:
-            dm_for(tmp_path, tok).setup(stage)
+            dm_for(tmp_path, tokenizer_dir).setup(stage)
         message = str(info.value)
         assert str(tmp_path / "val" / "meta.json") in message, message
         assert f"shard {names[0]} is listed 2 times (shards[0], shards[1])" in message, message
@@ -80,22 +73,22 @@ def test_a_shard_listed_twice_is_an_error_naming_it_and_the_unlisted_one(tmp_pat
         assert len(message.splitlines()) == 1
 
 
-def test_a_shard_on_disk_that_no_entry_lists_is_an_error(tmp_path, tok):
+def test_a_shard_on_disk_that_no_entry_lists_is_an_error(tmp_path, tokenizer_dir):
     shards = [records("a", 4), records("b", 4), records("c", 4)]
     names = write_listed(tmp_path / "val", shards, [(0, 4), (2, 4)])
     (tmp_path / "val" / f".{names[1]}.tmp").write_bytes(b"")  # a shard being written: hidden, not a shard
     with pytest.raises(ValueError, match=rf"1 shard file\(s\) on disk are listed by no entry: {names[1]}\."):
-        dm_for(tmp_path, tok).setup("validate")
+        dm_for(tmp_path, tokenizer_dir).setup("validate")
     (tmp_path / "val" / names[1]).unlink()
-    dm = dm_for(tmp_path, tok)
+    dm = dm_for(tmp_path, tokenizer_dir)
     assert Counter(k for b in dm.eval_dataloader("val") for k in b["keys"]) == Counter(
         keys(shards[0]) + keys(shards[2])
     )
 
 
-def test_a_train_split_listed_twice_is_an_error(tmp_path, tok):
+def test_a_train_split_listed_twice_is_an_error(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match=r"train_split lists 'val' more than once"):
-        dm_for(tmp_path, tok, train_split=["val", "val"])
+        dm_for(tmp_path, tokenizer_dir, train_split=["val", "val"])
 
 
 class KeyRecorder(pl.LightningModule):
@@ -108,12 +101,12 @@ class KeyRecorder(pl.LightningModule):
         self.seen += batch["keys"]
 
 
-def test_meta_listing_more_records_than_a_complete_shard_holds_loses_nothing(tmp_path, tok, caplog):
+def test_meta_listing_more_records_than_a_complete_shard_holds_loses_nothing(tmp_path, tokenizer_dir, caplog):
     """Shard 1 holds 4 records, its entry says 7: all 10 examples are tested, nothing is counted as skipped,
     and the warning gives read vs listed without the word "lost"."""
     shards = [records("a", 6), records("b", 4)]
     names = write_listed(tmp_path / "val", shards, [(0, 6), (1, 7)])
-    dm, model = dm_for(tmp_path, tok), KeyRecorder()
+    dm, model = dm_for(tmp_path, tokenizer_dir), KeyRecorder()
     with caplog.at_level(logging.WARNING, logger="pumer_lightning.data"):
         pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                    enable_model_summary=False).test(model, datamodule=dm)  # fmt: skip
@@ -126,7 +119,7 @@ def test_meta_listing_more_records_than_a_complete_shard_holds_loses_nothing(tmp
     assert not any("lost" in m.replace("nothing is lost", "") for m in warned), warned
 
 
-def test_a_shard_cut_at_a_member_boundary_counts_what_it_lost(tmp_path, tok, caplog):
+def test_a_shard_cut_at_a_member_boundary_counts_what_it_lost(tmp_path, tokenizer_dir, caplog):
     """The same disagreement with the end-of-archive marker gone (the file cut after record 2 of 6): the 4
     examples that the listed count says are missing are counted as shard_error, naming the shard."""
     shards = [records("a", 4), records("b", 6)]
@@ -137,7 +130,7 @@ def test_a_shard_cut_at_a_member_boundary_counts_what_it_lost(tmp_path, tok, cap
             m.offset for m in tar.getmembers() if m.name.startswith("b-2-0.")
         )  # record 2's first header
     path.write_bytes(path.read_bytes()[:cut])
-    dm = dm_for(tmp_path, tok)
+    dm = dm_for(tmp_path, tokenizer_dir)
     with caplog.at_level(logging.WARNING, logger="pumer_lightning.data"):
         seen = [k for b in dm.eval_dataloader("val") for k in b["keys"]]
     assert Counter(seen) == Counter(keys(shards[0]) + keys(shards[1])[:2])

@@ -8,9 +8,7 @@ text list when the member parses, else one.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 from data_helpers import image_bytes, record
 
 from pumer_lightning.data import VLDataModule
@@ -18,19 +16,12 @@ from pumer_lightning.data.schema import ShardInfo, SplitMeta, shard_name, write_
 from pumer_lightning.data.writer import write_shard
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    from pumer_lightning.data.shapes import save_tokenizer
-
-    return save_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
-
-
 def caption_record(i: int, captions: int) -> dict:
     texts = [{"text_id": f"{i}-{j}", "text": f"caption {i} {j}"} for j in range(captions)]
     return record(f"img{i}", texts, [image_bytes((i, 0, 0), (12, 12))], image_index=i)
 
 
-def test_bad_caption_records_count_their_own_captions(tmp_path, tok):
+def test_bad_caption_records_count_their_own_captions(tmp_path, tokenizer_dir):
     recs = [caption_record(i, 3) for i in range(4)]
     recs[0] = dict(recs[0], json=b"{not json")  # the split's first record: 1 caption counted
     no_index = json.loads(recs[2]["json"])
@@ -44,7 +35,7 @@ def test_bad_caption_records_count_their_own_captions(tmp_path, tok):
                                  labels=None)  # fmt: skip
     write_split_meta(split_dir, meta)
     dm = VLDataModule(
-        task="retrieval", data_dir=str(tmp_path), tokenizer=str(tok), image_size=16, num_workers=0
+        task="retrieval", data_dir=str(tmp_path), tokenizer=str(tokenizer_dir), image_size=16, num_workers=0
     )
     texts = dm.retrieval_texts("val")
     assert texts.text_ids == ["1-0", "1-1", "1-2", "3-0", "3-1", "3-2"]

@@ -10,19 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
 from data_helpers import image_bytes, record
 
 from pumer_lightning.data import VLDataModule
 from pumer_lightning.data.schema import ShardInfo, SplitMeta, shard_name, write_split_meta
 from pumer_lightning.data.writer import write_shard
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    from pumer_lightning.data.shapes import save_tokenizer
-
-    return save_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
 
 
 def records(prefix: str, n: int, bad_image: bool = False) -> list[dict]:
@@ -57,12 +49,14 @@ def evaluate(root: Path, tok: Path, caplog) -> tuple[list[str], dict[str, int]]:
     return keys, dm.skipped
 
 
-def test_whole_shard_losses_larger_than_the_limit_are_warnings_naming_shard_and_error(tmp_path, tok, caplog):
+def test_whole_shard_losses_larger_than_the_limit_are_warnings_naming_shard_and_error(
+    tmp_path, tokenizer_dir, caplog
+):
     """Two shards of 30 and 25 examples lost whole (0 bytes; a JPEG under the shard's name) next to a good one."""
     paths = write_val(tmp_path / "val", [records("a", 30), records("b", 4), records("c", 25)])
     paths[0].write_bytes(b"")
     paths[2].write_bytes(image_bytes((1, 2, 3), (40, 40), "JPEG"))
-    keys, skipped = evaluate(tmp_path, tok, caplog)
+    keys, skipped = evaluate(tmp_path, tokenizer_dir, caplog)
     assert len(keys) == 4 and skipped == {"val/shard_error": 55}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for path, n in ((paths[0], 30), (paths[2], 25)):
@@ -72,9 +66,9 @@ def test_whole_shard_losses_larger_than_the_limit_are_warnings_naming_shard_and_
         assert "ReadError" in named[0] and "records read 0 vs" in named[0], named[0]
 
 
-def test_the_first_20_events_per_reason_are_warnings_then_one_notice(tmp_path, tok, caplog):
+def test_the_first_20_events_per_reason_are_warnings_then_one_notice(tmp_path, tokenizer_dir, caplog):
     write_val(tmp_path / "val", [records("bad", 23, bad_image=True), records("good", 5)])
-    keys, skipped = evaluate(tmp_path, tok, caplog)
+    keys, skipped = evaluate(tmp_path, tokenizer_dir, caplog)
     assert len(keys) == 5 and skipped == {"val/decode_error": 23}
     events = [r for r in caplog.records if "reason decode_error" in r.getMessage()]
     assert [r.levelno for r in events] == [logging.WARNING] * 20 + [logging.DEBUG] * 3

@@ -34,20 +34,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def shapes_vqa(tmp_path_factory) -> Path:
-    """Shapes VQA shards at the tiny presets' geometry: 48 training, 40 validation and 40 test questions."""
-    from pumer_lightning.data import ensure_shapes
-
-    root = tmp_path_factory.mktemp("tune_shapes") / "shapes96"
-    return ensure_shapes(root, num_train=48, num_val=40, num_test=40, tasks=("vqa2",), image_size=96,
-                         patch_size=16, workers=1, progress=False)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def trained(shapes_vqa, tmp_path_factory) -> dict:
+def trained(shapes, tmp_path_factory) -> dict:
     """A checkpoint of ``vilt_tiny`` fitted for a few steps with PuMer on, as ``make exp`` leaves it."""
     out = tmp_path_factory.mktemp("tune_runs")
-    args = run_args("vqa2", "vilt_tiny", shapes_vqa, out / "runs", "--trainer.limit_train_batches=3", "--trainer.max_epochs=1",
+    args = run_args("vqa2", "vilt_tiny", shapes, out / "runs", "--trainer.limit_train_batches=3", "--trainer.max_epochs=1",
                     "--trainer.limit_val_batches=1")  # fmt: skip
     cli = PumerCLI(args=["fit", *args])
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
