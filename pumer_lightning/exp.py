@@ -374,10 +374,12 @@ def _caveats(cli: Any, score: float | None, controls: dict[str, dict[str, float]
     )
     pretrained = cli.model.spec.checkpoint is not None
     how = "fine-tunes a tiny pre-trained model" if pretrained else "trains a tiny model from scratch"
+    schedule = cli.model.backbone.reducer
+    how += " with PuMer on" if schedule is not None and schedule.is_active else " with the reducers off"
     init = "pre-trained on captions" if pretrained else "random-init"
     return [
         "**What this demo shows:** the whole pipeline (shards -> DataModule -> reducer inside the backbone -> task "
-        f"module -> callbacks -> TensorBoard) {how} with PuMer on; it learns the "
+        f"module -> callbacks -> TensorBoard) {how}; it learns the "
         "single-attribute questions beyond their answer priors (33% for shapes, 17% for colours: compare the "
         "per-type table); the "
         "reducer removes the tokens in the table, which is the FLOP ratio, and the interleaved timing is what "
