@@ -41,7 +41,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 overhead: $(STAMP) ## time one reduction step against one ViLT-B layer on CPU
 	$(BIN)/python -m pumer_lightning.models.overhead
 
-exp: $(STAMP) ## run an experiment end to end: fit, then test the best checkpoint (EXP=name ARGS="--overrides")
+exp: $(STAMP) ## run an experiment end to end: pre-train its starting weights once if missing, fit, test the best checkpoint (EXP=name ARGS="--overrides")
 	$(BIN)/python -m pumer_lightning.exp $(EXP) $(ARGS)
 
 tune: $(STAMP) ## choose a reducer schedule for the latest make exp checkpoint: front, recommended YAML (EXP=name ARGS="--max-drop 1")
