@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 
 import torch
@@ -40,18 +41,21 @@ def attention_probs(
     twice as fast as fp32 (MKL) on small matrices.
     """
     exact_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and cpu_bf16_matmul()
-    q = fp32_contiguous(q)
-    # contiguous (B, H, N, D) keys: the matmul reads them transposed without another copy
-    with bf16_products(exact_bf16):
-        logits = torch.matmul(q, fp32_contiguous(k).mT)
+    scale = q.shape[-1] ** -0.5
     if key_mask is not None:
         masked = torch.zeros(key_mask.shape, device=q.device).masked_fill_(~key_mask.bool(), float("-inf"))
         bias = masked if bias is None else bias.float() + masked
-    scale = q.shape[-1] ** -0.5
-    if bias is None:
-        logits = logits.mul_(scale)
-    else:
+    # without a bias, a power-of-two scale (head size 16, 64, 256...) goes on the few query rows instead of the
+    # logits: scaling by a power of two is exact, so the logits are the same (and so are bf16 queries' products)
+    prescale = bias is None and math.frexp(scale)[0] == 0.5
+    q = fp32_contiguous(q) * scale if prescale else fp32_contiguous(q)
+    # contiguous (B, H, N, D) keys: the matmul reads them transposed without another copy
+    with bf16_products(exact_bf16):
+        logits = torch.matmul(q, fp32_contiguous(k).mT)
+    if bias is not None:
         logits = torch.add(bias.float()[:, None, None, :], logits, alpha=scale)
+    elif not prescale:
+        logits = logits.mul_(scale)
     return logits.softmax(dim=-1)
 
 
