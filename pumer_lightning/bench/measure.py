@@ -1,4 +1,5 @@
-"""Measuring instruments: FLOPs, peak memory, reducer time, timers, and the machine's description.
+"""Measuring instruments: FLOPs, peak memory, reducer time, op and kernel counts (the machine's description and the
+precision map are the lab layer's: `pumer_lightning.lab.machine`, `pumer_lightning.lab.context`).
 
 * **FLOPs** come from `torch.utils.flop_counter.FlopCounterMode` (matmul, conv and attention; 2 FLOPs per
   multiply-add; softmax, norms, activations, gathers and top-k are not counted). Its registry has no formula for
@@ -28,17 +29,12 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import platform
 import re
-import subprocess
 import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -406,115 +402,11 @@ def synchronize(device: torch.device) -> None:
 
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp16-true", "bf16-true")
-"""fp16/bf16: autocast over fp32 weights; fp16-true/bf16-true: weights cast to half once, no autocast."""
+"""fp16/bf16: autocast over fp32 weights; fp16-true/bf16-true: weights cast to half once, no autocast (the one
+precision map, `pumer_lightning.lab.context`, says what each runs as: `autocast`, `weight_dtype`)."""
 
 
-def weight_dtype(precision: str) -> torch.dtype:
-    """The dtype of the weights (and floating inputs) under ``precision``."""
-    return {"fp16-true": torch.float16, "bf16-true": torch.bfloat16}.get(precision, torch.float32)
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for ``fp16``/``bf16``; a disabled one for ``fp32`` and the half-weight precisions."""
-    if precision not in ("fp16", "bf16"):
-        return torch.autocast(device.type, enabled=False)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
-
-
-# ---- machine description ----------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(
-                    f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}
-                )
-    except OSError:
-        pass
-    return []
-
-
-def _mem_total() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "pumer_lightning"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("+dirty" if dirty else "")) or None
-
-
-def machine_info(device: torch.device) -> dict:
-    """Hardware and software versions, for the JSON."""
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    hardware = {
-        "device": device.type,
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "logical_cpus": os.cpu_count(),
-        "cpus_available": affinity,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "memory_bytes": _mem_total(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        hardware.update(
-            gpu=props.name,
-            gpu_memory_bytes=props.total_memory,
-            gpu_capability=f"{props.major}.{props.minor}",
-            cuda=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version(),
-        )
-    software = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "numpy": _version("numpy"),
-        "pumer_lightning": _version("pumer-lightning"),
-        "git_commit": _git_commit(),
-        "mkl": torch.backends.mkl.is_available(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "openmp": torch.backends.openmp.is_available(),
-    }
-    return {"hardware": hardware, "software": software}
+def mixed_precision(precision: str) -> str:
+    """The precision of the training step: a half-weight precision trains as its autocast counterpart over fp32
+    weights (``bf16-true`` -> ``bf16``, Lightning's ``bf16-mixed``); the others as they are."""
+    return precision.removesuffix("-true")

@@ -81,8 +81,15 @@ class Options:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """the device (auto: CUDA when there is one)"""
     precision: PrecisionChoice = "auto"
-    """auto: fp16 autocast on CUDA, fp32 on CPU; fp16/bf16: autocast; fp16-true/bf16-true: weights cast to half
-    once (no autocast, no per-call recast)"""
+    """auto: fp16 autocast on CUDA; on a CPU fp32, then bf16-true when the CPU has bf16 matrix instructions (see
+    --cpu-bf16); fp16/bf16: autocast; fp16-true/bf16-true: weights cast to half once (no autocast, no per-call
+    recast), the training step running the autocast counterpart over fp32 weights (bf16-true trains as bf16-mixed)"""
+    cpu_bf16: Literal["auto", "on", "off"] = "auto"
+    """bf16 rows on a CPU with --precision auto: auto when the CPU has bf16 matrix instructions (avx512_bf16, amx_bf16;
+    else a message says why not), on even without them (emulated, slow), off never"""
+    fp32_reference: bool = True
+    """in a CPU half-precision run, the fp32 baseline timed in the same rounds and training rounds (the
+    bf16-over-fp32 ratio)"""
     threads: int | None = None
     """torch.set_num_threads (default: torch's default)"""
     compile: bool = False

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pumer_lightning.reduce import ReducerSchedule
 
+from .precision import reference_section, reference_summary
+
 REQUIRED_FIELDS = (
     "name",
     "examples_per_s",
@@ -77,6 +79,8 @@ def hardware_line(result: dict) -> str:
     else:
         flags = "/".join(hw.get("cpu_flags") or []) or "?"
         where = f"{hw['cpu']} ({flags}), {pr['threads']} threads, {pr['precision']}"
+        if hw.get("kernels_summary"):
+            where += f" ({hw['kernels_summary']})"
     return (
         f"{where}; torch {sw['torch']}, transformers {sw['transformers']}, Python {sw['python']}; "
         f"commit {sw.get('git_commit') or '?'}"
@@ -125,6 +129,7 @@ def markdown(result: dict) -> str:
             f"| {s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f}) "
             f"| {_pct(s['reducer_time_share'])} |"
         )
+    lines += reference_section(result)
     lines += launch_section(result)
     lines += training_section(result)
     lines += ["", "Tokens entering each layer (image / text; the image count includes the image CLS):", ""]
@@ -284,6 +289,9 @@ def summary(result: dict) -> str:
             )
         if extra:
             out.append(" " * 18 + "; ".join(extra))
+    reference = reference_summary(result)
+    if reference:
+        out.append(reference)
     return "\n".join(out)
 
 

@@ -12,13 +12,15 @@ from datetime import datetime, timezone
 
 import torch
 
+from pumer_lightning.lab.machine import machine_info
 from pumer_lightning.measure import median_rates, paired_speedups, speedup
 
 from . import report
 from .experiments import Setting
 from .forwards import has_reducer_impl
-from .measure import REDUCE_RANGE, machine_info
-from .stages import TRAIN_LR, Batch, Measured, steps_per_forward
+from .measure import REDUCE_RANGE
+from .precision import cpu_bf16, kernels_line, reference_fields, setting_vs_reference
+from .stages import REFERENCE, TRAIN_LR, Batch, Measured, steps_per_forward
 
 SCHEMA = "pumer-lightning/bench/1"
 BASELINE = "baseline"
@@ -364,6 +366,8 @@ def protocol(batch: Batch, m: Measured) -> dict:
     return {
         "device": device.type,
         "precision": precision,
+        "train_precision": batch.train_precision,
+        "fp32_reference": batch.reference,
         "autocast": precision in ("fp16", "bf16"),
         "half_weights": precision.endswith("-true"),
         "inference_mode": True,
@@ -425,6 +429,32 @@ def build_result(batch: Batch, m: Measured, name: str) -> dict:
             "num_layers": backbone.num_layers,
         },
         "protocol": protocol(batch, m),
-        **machine_info(batch.device),
-        "settings": [setting_entry(batch, m, s) for s in batch.settings],
+        **_machine(batch, m),
+        **_settings_and_reference(batch, m),
     }
+
+
+def _machine(batch: Batch, m: Measured) -> dict:
+    """`machine_info`, with on a CPU its bf16 matrix support (`cpu_bf16`) and what the matmuls of the baseline and
+    the released setting ran on (`kernel_report`; ``kernels_summary`` in one line)."""
+    info = machine_info(batch.device)
+    if batch.device.type == "cpu":
+        info["hardware"]["bf16"] = cpu_bf16()
+        info["hardware"]["kernels"] = m.kernels_used
+        info["hardware"]["kernels_summary"] = kernels_line(m.kernels_used.get(BASELINE))
+    return info
+
+
+def _settings_and_reference(batch: Batch, m: Measured) -> dict:
+    """The ``settings`` list and, in a run with the fp32 reference, ``fp32_reference`` (with each setting's figures
+    against it)."""
+    settings = [setting_entry(batch, m, s) for s in batch.settings]
+    if not batch.reference:
+        return {"settings": settings}
+    reference = reference_fields(
+        REFERENCE, m.probes[REFERENCE], m.timing.times, m.train_probe, m.train_times, batch.batch_size
+    )
+    reference["token_agreement"] = m.agreement
+    for entry in settings:
+        entry.update(setting_vs_reference(entry, reference))
+    return {"fp32_reference": reference, "settings": settings}

@@ -39,12 +39,14 @@ The stages are in `stages`, the forwards they time in `forwards`, the JSON they 
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 
+from pumer_lightning.lab.context import autocast, weight_dtype
 from pumer_lightning.reduce import ABLATIONS as REDUCE_ABLATIONS
 
 from . import report, stages
@@ -59,12 +61,15 @@ from .experiments import (
     make_settings,
 )
 from .forwards import eager_runner
-from .measure import PRECISIONS, autocast, synchronize, weight_dtype
+from .measure import PRECISIONS, synchronize
 from .options import QUICK_SETTINGS, REDUCER_IMPLS, Options
+from .parts import part_of, tokens_by_part
+from .precision import kernel_report, probe_reference, run_precisions, token_agreement
 from .results import SCHEMA, build_result, group_modules, memory_bound
-from .stages import Measured, part_of, tokens_by_part
+from .stages import REFERENCE, Measured
 
 RANGE_PREFIX = "pumer."
+KERNEL_SETTINGS = ("baseline", "pumer")  # whose forward is run once under the libraries' verbose modes
 
 
 def log(options: Options, message: str) -> None:
@@ -72,19 +77,19 @@ def log(options: Options, message: str) -> None:
         print(message, flush=True)
 
 
-def resolve_device(options: Options) -> tuple[torch.device, str]:
+def resolve_device(options: Options) -> tuple[torch.device, list[str]]:
+    """The device and the precisions to measure on it, in order (`precision.run_precisions`)."""
     if options.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(options.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but torch.cuda.is_available() is False")
-    precision = options.precision
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return device, precision
+    if options.precision != "auto" and options.precision not in PRECISIONS:
+        raise ValueError(
+            f"precision must be auto or one of {', '.join(PRECISIONS)}, got {options.precision!r}"
+        )
+    return device, run_precisions(options.precision, options.cpu_bf16, device)
 
 
 def default_name(
@@ -135,24 +140,43 @@ def measure_batch(
     device: torch.device,
     precision: str,
     options: Options,
+    train_model: TaskModel | None = None,
 ) -> dict:
     """Run the protocol for one batch size (the stages in `stages`); returns the result dict that becomes the JSON.
 
-    The model's own schedule is left as it was: every forward runs its setting through ``backbone.using``.
+    ``train_model`` holds the fp32 weights of a half-weight run (the training step and the fp32 reference run on
+    it); None: ``model`` itself. The model's own schedule is left as it was: every forward runs its setting through
+    ``backbone.using``.
     """
-    batch = stages.prepare(exp, model, settings, batch_size, device, precision, options)
+    train_model = model if train_model is None else train_model
+    batch = stages.prepare(exp, model, settings, batch_size, device, precision, options, train_model)
     eager = {s.name: eager_runner(model, s, batch.inputs) for s in settings}
+    train_runs = {s.name: eager_runner(train_model, s, batch.train_inputs) for s in settings}
+    if batch.reference:  # the fp32 baseline, timed beside the settings
+        train_runs[REFERENCE] = eager[REFERENCE] = train_runs["baseline"]
     m = Measured(probes=stages.probe_settings(batch, eager))  # 1. FLOPs, memory, tokens
+    if device.type == "cpu":  # what the matmuls ran on
+        with batch.inference():
+            m.kernels_used = {
+                s.name: kernel_report(eager[s.name]) for s in settings if s.name in KERNEL_SETTINGS
+            }
     if options.op_count:
         m.ops = stages.count_settings_ops(batch)  # 2. launch overhead: ops per forward
     m.kernels = stages.count_step_kernels(batch)  # 2. the compiled reduction step's kernels
     if options.train:
-        m.train_probe = stages.probe_training(batch, eager)  # 3. memory kept for backward
+        m.train_probe = stages.probe_training(batch, train_runs)  # 3. memory kept for backward
+    if batch.reference:
+        m.probes[REFERENCE] = probe_reference(train_model, batch.train_inputs, eager[REFERENCE])
+        m.agreement = {
+            s.name: token_agreement(model, train_model, s.schedule, batch.inputs, batch.train_inputs)
+            for s in settings
+            if s.kind == "released"
+        }
     runners, m.compile_s = stages.timed_runners(batch, eager)
     m.timing = stages.time_inference(batch, runners, m.probes)  # 4-5. warm-up and timed rounds
     m.profiled = stages.reducer_shares(batch, runners, m.timing.inner)  # 6. the reducer's share
     if options.train:
-        m.train_times, m.train_rounds = stages.time_training(batch, eager)  # 7. training rounds
+        m.train_times, m.train_rounds = stages.time_training(batch, train_runs)  # 7. training rounds
     name = options.name or default_name(
         exp, device, precision, batch_size, options.compile, options.cuda_graph, options.reducer_impl
     )
@@ -172,40 +196,62 @@ def run_bench(exp_names: list[str], options: Options) -> list[dict]:
 
 
 def _run_bench(exp_names: list[str], options: Options) -> list[dict]:
-    device, precision = resolve_device(options)
+    device, precisions = resolve_device(options)
     exps = [get_experiment(name, tiny=options.tiny) for name in exp_names]
-    if options.name and (len(exps) > 1 or len(options.batch_sizes) > 1):
-        raise ValueError("--name names one output; it needs a single experiment and a single batch size")
+    if options.name and (len(exps) > 1 or len(options.batch_sizes) > 1 or len(precisions) > 1):
+        raise ValueError(
+            "--name names one output; it needs a single experiment, batch size and precision (this run measures "
+            f"{', '.join(precisions)}: pick one with --precision)"
+        )
     out_dir = Path(options.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     all_results = []
     for exp in exps:
         t0 = time.perf_counter()
         settings = select_settings(exp, options)
-        # half-weight precisions: the weights are cast once here, never per call
-        model = build_model(exp, seed=options.seed).to(device, weight_dtype(precision))
+        model = build_model(exp, seed=options.seed).to(device)
         n_params = sum(p.numel() for p in model.parameters())
         log(
             options,
             f"[{exp.name}] {exp.preset} + {exp.task} head, {n_params / 1e6:.1f}M params, random weights; "
-            f"settings: {', '.join(s.name for s in settings)}",
+            f"settings: {', '.join(s.name for s in settings)}; precisions: {', '.join(precisions)}",
         )
-        per_batch = []
-        for batch in options.batch_sizes:
-            result = measure_batch(exp, model, settings, batch, device, precision, options)
-            if options.profile:
-                result["profile"] = profile_settings(model, settings, exp, batch, device, precision, options)
-            paths = report.write_result(result, out_dir, plot=options.plot)
-            log(options, report.summary(result))
-            log(options, "wrote " + ", ".join(str(p) for p in paths))
-            per_batch.append(result)
-        if len(per_batch) > 1:
-            paths = report.write_batch_sweep(per_batch, out_dir, plot=options.plot)
-            log(options, "wrote " + ", ".join(str(p) for p in paths))
-        all_results.extend(per_batch)
+        for precision in precisions:
+            # half-weight precisions: the weights are cast once here, never per call; the fp32 ones stay for the
+            # training step (its autocast counterpart) and the fp32 reference
+            dtype = weight_dtype(precision)
+            run_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+            all_results.extend(_run_precision(exp, run_model, model, settings, device, precision, options))
+            del run_model
         log(options, f"[{exp.name}] done in {time.perf_counter() - t0:.0f} s")
         del model
     return all_results
+
+
+def _run_precision(
+    exp: Experiment,
+    model: TaskModel,
+    fp32_model: TaskModel,
+    settings: list[Setting],
+    device: torch.device,
+    precision: str,
+    options: Options,
+) -> list[dict]:
+    """Every batch size of one experiment in one precision: the results, written as JSON, Markdown and PNG."""
+    out_dir = Path(options.out_dir)
+    per_batch = []
+    for batch in options.batch_sizes:
+        result = measure_batch(exp, model, settings, batch, device, precision, options, fp32_model)
+        if options.profile:
+            result["profile"] = profile_settings(model, settings, exp, batch, device, precision, options)
+        paths = report.write_result(result, out_dir, plot=options.plot)
+        log(options, report.summary(result))
+        log(options, "wrote " + ", ".join(str(p) for p in paths))
+        per_batch.append(result)
+    if len(per_batch) > 1:
+        paths = report.write_batch_sweep(per_batch, out_dir, plot=options.plot)
+        log(options, "wrote " + ", ".join(str(p) for p in paths))
+    return per_batch
 
 
 def profile_settings(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pumer_lightning.lab.context import autocast, weight_dtype
 from pumer_lightning.measure import interleaved_times, spread
 
 from .experiments import Experiment, Inputs, Setting, TaskModel, make_inputs
@@ -32,20 +32,21 @@ from .measure import (
     REDUCE_RANGE,
     SavedBytesByPart,
     TensorMemoryTracker,
-    autocast,
     compiled_kernel_count,
     count_ops,
     flops_by_module,
+    mixed_precision,
     reduce_range_profile,
     synchronize,
-    weight_dtype,
 )
 from .options import REDUCER_IMPLS, Options
+from .parts import part_key, part_of, tokens_by_part
 
 OPS_BATCH = 2  # op counts do not depend on the batch size; 2 as the issue's counter
 TRAIN_LR = 0.0  # AdamW at lr 0 costs the same as any lr and keeps the random weights the timed forwards use
 CUDA_MIN_SAMPLE_S = 0.05  # a timed sample on CUDA repeats the forward until it lasts this long
 WARMUP_MAX_PROBE_S = 30.0  # no warm-up round by default when the probe round took longer (CPU, full size)
+REFERENCE = "fp32 baseline"  # the fp32 baseline a CPU half-precision run times beside its settings
 
 
 @dataclass
@@ -59,6 +60,10 @@ class Batch:
     device: torch.device
     precision: str
     options: Options
+    train_model: TaskModel  # fp32 weights: the training step, under `train_precision`, and the fp32 reference
+    train_inputs: Inputs
+    train_precision: str
+    reference: bool  # the fp32 baseline (`REFERENCE`) is timed and probed beside the settings
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -90,9 +95,10 @@ class Batch:
         with torch.inference_mode(), autocast(self.device, self.precision):
             yield
 
-    def timer_context(self, _name: str) -> contextlib.AbstractContextManager:
-        """`interleaved_times`'s per-sample context for inference (outside the timed region)."""
-        return self.inference()
+    def timer_context(self, name: str) -> contextlib.AbstractContextManager:
+        """`interleaved_times`'s per-sample context for inference (outside the timed region); the fp32 reference
+        runs without autocast."""
+        return torch.inference_mode() if name == REFERENCE else self.inference()
 
 
 @dataclass
@@ -119,6 +125,8 @@ class Measured:
     profiled: dict[str, dict] = field(default_factory=dict)
     train_times: dict[str, list[float]] = field(default_factory=dict)
     train_rounds: int = 0
+    kernels_used: dict[str, dict] = field(default_factory=dict)  # CPU: what the matmuls ran on
+    agreement: dict[str, list[dict]] = field(default_factory=dict)  # tokens kept, merged as in fp32
 
 
 # ---- stage 0: inputs and checks ----------------------------------------------------------------------------------
@@ -130,16 +138,30 @@ def prepare(
     device: torch.device,
     precision: str,
     options: Options,
+    train_model: TaskModel,
 ) -> Batch:
-    """The batch's inputs (on the device, images in the weights' dtype); refuses options the run cannot honour."""
+    """The batch's inputs (on the device, images in the weights' dtype; fp32 for ``train_model``, the fp32 weights
+    of a half-weight run); refuses options the run cannot honour."""
     if options.cuda_graph and device.type != "cuda":
         raise ValueError("--cuda-graph needs a CUDA device")
     if options.reducer_impl is not None and options.reducer_impl not in REDUCER_IMPLS:
         raise ValueError(f"reducer_impl must be one of {REDUCER_IMPLS}, got {options.reducer_impl!r}")
-    inputs = make_inputs(exp, model.backbone, batch_size, seed=options.seed).to(
-        device, weight_dtype(precision)
+    fp32_inputs = make_inputs(exp, model.backbone, batch_size, seed=options.seed).to(device)
+    inputs = fp32_inputs.to(device, weight_dtype(precision))
+    half = weight_dtype(precision) != torch.float32
+    batch = Batch(
+        exp,
+        model,
+        settings,
+        inputs,
+        device,
+        precision,
+        options,
+        train_model,
+        fp32_inputs,
+        train_precision=mixed_precision(precision),
+        reference=half and device.type == "cpu" and options.fp32_reference and not options.compile,
     )
-    batch = Batch(exp, model, settings, inputs, device, precision, options)
     if options.reducer_impl is not None and not has_reducer_impl(model.backbone):
         batch.warn(f"the backbone has no reducer_impl; --reducer-impl {options.reducer_impl} is ignored")
     # every compiled reduction step specialises on its plan and batch size; whole forwards on the setting
@@ -278,71 +300,6 @@ def steps_per_forward(setting: Setting, model: TaskModel, inputs: Inputs) -> int
 
 
 # ---- stage 3: training step under the instruments ------------------------------------------------------------------
-_BLOCK = re.compile(r"^backbone\.(?:(encoder\.layer)|cross_modal_(text|image)_layers)\.(\d+)(?:\.(\w+))?")
-_TAIL = re.compile(r"^(?:head|backbone\.(?:layernorm|pooler|cross_modal_\w+_pooler))(?:\.|$)")
-_POST = ("layernorm_after", "intermediate", "output")  # the modules of a block that run after its reduction
-_PART = re.compile(r"^(\d+)([ti]?)(\+?)$")
-
-
-def part_of(name: str) -> str:
-    """The part of the task model a module belongs to, for attributing what is saved for backward.
-
-    Block ``l`` of ViLT (``backbone.encoder.layer.l``) is split at its reduction: ``"l"`` (norm and attention,
-    before it) and ``"l+"`` (norm and MLP, after it). METER's text layer ``l`` likewise gives ``"lt"`` (self- and
-    cross-attention, before the reduction) and ``"lt+"`` (its MLP, after it), and its image layer ``"li+"`` (it
-    runs on the reduced image tokens). Ops between module calls belong to the last module entered. ``"tail"``: the final norm,
-    the poolers and the head; ``"other"``: everything before the blocks (embeddings, METER's unimodal towers).
-    """
-    match = _BLOCK.match(name)
-    if match:
-        vilt, stream, layer, sub = match.groups()
-        post = "+" if sub in _POST else ""
-        if vilt:
-            return f"{layer}{post}"
-        return f"{layer}i+" if stream == "image" else f"{layer}t{post}"
-    return "tail" if _TAIL.match(name) else "other"
-
-
-def tokens_by_part(
-    schedule, n_image: int, n_text: int, num_layers: int, passes: int, parts: list[str]
-) -> dict[str, int]:
-    """Tokens each part (`part_of`) sees in one forward of ``passes`` backbone passes, from the schedule's plan.
-
-    A part before the reduction of block ``l`` sees the tokens entering it, a part after it those leaving it
-    (entering block ``l + 1``); METER's ``lt+`` counts the text stream only and ``li+`` the image stream only,
-    while ``lt`` counts both (its cross-attention reads the image tokens); the tail sees what leaves the last
-    block. Parts without a count (``other``) are left out.
-    """
-    if schedule is None:
-        image, text = [n_image] * (num_layers + 1), [n_text] * (num_layers + 1)
-    else:
-        image, text = schedule.tokens_per_layer(n_image, n_text, num_layers + 1)
-    out: dict[str, int] = {}
-    for part in parts:
-        if part == "tail":
-            out[part] = passes * (image[num_layers] + text[num_layers])
-            continue
-        match = _PART.match(part)
-        if not match:
-            continue
-        layer, stream, post = int(match.group(1)), match.group(2), match.group(3)
-        idx = layer + 1 if post else layer
-        count = {
-            "": image[idx] + text[idx],
-            "t": text[idx] if post else image[idx] + text[idx],
-            "i": image[idx],
-        }
-        out[part] = passes * count[stream]
-    return out
-
-
-def _part_key(part: str) -> tuple:
-    match = _PART.match(part)
-    if match:
-        return (1, int(match.group(1)), match.group(2), match.group(3))
-    return (0,) if part == "other" else (2,)
-
-
 def _allocate_grads(model: torch.nn.Module) -> list[torch.Tensor]:
     """Zeroed parameter gradients, allocated before the step so that its peak is what the step itself adds."""
     grads = []
@@ -395,7 +352,7 @@ def _train_probe(
         memory = {"peak_mem_bytes": tracker.peak_bytes, "activation_peak_bytes": tracker.peak_new_bytes}
     return {
         **memory,
-        "saved_bytes_by_part": dict(sorted(saved.by_part.items(), key=lambda kv: _part_key(kv[0]))),
+        "saved_bytes_by_part": dict(sorted(saved.by_part.items(), key=lambda kv: part_key(kv[0]))),
         "tokens_by_part": tokens_by_part(
             setting.schedule,
             backbone.num_image_tokens,
@@ -408,16 +365,25 @@ def _train_probe(
     }
 
 
-def probe_training(batch: Batch, eager: dict[str, Callable]) -> dict[str, dict]:
-    """Stage 3: `_train_probe` every setting (memory kept for backward, training FLOPs)."""
-    batch.log(f"{batch.tag} training step: memory kept for backward, FLOPs")
+def training_runs(batch: Batch) -> list[tuple[str, Setting, str]]:
+    """``(name, setting, precision)`` of every training step measured: each setting under the training precision,
+    then (with ``batch.reference``) the fp32 baseline, all on the fp32 weights of ``batch.train_model``."""
+    runs = [(s.name, s, batch.train_precision) for s in batch.settings]
+    if batch.reference:
+        runs.append((REFERENCE, next(s for s in batch.settings if s.schedule is None), "fp32"))
+    return runs
+
+
+def probe_training(batch: Batch, runs: dict[str, Callable]) -> dict[str, dict]:
+    """Stage 3: `_train_probe` every training step of `training_runs` (memory kept for backward, FLOPs)."""
+    batch.log(f"{batch.tag} training step ({batch.train_precision}): memory kept for backward, FLOPs")
     probes = {}
-    for s in batch.settings:
-        t = probes[s.name] = _train_probe(
-            batch.model, s, eager[s.name], batch.inputs, batch.device, batch.precision
+    for name, setting, precision in training_runs(batch):
+        t = probes[name] = _train_probe(
+            batch.train_model, setting, runs[name], batch.train_inputs, batch.device, precision
         )
         batch.log(
-            f"  {s.name:>14}: peak {t['peak_mem_bytes'] / 2**20:8.1f} MiB, activations "
+            f"  {name:>14}: peak {t['peak_mem_bytes'] / 2**20:8.1f} MiB, activations "
             f"{t['activation_peak_bytes'] / 2**20:8.1f} MiB, saved for backward "
             f"{sum(t['saved_bytes_by_part'].values()) / 2**20:8.1f} MiB"
         )
@@ -549,13 +515,15 @@ def _train_step(
     return step
 
 
-def time_training(batch: Batch, eager: dict[str, Callable]) -> tuple[dict[str, list[float]], int]:
-    """Stage 7: forward + backward + AdamW step per setting in train mode, a warm-up round (which also allocates
-    AdamW's state and sizes the rounds) then interleaved rounds as for inference. Returns the times and rounds."""
-    options, model, device = batch.options, batch.model, batch.device
+def time_training(batch: Batch, runs: dict[str, Callable]) -> tuple[dict[str, list[float]], int]:
+    """Stage 7: forward + backward + AdamW step of every training step of `training_runs` in train mode, a warm-up
+    round (which also allocates AdamW's state and sizes the rounds) then interleaved rounds as for inference.
+    Returns the times and rounds."""
+    options, model, device = batch.options, batch.train_model, batch.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR)
     steps = {
-        s.name: _train_step(model, eager[s.name], optimizer, device, batch.precision) for s in batch.settings
+        name: _train_step(model, runs[name], optimizer, device, precision)
+        for name, _, precision in training_runs(batch)
     }
     model.train()
     try:

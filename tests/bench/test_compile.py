@@ -57,7 +57,7 @@ def test_bench_times_compiled_models(tmp_path):
         ["vilt_vqa2"],
         Options(
             tiny=True, compile=True, threads=1, settings=["pumer"], keep_sweep=(), rounds=2, warmup=1,
-            train=False, kernel_count="none", out_dir=tmp_path, verbose=False, plot=False,
+            train=False, kernel_count="none", cpu_bf16="off", out_dir=tmp_path, verbose=False, plot=False,
         ),
     )  # fmt: skip
     assert result["name"] == "tiny_vilt_vqa2_cpu_b8_compiled"
@@ -77,7 +77,7 @@ def test_bench_counts_the_kernels_of_the_compiled_reduction_step(tmp_path):
         ["vilt_nlvr2"],
         Options(
             tiny=True, threads=1, settings=["pumer"], keep_sweep=(), rounds=1, warmup=0, train=False,
-            kernel_count="released", out_dir=tmp_path, verbose=False, plot=False,
+            kernel_count="released", cpu_bf16="off", out_dir=tmp_path, verbose=False, plot=False,
         ),
     )  # fmt: skip
     if not result["protocol"]["reducer_impl_available"]:

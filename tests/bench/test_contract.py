@@ -34,6 +34,7 @@ def _options(out: Path, **kw) -> Options:
         tiny=True,
         threads=1,
         kernel_count="none",  # inductor compiles for minutes on a CPU: test_compile counts the kernels
+        cpu_bf16="off",  # one precision per run: the bf16 rows have their own tests (test_precision.py)
     )
     base.update(kw)
     return Options(**base)

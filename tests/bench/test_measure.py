@@ -167,7 +167,7 @@ def test_bench_reports_reducer_ops_per_step_from_the_same_counter(tmp_path):
         ["vilt_nlvr2"],
         Options(
             tiny=True, settings=["pumer"], keep_sweep=(), rounds=1, warmup=0, train=False, threads=1,
-            kernel_count="none", out_dir=tmp_path, verbose=False, plot=False,
+            kernel_count="none", cpu_bf16="off", out_dir=tmp_path, verbose=False, plot=False,
         ),
     )  # fmt: skip
     settings = {s["name"]: s for s in result["settings"]}
