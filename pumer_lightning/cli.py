@@ -54,8 +54,7 @@ from pumer_lightning.callbacks.checkpoint import (
 )
 from pumer_lightning.data import VLDataModule, backbone_image_config
 from pumer_lightning.data.shapes import ShapesSpec, World, generate, is_current
-from pumer_lightning.models import build, preset_family
-from pumer_lightning.models.build import preset_image_size
+from pumer_lightning.models import PRESETS, preset_depth, preset_family, preset_image_size
 from pumer_lightning.models.checkpoint import CheckpointError, checkpoint_problem, unreadable_reason
 from pumer_lightning.reduce import ReducerSchedule
 from pumer_lightning.run_lock import RunDirectoryLock
@@ -266,13 +265,9 @@ _SCHEDULES = (("reducer",), ("rerank", "first_pass"))
 
 
 def _preset_depth(preset: str) -> int | None:
-    """Reducible blocks of a backbone preset (ViLT transformer blocks, METER co-attention blocks), or None."""
-    try:
-        if preset in build._VILT_PRESETS:
-            return build.vilt_config(**build._VILT_PRESETS[preset]).num_hidden_layers
-        return build._METER_PRESETS[preset].cross_layers
-    except Exception:  # an unknown preset is reported by its own check
-        return None
+    """Reducible blocks of a backbone preset (`preset_depth`), or None for an unknown name (reported by its own
+    check)."""
+    return preset_depth(preset) if preset in PRESETS else None
 
 
 def _as_dict(value: Any) -> Any:

@@ -12,7 +12,7 @@ logits = head(out.pooled)
 """
 
 from .base import Backbone, BackboneOutput
-from .build import PRESETS, build_backbone, preset_family
+from .build import PRESETS, build_backbone, preset_config, preset_depth, preset_family, preset_image_size
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -22,6 +22,7 @@ from .checkpoint import (
 )
 from .heads import TASKS, ClassifierHead, RetrievalHead, RetrievalScores, build_head
 from .meter import MeterBackbone, MeterConfig
+from .spec import BackboneSpec
 from .vilt import ViltBackbone, vilt_config
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "TASKS",
     "Backbone",
     "BackboneOutput",
+    "BackboneSpec",
     "Checkpoint",
     "CheckpointError",
     "ClassifierHead",
@@ -40,7 +42,10 @@ __all__ = [
     "build_backbone",
     "build_head",
     "load_head_weights",
+    "preset_config",
+    "preset_depth",
     "preset_family",
+    "preset_image_size",
     "read_checkpoint",
     "save_checkpoint",
     "vilt_config",

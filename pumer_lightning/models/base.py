@@ -95,6 +95,16 @@ class Backbone(nn.Module):
         finally:
             self._reducer = own
 
+    @contextlib.contextmanager
+    def using_reducer_impl(self, reducer_impl: ReducerImpl) -> Iterator[Backbone]:
+        """Run reduction steps as ``reducer_impl`` inside the block, then restore the backbone's own."""
+        own = self.reducer_impl
+        self.reducer_impl = check_reducer_impl(reducer_impl)
+        try:
+            yield self
+        finally:
+            self.reducer_impl = own
+
     def set_attn_impl(self, attn_impl: AttnImpl) -> None:
         """Switch between fused (``"sdpa"``) and explicit-softmax (``"eager"``) attention."""
         self.attn_impl = check_attn_impl(attn_impl)

@@ -156,7 +156,7 @@ def build_backbone(
         vocab_size = _resolve_vocab(vocab_size, state[keys["vocab"]].shape[0], ckpt.path)
         state[keys["types"]] = _resolve_types(state[keys["types"]], num_token_types, ckpt.path)
 
-    hf_config = _vilt_preset_config(preset, ckpt) if family == "vilt" else None
+    hf_config = _vilt_config_for(preset, ckpt) if family == "vilt" else None
     model = new_backbone(
         preset,
         num_token_types=num_token_types,
@@ -208,26 +208,34 @@ def new_backbone(
     return MeterBackbone(meter, reducer=reducer, attn_impl=attn_impl, reducer_impl=reducer_impl)
 
 
-def preset_image_size(preset: str) -> int:
+def preset_config(preset: str) -> ViltConfig | MeterConfig:
+    """The architecture of ``preset``: a fresh `ViltConfig` (ViLT presets, the caller may edit it) or its
+    `MeterConfig` (METER presets, frozen). An unknown name is a ValueError listing the presets."""
     if preset_family(preset) == "vilt":
-        return int(_VILT_PRESETS[preset].get("image_size", 384))
-    return _METER_PRESETS[preset].image_size
+        return vilt_config(**_VILT_PRESETS[preset])
+    return _METER_PRESETS[preset]
 
 
-def vilt_preset_config(preset: str) -> ViltConfig:
-    """A fresh `ViltConfig` of the ViLT preset ``preset``."""
-    if preset_family(preset) != "vilt":
-        raise ValueError(f"preset {preset!r} is not a ViLT preset")
-    return vilt_config(**_VILT_PRESETS[preset])
+def preset_image_size(preset: str) -> int:
+    """The image side ``preset`` is built for (its position table's grid times the patch size)."""
+    return int(preset_config(preset).image_size)
 
 
-def _vilt_preset_config(preset: str, ckpt: Checkpoint | None) -> ViltConfig | None:
+def preset_depth(preset: str) -> int:
+    """Reducible blocks of ``preset``: ViLT's transformer blocks, METER's co-attention blocks (what a reducer
+    schedule's block ids index)."""
+    config = preset_config(preset)
+    return config.num_hidden_layers if isinstance(config, ViltConfig) else config.cross_layers
+
+
+def _vilt_config_for(preset: str, ckpt: Checkpoint | None) -> ViltConfig | None:
     """The preset's ViltConfig, or an HF directory's own config after checking it is the preset's architecture.
 
     A converted original ViLT checkpoint keeps the LayerNorm epsilons its converter wrote next to the architecture
     (1e-6, and 1e-12 on the text embeddings); the architecture check then compares the rest.
     """
-    config = vilt_preset_config(preset)
+    config = preset_config(preset)
+    assert isinstance(config, ViltConfig)
     if ckpt is not None and ckpt.kind != "hf_vilt":
         recorded = ckpt.config
         if "layer_norm_eps" not in recorded:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Backbone
-from .build import PRESETS, new_backbone, preset_family, preset_image_size, vilt_preset_config
+from .build import PRESETS, new_backbone, preset_config, preset_family, preset_image_size
 from .checkpoint import (
     CheckpointError,
     load_strict,
@@ -390,7 +390,9 @@ def original_vilt_config(preset: str):
     are recorded in the written checkpoint's architecture and restored by `build_backbone`. HF ViLT directories
     are not converted (they load as they are) and keep their own ``layer_norm_eps``.
     """
-    config = vilt_preset_config(preset)
+    if preset_family(preset) != "vilt":
+        raise ValueError(f"preset {preset!r} is not a ViLT preset")
+    config = preset_config(preset)
     config.layer_norm_eps = ORIGINAL_VILT_LAYER_NORM_EPS
     config.text_layer_norm_eps = ORIGINAL_VILT_TEXT_LAYER_NORM_EPS
     return config

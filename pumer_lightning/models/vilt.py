@@ -45,9 +45,15 @@ from .base import Backbone, BackboneOutput, ReducerImpl, attention_dtype, reduct
 
 #: the `ViltConfig` fields a checkpoint's weights depend on beyond their shapes (`Backbone.architecture`)
 VILT_ARCHITECTURE = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size", "hidden_act",
-    "layer_norm_eps", "qkv_bias",
-)  # fmt: skip
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "qkv_bias",
+)
 
 
 class ViltBackbone(Backbone):
