@@ -3,6 +3,7 @@
 Public API:
 
 - :class:`VLDataModule`: the LightningDataModule for ``nlvr2``, ``vqa2``, ``snli_ve`` and ``retrieval``.
+- :class:`DataFacts`: what a task module knows of its data, handed over once at setup.
 - :func:`backbone_image_config`: image size, mean/std and resize rule for ``"clip"`` or ``"vilt"`` backbones.
 - :func:`ensure_shapes`: generate the synthetic shapes world unless it is already there.
 - :class:`ImageTransform`, :class:`RandAugment`, :func:`decode_image`: the image pipeline pieces.
@@ -29,6 +30,7 @@ _EXPORTS = {
     "Example": "collate",
     "load_tokenizer": "collate",
     "VLDataModule": "datamodule",
+    "DataFacts": "facts",
     "TASKS": "schema",
     "SplitMeta": "schema",
     "read_split_meta": "schema",
@@ -42,6 +44,7 @@ __all__ = [
     "SKIP_REASONS",
     "TASKS",
     "Collator",
+    "DataFacts",
     "Example",
     "ImageConfig",
     "ImageTransform",
@@ -59,6 +62,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .collate import Collator, Example, load_tokenizer
     from .datamodule import VLDataModule
+    from .facts import DataFacts
     from .schema import TASKS, SplitMeta, read_split_meta
     from .shapes import ensure_shapes
     from .stream import SKIP_REASONS, RetrievalTexts

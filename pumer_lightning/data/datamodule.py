@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -18,9 +17,9 @@ from .stream import (
     EvalStream,
     RecordParser,
     RetrievalTexts,
+    SkipLedger,
     StreamLoader,
     TrainStream,
-    gather_per_rank,
     scan_retrieval_texts,
 )
 from .transforms import HALF, ImageTransform, RandAugment
@@ -42,7 +41,7 @@ class VLDataModule(pl.LightningDataModule):
     ``data_dir`` holds one directory per split (``train/``, ``val/``, ``test/``), each with ``*.tar`` shards and a
     ``meta.json`` (see :mod:`pumer_lightning.data.schema`). Training batches are shuffled and every rank gets
     exactly :attr:`steps_per_epoch` of them; validation and test see every example exactly once across ranks and
-    workers. Corrupt examples are dropped and counted in :attr:`skipped`.
+    workers. Corrupt examples are dropped and counted in :attr:`skip_ledger` (totals: :attr:`skipped`).
 
     For ``task="retrieval"``, training batches pair each caption with its image (``image_ids`` tells which
     examples share an image); validation/test loaders yield *images only* (``pixel_values``, ``image_ids``) and
@@ -158,7 +157,8 @@ class VLDataModule(pl.LightningDataModule):
         self.train_transform = ImageTransform(image_size, mean, std, resize, augment, output, pad_multiple)  # type: ignore[arg-type]
         self._metas: dict[str, SplitMeta] = {}
         self._retrieval_texts: dict[str, RetrievalTexts] = {}
-        self._skipped: Counter = Counter()
+        #: the one account of dropped examples (`SkipLedger`); never replaced, so a task module holding it stays current
+        self.skip_ledger = SkipLedger()
         self._train_loader: StreamLoader | None = None
         self._train_resume: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
@@ -258,24 +258,16 @@ class VLDataModule(pl.LightningDataModule):
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Examples dropped so far in this process, as ``{"<split>/<reason>": count}``.
+        """Examples dropped so far in this process, as ``{"<split>/<reason>": count}`` (`skip_ledger`'s totals).
 
         Reasons are listed in ``pumer_lightning.data.stream.SKIP_REASONS``. Counts arrive with the batches, so
-        they cover what this rank has consumed; log them with ``reduce_fx="sum", sync_dist=True`` for a total
-        over ranks, e.g. ``self.log_dict({f"data/skipped/{k}": float(v) for k, v in dm.skipped.items()})``.
+        they cover what this rank has consumed; the task module reports them (docs/data.md#vldatamodule).
         """
-        return dict(self._skipped)
+        return self.skip_ledger.totals()
 
     @property
     def skipped_total(self) -> int:
-        return sum(self._skipped.values())
-
-    def _on_skipped(self, split: str) -> Callable[[dict[str, int]], None]:
-        def record(counts: dict[str, int]) -> None:
-            for reason, n in counts.items():
-                self._skipped[f"{split}/{reason}"] += n
-
-        return record
+        return sum(self.skip_ledger.totals().values())
 
     # ------------------------------------------------------------------------------------------ loaders
     def _trainer_or_none(self) -> pl.Trainer | None:
@@ -373,7 +365,7 @@ class VLDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
             epoch_fn=self._current_epoch,
-            on_skipped=self._on_skipped(meta.split),
+            on_skipped=self.skip_ledger.recorder(meta.split),
             postprocess=self._postprocess(for_trainer=True),
             multiprocessing_context=self.worker_start_method,
             consumed_fn=self._consumed_batches,
@@ -384,16 +376,22 @@ class VLDataModule(pl.LightningDataModule):
         self._train_loader = loader
         return loader
 
-    def eval_dataloader(self, split: str, images_only: bool | None = None) -> StreamLoader:
+    def eval_dataloader(
+        self, split: str, images_only: bool | None = None, batch_size: int | None = None
+    ) -> StreamLoader:
         """An exact, unshuffled pass over ``split`` (any split directory under ``data_dir``).
 
         ``images_only`` (default: True for retrieval) yields one example per image with no text, for retrieval
-        evaluation; pair it with :meth:`retrieval_texts`. Batches always hold float32 ``pixel_values``, also
-        when iterated by hand inside a LightningModule.
+        evaluation; pair it with :meth:`retrieval_texts`. ``batch_size`` defaults to ``eval_batch_size``. Batches
+        always hold float32 ``pixel_values``, also when iterated by hand inside a LightningModule.
         """
-        return self._eval_loader(split, images_only, for_trainer=False)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"eval_dataloader: batch_size must be >= 1, got {batch_size}")
+        return self._eval_loader(split, images_only, for_trainer=False, batch_size=batch_size)
 
-    def _eval_loader(self, split: str, images_only: bool | None, for_trainer: bool) -> StreamLoader:
+    def _eval_loader(
+        self, split: str, images_only: bool | None, for_trainer: bool, batch_size: int | None = None
+    ) -> StreamLoader:
         meta = self.split_meta(split)
         if images_only is None:
             images_only = self.task == "retrieval"
@@ -404,7 +402,7 @@ class VLDataModule(pl.LightningDataModule):
             parser=RecordParser(self.task, meta.labeled, meta.labels, images_only=images_only),
             transform=self.eval_transform,
             collator=self._collator(meta),
-            batch_size=self.eval_batch_size,
+            batch_size=batch_size or self.eval_batch_size,
             rank=rank,
             world_size=world,
             seed=self.seed,
@@ -415,7 +413,7 @@ class VLDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
-            on_skipped=self._on_skipped(split),
+            on_skipped=self.skip_ledger.recorder(split),
             postprocess=self._postprocess(for_trainer),
             multiprocessing_context=self.worker_start_method,
         )
@@ -449,7 +447,7 @@ class VLDataModule(pl.LightningDataModule):
         if split not in self._retrieval_texts:
             meta = self.split_meta(split)
             texts = scan_retrieval_texts(self.data_dir / split, meta, self._collator(meta))
-            self._on_skipped(split)(texts.skipped)  # captions left out of every evaluation of the split
+            self.skip_ledger.add(split, texts.skipped)  # captions left out of every evaluation of the split
             self._retrieval_texts[split] = texts
         return self._retrieval_texts[split]
 
@@ -463,39 +461,20 @@ class VLDataModule(pl.LightningDataModule):
         loader had fetched ahead): ``skipped`` is this rank's, ``skipped_by_rank`` every rank's. Under
         ``torch.distributed`` every rank must call this (Lightning does): the ranks' states are gathered.
         """
-        skipped = Counter(self._skipped)
+        pending: dict[str, int] = {}
         train: dict[str, Any] = dict(self._train_resume or {})
         if self._train_loader is not None:
             split = self._train_meta().split
-            for reason, n in self._train_loader.unconsumed_skips().items():
-                skipped[f"{split}/{reason}"] -= n
+            pending = {f"{split}/{r}": n for r, n in self._train_loader.unconsumed_skips().items()}
             train = self._train_loader.state_dict() or train
-        own = {k: v for k, v in skipped.items() if v > 0}
-        by_rank = gather_per_rank(own, _dist_info(self._trainer_or_none())[1])
-        return {"skipped": own, "skipped_by_rank": by_rank, "train_stream": train}
+        world = _dist_info(self._trainer_or_none())[1]
+        return {**self.skip_ledger.state(world, pending), "train_stream": train}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank, world = _dist_info(self._trainer_or_none())
-        self._skipped = Counter(_rank_skips(state_dict, rank, world))
+        self.skip_ledger.restore(state_dict, rank, world)
         train = state_dict.get("train_stream") or None
         self._train_resume = train
         if train and self._train_loader is not None:
             self._train_loader.load_state_dict(train)
             self._train_resume = None
-
-
-def _rank_skips(state: dict[str, Any], rank: int, world: int) -> dict[str, int]:
-    """This rank's skip counts from a saved state. Saved by as many ranks: its own. Saved by another number of
-    ranks (or, as before the counts were saved per rank, by rank 0 alone): rank 0 takes every count saved and the
-    other ranks start from zero, so that the sum over ranks stays the total."""
-    by_rank = state.get("skipped_by_rank")
-    if by_rank and len(by_rank) == world:
-        return dict(by_rank[rank] or {})
-    if rank != 0:
-        return {}
-    if not by_rank:
-        return dict(state.get("skipped", {}))
-    total: Counter = Counter()
-    for counts in by_rank:
-        total.update(counts or {})
-    return dict(total)

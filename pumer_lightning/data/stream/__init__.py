@@ -15,9 +15,10 @@ but still exact.
 
 Bad data never stops a run. Each dropped example is counted by reason (:data:`SKIP_REASONS`, :mod:`.skips`) and
 logged with its record key and shard; the counts travel to the main process inside the batches (``"_skipped"``)
-where :class:`StreamLoader` (:mod:`.loader`) hands them to a callback (the DataModule's ``skipped`` counter).
+where :class:`StreamLoader` (:mod:`.loader`) hands them to the data module's :class:`SkipLedger`, the one
+account of them.
 
-The modules, one idea each: :mod:`.skips` (skip reasons, counting, logging), :mod:`.shards` (reading a shard,
+The modules, one idea each: :mod:`.skips` (skip reasons, counting, logging, the ledger), :mod:`.shards` (reading a shard,
 checking it against ``meta.json``), :mod:`.records` (a record into examples), :mod:`.datasets` (the two streams),
 :mod:`.loader` (the loader), :mod:`.resume` (every rank's position in a checkpoint) and :mod:`.retrieval`
 (retrieval captions). Their public names are importable from here.
@@ -31,7 +32,7 @@ from .records import RecordParser, decode_example_images, unicode_problem
 from .resume import gather_per_rank, merge_rank_states, rank_position
 from .retrieval import RetrievalTexts, scan_retrieval_texts
 from .shards import ShardClaim, count_shard, read_shard, record_info, tar_end, warn_counts
-from .skips import SKIP_REASONS, SkipCounter
+from .skips import SKIP_REASONS, SkipCounter, SkipLedger
 
 __all__ = [
     "SKIP_REASONS",
@@ -41,6 +42,7 @@ __all__ = [
     "RetrievalTexts",
     "ShardClaim",
     "SkipCounter",
+    "SkipLedger",
     "StreamLoader",
     "TrainStream",
     "count_shard",

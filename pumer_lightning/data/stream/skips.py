@@ -1,9 +1,14 @@
-"""Why examples get dropped, and counting and logging them in a loader process (:class:`SkipCounter`)."""
+"""Why examples get dropped, counting and logging them in a loader process (:class:`SkipCounter`), and the one
+account of a data module's counts (:class:`SkipLedger`)."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from .resume import gather_per_rank
 
 log = logging.getLogger("pumer_lightning.data")
 
@@ -67,3 +72,78 @@ class SkipCounter:
         out = dict(self._pending)
         self._pending.clear()
         return out
+
+
+class SkipLedger:
+    """The one account of the examples a data module dropped: ``{"<split>/<reason>": count}`` for this process.
+
+    Counts come in from the loaders: each loader process counts what its stream drops (:class:`SkipCounter`),
+    the counts travel with the batches, and :class:`StreamLoader` hands them to :meth:`recorder` of their split.
+    Everything else reads this ledger: ``VLDataModule.skipped`` (the totals), checkpoints (:meth:`state`,
+    :meth:`restore`: every rank's counts) and the task module, which reports each evaluation pass's own counts
+    (:meth:`mark` when the pass starts, :meth:`since` when it ends). The ledger is never replaced, only updated,
+    so a reference handed out once stays current (a resumed run restores into it).
+    """
+
+    def __init__(self) -> None:
+        self._counts: Counter = Counter()
+
+    def recorder(self, split: str) -> Callable[[dict[str, int]], None]:
+        """What the loader of ``split`` calls with ``{reason: count}`` as the counts arrive."""
+
+        def record(counts: dict[str, int]) -> None:
+            self.add(split, counts)
+
+        return record
+
+    def add(self, split: str, counts: dict[str, int]) -> None:
+        for reason, n in counts.items():
+            self._counts[f"{split}/{reason}"] += n
+
+    def totals(self) -> dict[str, int]:
+        """Every count so far, ``{"<split>/<reason>": count}``."""
+        return dict(self._counts)
+
+    def mark(self) -> dict[str, int]:
+        """The counts now, for :meth:`since` at the end of a pass."""
+        return dict(self._counts)
+
+    def since(self, mark: dict[str, int], split: str | None, world_size: int = 1) -> dict[str, int]:
+        """``{reason: count}`` of ``split`` added after ``mark``, summed over ``world_size`` ranks (under
+        ``torch.distributed`` a collective: every rank calls it). Empty for ``split`` None."""
+        prefix = f"{split}/"
+        own = {
+            key[len(prefix) :]: n - mark.get(key, 0)
+            for key, n in self._counts.items()
+            if split is not None and key.startswith(prefix) and n > mark.get(key, 0)
+        }
+        total: Counter = Counter()
+        for part in gather_per_rank(own, world_size):
+            total.update(part)
+        return dict(total)
+
+    def state(self, world_size: int, pending: dict[str, int] | None = None) -> dict[str, Any]:
+        """What a checkpoint saves: this rank's counts less ``pending`` (counts of batches fetched but not yet
+        consumed) as ``skipped``, and every rank's as ``skipped_by_rank`` (gathered: every rank calls it)."""
+        counts = Counter(self._counts)
+        counts.subtract(pending or {})
+        own = {k: v for k, v in counts.items() if v > 0}
+        return {"skipped": own, "skipped_by_rank": gather_per_rank(own, world_size)}
+
+    def restore(self, state: dict[str, Any], rank: int, world_size: int) -> None:
+        """This rank's counts from a saved :meth:`state`. Saved by as many ranks: its own. Saved by another number
+        of ranks (or, as before the counts were saved per rank, by rank 0 alone): rank 0 takes every count saved
+        and the other ranks start from zero, so that the sum over ranks stays the total."""
+        by_rank = state.get("skipped_by_rank")
+        if by_rank and len(by_rank) == world_size:
+            counts = by_rank[rank] or {}
+        elif rank != 0:
+            counts = {}
+        elif not by_rank:
+            counts = state.get("skipped", {})
+        else:
+            counts = Counter()
+            for part in by_rank:
+                counts.update(part or {})
+        self._counts.clear()
+        self._counts.update(counts)
