@@ -11,7 +11,9 @@ Tags (``XX`` = zero-padded layer index; ``<stage>`` = ``val`` or ``test``):
 | ``throughput/train_samples_per_sec``, ``throughput/train_tokens_per_sec`` | every ``window`` steps | |
 | ``throughput/<stage>_samples_per_sec``, ``throughput/<stage>_tokens_per_sec`` | epoch end | |
 | ``<stage>/time/layer_XX_ms`` | epoch end, with ``layer_time=True`` | forward time of layer XX per batch |
-| ``data/skipped/<split>/<reason>`` | epoch end | examples the data pipeline dropped |
+
+(The ``data/skipped/<split>/<reason>`` counts of dropped examples come from the task module:
+`pumer_lightning.tasks.skips`.)
 
 The counts come from the step's return value: every training, validation and test step of a `VLTask` returns a
 `StepOutput` whose ``tokens`` (`TokenTally`) this callback reads as Lightning's ``outputs`` in ``on_*_batch_end``.
@@ -41,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.flop_counter import FlopCounterMode
 
 from pumer_lightning.measure import flop_counter
-from pumer_lightning.tasks.base import TokenTally, step_tokens
+from pumer_lightning.tasks.outputs import TokenTally, step_tokens
 
 LAYOUT: dict[str, dict[str, list[Any]]] = {
     "Token reduction": {
@@ -158,9 +160,8 @@ class TokenStatsCallback(pl.Callback):
         self.layer_time = layer_time
         self.skip_first = skip_first
         self._t0: float | None = None
-        self._seen = (
-            0  # training steps of this epoch (set here too: a mid-epoch resume skips the epoch start)
-        )
+        # training steps of this epoch (set here too: a mid-epoch resume skips the epoch start)
+        self._seen = 0
         self._train: dict[str, float] = defaultdict(float)
         self._eval: dict[str, Any] = {}
         self._flop_mode: FlopCounterMode | None = None
@@ -232,7 +233,6 @@ class TokenStatsCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush_train(pl_module, on_step=False)  # the epoch's partial window
-        self._log_skipped(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _eval_start(self, pl_module: pl.LightningModule) -> None:
@@ -301,9 +301,14 @@ class TokenStatsCallback(pl.Callback):
         self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._eval_batch_end(pl_module, outputs)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -326,20 +331,15 @@ class TokenStatsCallback(pl.Callback):
         self._eval_batch_start(pl_module, batch_idx, dataloader_idx)
 
     def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._eval_batch_end(pl_module, outputs)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_end(trainer, pl_module, "test")
-        self._log_skipped(trainer, pl_module)
-
-    # ------------------------------------------------------------------------------------------ data health
-    def _log_skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm = getattr(trainer, "datamodule", None)
-        skipped = getattr(dm, "skipped", None)
-        if not isinstance(skipped, dict):
-            return
-        for key, count in sorted(skipped.items()):
-            pl_module.log(f"data/skipped/{key}", float(count), batch_size=1, sync_dist=False)

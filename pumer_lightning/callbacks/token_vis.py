@@ -26,6 +26,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from pumer_lightning.data.facts import DataFacts
+
 from .token_stats import tensorboard_writer
 
 _PAD = 6
@@ -120,13 +122,23 @@ class TokenVisCallback(pl.Callback):
         self.save_png = save_png
         self._examples: dict[str, Any] | None = None
         self._tokenizer = None
+        self._data = DataFacts()
         self.written: list[Path] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Read the data module's facts (validation captions, tokenizer, pixel normalisation) once."""
+        self._data = DataFacts.of(getattr(trainer, "datamodule", None))
 
     # ------------------------------------------------------------------------------------------ capture
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if self._examples is not None or batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
         n = min(self.num_examples, int(batch["pixel_values"].shape[0]))
@@ -138,24 +150,22 @@ class TokenVisCallback(pl.Callback):
             ex["input_ids"] = batch["input_ids"][:n].detach().cpu()
             ex["attention_mask"] = batch["attention_mask"][:n].detach().cpu()
         else:  # retrieval evaluation streams images only: pair each image with its first caption
-            ex.update(self._first_captions(trainer, batch["image_ids"][:n].tolist()))
+            ex.update(self._first_captions(batch["image_ids"][:n].tolist()))
         self._examples = ex
 
-    @staticmethod
-    def _first_captions(trainer: pl.Trainer, image_ids: list[int]) -> dict[str, Tensor]:
-        dm = trainer.datamodule
-        texts = dm.retrieval_texts(dm.val_split)
+    def _first_captions(self, image_ids: list[int]) -> dict[str, Tensor]:
+        texts = self._data.retrieval_texts(self._data.split("val"))
         positions = []
         for image_id in image_ids:
             hits = (texts.image_ids == image_id).nonzero().flatten()
             positions.append(int(hits[0]) if hits.numel() else 0)
         return texts.collator.tokenize([texts.texts[p] for p in positions])
 
-    def _tokens(self, trainer: pl.Trainer, input_ids: Tensor) -> list[list[str]]:
+    def _tokens(self, input_ids: Tensor) -> list[list[str]]:
         if self._tokenizer is None:
             from pumer_lightning.data import load_tokenizer
 
-            self._tokenizer = load_tokenizer(trainer.datamodule.tokenizer_dir)
+            self._tokenizer = load_tokenizer(self._data.tokenizer_dir)
         return [self._tokenizer.convert_ids_to_tokens(row.tolist()) for row in input_ids]
 
     # ------------------------------------------------------------------------------------------ drawing
@@ -183,11 +193,9 @@ class TokenVisCallback(pl.Callback):
         ids, mask = ex["input_ids"].to(device), ex["attention_mask"].to(device)
         if pixels.dim() == 4:
             pixels = pixels[:, None]
-        dm = trainer.datamodule
-        mean = torch.tensor(getattr(dm.eval_transform, "mean", (0.5, 0.5, 0.5)))
-        std = torch.tensor(getattr(dm.eval_transform, "std", (0.5, 0.5, 0.5)))
+        mean, std = torch.tensor(self._data.image_mean), torch.tensor(self._data.image_std)
         grid = backbone.image_size // backbone.patch_size
-        tokens = self._tokens(trainer, ex["input_ids"])
+        tokens = self._tokens(ex["input_ids"])
         was_training = pl_module.training
         pl_module.eval()
         pictures = []

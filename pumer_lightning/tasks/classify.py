@@ -10,13 +10,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .base import STAGES, VLTask, stage_key
+from .base import VLTask
 from .metrics import GroupedScore
+from .outputs import STAGES, stage_key
 
 #: Groups reported per type: the shapes world's statement types and VQAv2's answer types.
 GROUPS: tuple[str, ...] = (
-    "shape", "color", "exist", "both", "count", "rel", "neutral", "caption", "yes/no", "number", "other",
-)  # fmt: skip
+    "shape",
+    "color",
+    "exist",
+    "both",
+    "count",
+    "rel",
+    "neutral",
+    "caption",
+    "yes/no",
+    "number",
+    "other",
+)
 
 
 def group_tag(name: str) -> str:
@@ -58,8 +69,8 @@ class ClassificationTask(VLTask):
         by_type.reset()
 
     def label_names(self) -> list[str]:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, "label_names", None)
+        """The data's class names (index = class id); the ids as text when the data name none."""
+        names = self.data_facts.label_names
         return list(names) if names else [str(i) for i in range(self.num_classes)]
 
     def prediction_rows(self, logits: Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from pumer_lightning.data.facts import DataFacts
 from pumer_lightning.data.shapes import COLORS, SHAPES
 from pumer_lightning.models import Backbone
 from pumer_lightning.reduce import ReducerSchedule
@@ -227,9 +228,8 @@ class PretrainTask(VLTask):
             {stage_key(s): MulticlassAccuracy(num_classes=vocab, average="micro") for s in STAGES}
         )
 
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        task = getattr(dm, "task", None)
+    def check_data(self, facts: DataFacts) -> None:
+        task = facts.task
         if task is not None and task != self.data_task:
             raise ValueError(
                 f"data.task is {task!r} but PretrainTask reads image-caption pairs: set --data.task=retrieval "
@@ -278,9 +278,7 @@ class PretrainTask(VLTask):
     def eval_pairs(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         """An evaluation batch (images only) -> every caption of those images as a match, each with one drawn
         negative, and the MLM rows; the draws are seeded by the batch's image ids."""
-        dm = self.trainer.datamodule
-        split = {"val": dm.val_split, "test": dm.test_split}[stage]
-        texts = dm.retrieval_texts(split)
+        texts = self.data_facts.retrieval_texts(self.data_facts.split(stage))
         image_ids = batch["image_ids"].cpu()
         generator = torch.Generator().manual_seed(int(image_ids.sum()) * 1_000_003 + int(image_ids.numel()))
         row_of_image = {int(i): r for r, i in enumerate(image_ids.tolist())}

@@ -27,11 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pumer_lightning.models import Backbone
+from pumer_lightning.data.stream import RetrievalTexts
+from pumer_lightning.models import Backbone, BackboneSpec, build_head
 from pumer_lightning.reduce import ReducerSchedule
 
-from .base import BackboneSpec, DistillConfig, OptimConfig, Scored, StepOutput, TokenTally, VLTask
+from .base import VLTask
+from .config import DistillConfig, OptimConfig
 from .metrics import recall_at_k, rerank_recall, topk_candidates
+from .outputs import Scored, StepOutput, TokenTally
 
 log = logging.getLogger("pumer_lightning.tasks")
 
@@ -100,8 +103,6 @@ class RetrievalTask(VLTask):
         self.last_scores: dict[str, dict[str, Any]] = {}
 
     def build_head(self) -> nn.Module:
-        from pumer_lightning.models import build_head
-
         return build_head("retrieval", self.backbone.hidden_size)
 
     # ------------------------------------------------------------------------------------------ training
@@ -138,10 +139,8 @@ class RetrievalTask(VLTask):
         text_index = torch.cat([torch.arange(bsz, device=negatives.device)[:, None], negatives], dim=1)
         flat = text_index.reshape(-1)  # (B * (1 + K),) caption of each pair; the image is the row's
         images = pixels.repeat_interleave(1 + k, dim=0)
-        out = self.encode(
-            backbone, images, batch, 0,
-            input_ids=batch["input_ids"][flat], attention_mask=batch["attention_mask"][flat],
-        )  # fmt: skip
+        ids, mask = batch["input_ids"][flat], batch["attention_mask"][flat]
+        out = self.encode(backbone, images, batch, 0, input_ids=ids, attention_mask=mask)
         tokens = TokenTally()
         tokens.add(out.trace, images.shape[0])
         scores = head(out.pooled)
@@ -178,14 +177,13 @@ class RetrievalTask(VLTask):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def _split(self, stage: str) -> str:
-        dm = self.trainer.datamodule
-        split = {"val": dm.val_split, "test": dm.test_split, "predict": dm.predict_split}[stage]
+        split = self.data_facts.split(stage)
         if split is None:
             raise ValueError(f"retrieval {stage}: the data module has no {stage} split")
         return split
 
-    def _texts(self, stage: str):
-        return self.trainer.datamodule.retrieval_texts(self._split(stage))
+    def _texts(self, stage: str) -> RetrievalTexts:
+        return self.data_facts.retrieval_texts(self._split(stage))
 
     @torch.no_grad()
     def score_images(self, pixels: Tensor, stage: str, desc: str = "") -> Scored:
@@ -197,8 +195,9 @@ class RetrievalTask(VLTask):
         chunk = max(1, self.pair_batch // n_img)
         rows = torch.empty(n_img, len(texts), device=pixels.device)
         n_chunks = -(-len(texts) // chunk)
-        for part in tqdm(texts.batches(chunk), total=n_chunks, desc=desc or "score", leave=False,
-                         disable=n_chunks < 20 or not self.trainer.is_global_zero):  # fmt: skip
+        quiet = n_chunks < 20 or not self.trainer.is_global_zero
+        bar = tqdm(texts.batches(chunk), total=n_chunks, desc=desc or "score", leave=False, disable=quiet)
+        for part in bar:
             ids = part["input_ids"].to(pixels.device)
             mask = part["attention_mask"].to(pixels.device)
             n_txt = ids.shape[0]
@@ -234,15 +233,15 @@ class RetrievalTask(VLTask):
 
     def on_validation_epoch_start(self) -> None:
         self._rows["val"] = _EvalRows()
-        self.skips_begin("val")
+        self.skip_report.begin("val", self.data_facts)
 
     def on_test_epoch_start(self) -> None:
         self._rows["test"] = _EvalRows()
-        self.skips_begin("test")
+        self.skip_report.begin("test", self.data_facts)
 
     def on_predict_epoch_start(self) -> None:
         self._rows["predict"] = _EvalRows()
-        self.skips_begin("predict")
+        self.skip_report.begin("predict", self.data_facts)
 
     def _gather(self, stage: str) -> tuple[Tensor, Tensor]:
         """Every rank's rows of the score matrix, on every rank: (image ids (N_img,), scores (N_img, N_text))."""
@@ -265,10 +264,9 @@ class RetrievalTask(VLTask):
         position = {int(i): r for r, i in enumerate(row_ids.tolist())}
         second = torch.full_like(first, float("nan"))
         texts = self._texts(stage)
-        loader = self.trainer.datamodule.eval_dataloader(self._split(stage))
-        bar = tqdm(loader, desc=f"{stage} rerank top-{self.rerank.top_k}", leave=False,
-                   disable=not self.trainer.is_global_zero)  # fmt: skip
-        for batch in bar:
+        loader = self.data_facts.eval_loader(self._split(stage))
+        desc = f"{stage} rerank top-{self.rerank.top_k}"
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not self.trainer.is_global_zero):
             pixels = batch["pixel_values"].to(self.device)
             pixels = pixels[:, 0] if pixels.dim() == 5 else pixels
             for j, image_id in enumerate(batch["image_ids"].tolist()):
@@ -309,21 +307,22 @@ class RetrievalTask(VLTask):
 
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val")
-        self.skips_end("val")
+        self.skip_report.end("val", self.data_facts, self)
 
     def on_test_epoch_end(self) -> None:
         metrics = self._finish_eval("test")
-        skipped = self.skips_end("test")
+        skipped = self.skip_report.end("test", self.data_facts, self)
         directory = self.output_dir("predictions")  # every rank: log_dir is a collective under DDP
         if metrics and self.trainer.is_global_zero:
             path = self._write_ranks("test", directory)
             self.write_skip_summary(path, "test", int(self.last_scores["test"]["image_ids"].numel()), skipped)
+        self.skip_report.log_totals(self.data_facts, self)
 
     def on_predict_epoch_end(self) -> None:
         self._gather_and_write("predict")
 
     def _gather_and_write(self, stage: str) -> None:
-        skipped = self.skips_end(stage)
+        skipped = self.skip_report.end(stage, self.data_facts, self)
         row_ids, scores = self._gather(stage)
         directory = self.output_dir("predictions")
         if row_ids.numel() and self.trainer.is_global_zero:

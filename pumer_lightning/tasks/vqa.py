@@ -9,12 +9,15 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pumer_lightning.models import build_head
+from pumer_lightning.data.facts import DataFacts
+from pumer_lightning.models import BackboneSpec, build_head
 from pumer_lightning.reduce import ReducerSchedule
 
-from .base import STAGES, BackboneSpec, DistillConfig, OptimConfig, VLTask, stage_key
+from .base import VLTask
 from .classify import GROUPS, group_tag
+from .config import DistillConfig, OptimConfig
 from .metrics import GroupedScore, VQAScore
+from .outputs import STAGES, stage_key
 
 
 class VQATask(VLTask):
@@ -54,10 +57,9 @@ class VQATask(VLTask):
     def build_head(self) -> nn.Module:
         return build_head("vqa2", self.backbone.hidden_size, self.num_answers, width=self.backbone.head_width)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None)
-        n = getattr(dm, "num_answers", None) if dm is not None else None
+    def check_data(self, facts: DataFacts) -> None:
+        super().check_data(facts)
+        n = len(facts.label_names or ())
         if n and n != self.num_answers:
             raise ValueError(
                 f"the data's answer vocabulary has {n} answers but --model.init_args.num_answers is "
@@ -100,8 +102,7 @@ class VQATask(VLTask):
 
     def write_predictions(self, rows: list[dict[str, Any]], directory: Path, stage: str) -> Path:
         """``vqa2_<stage>_answers.json``: ``[{"question_id": int, "answer": str}, ...]`` for EvalAI."""
-        dm = getattr(self.trainer, "datamodule", None)
-        names = list(getattr(dm, "label_names", None) or [str(i) for i in range(self.num_answers)])
+        names = list(self.data_facts.label_names or [str(i) for i in range(self.num_answers)])
         out = []
         for r in sorted(rows, key=lambda r: str(r["question_id"])):
             qid = r["question_id"]

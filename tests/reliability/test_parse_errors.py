@@ -43,12 +43,12 @@ def _fit_args(shapes, out: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def nothing_built(monkeypatch):
     """Fail the test if a backbone gets built (the error must come before instantiation)."""
-    import pumer_lightning.tasks.base as base
+    import pumer_lightning.models.spec as spec
 
     def built(*args, **kwargs):
         raise AssertionError("a backbone was built before the bad value was reported")
 
-    monkeypatch.setattr(base, "build_backbone", built)
+    monkeypatch.setattr(spec, "build_backbone", built)
 
 
 @pytest.mark.parametrize("case", list(BAD_REDUCERS))
