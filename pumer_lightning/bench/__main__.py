@@ -18,12 +18,15 @@ settings: baseline, pumer (released), {", ".join(ABLATIONS)} (pumer_lightning.re
 
 outputs: <out>/<name>.json (top-level "settings" list), <name>.md (table), <name>.png (plots);
 <name> defaults to <exp>_<device>[-<precision>]_b<batch>[_compiled][_graphed][_reducer-<impl>].
+On a CPU, --precision auto measures fp32 and then bf16-true where the CPU has bf16 matrix instructions (--cpu-bf16;
+the training step as bf16-mixed, the fp32 baseline timed in the same rounds).
 Every run also measures a training step per setting (memory with its bound, throughput; --no-train skips it),
 the ops per forward (--no-op-count skips it) and, when the backbone has a compiled reduction step, its kernels.
 
 examples:
   python -m pumer_lightning.bench vilt_nlvr2 meter_nlvr2
   python -m pumer_lightning.bench meter_vqa2 --quick
+  python -m pumer_lightning.bench vilt_nlvr2 meter_nlvr2 --settings pumer --keep-sweep --precision bf16-true
   python -m pumer_lightning.bench vilt_vqa2 --batch 1 8 32 --settings pumer
   python -m pumer_lightning.bench vilt_nlvr2 --compile --settings pumer
   python -m pumer_lightning.bench vilt_nlvr2 --batch 32 --precision fp16-true --reducer-impl compiled --cuda-graph

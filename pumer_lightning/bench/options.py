@@ -88,8 +88,8 @@ class Options:
     """bf16 rows on a CPU with --precision auto: auto when the CPU has bf16 matrix instructions (avx512_bf16, amx_bf16;
     else a message says why not), on even without them (emulated, slow), off never"""
     fp32_reference: bool = True
-    """in a CPU half-precision run, the fp32 baseline timed in the same rounds and training rounds (the
-    bf16-over-fp32 ratio)"""
+    """the fp32 baseline timed beside a CPU half-precision run's settings, in the same rounds and training rounds
+    (the bf16-over-fp32 ratio)"""
     threads: int | None = None
     """torch.set_num_threads (default: torch's default)"""
     compile: bool = False
