@@ -9,11 +9,14 @@ compare with a model's training step rate: a GPU step at batch B and S steps/s n
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pumer_lightning.command import Command
 
 from .schema import read_split_meta
 from .transforms import backbone_image_config
@@ -84,37 +87,60 @@ def measure(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.data.throughput", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--data-dir", required=True, help="dataset root, e.g. data/shapes/nlvr2")
-    p.add_argument("--split", default="train")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: <data-dir>/../tokenizer)")
-    p.add_argument("--image-size", type=int, default=384)
-    p.add_argument("--family", choices=("vilt", "clip"), default="vilt", help="resize + normalisation preset")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument(
-        "--workers", default="1,2", help="comma-separated worker counts to time (0 = main process)"
-    )
-    p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per worker count")
-    p.add_argument("--randaugment", action="store_true", help="include RandAugment (training transform)")
-    p.add_argument("--eval", action="store_true", help="time the evaluation loader (one pass, no shuffling)")
-    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    args = p.parse_args(argv)
+@dataclass
+class LoaderBenchArgs:
+    """Loader throughput: decoded + transformed + collated examples per second, per worker process."""
+
+    data_dir: str
+    """dataset root, e.g. data/shapes/nlvr2"""
+    split: str = "train"
+    """the split whose loader is timed"""
+    tokenizer: str | None = None
+    """tokenizer directory (default: <data-dir>/../tokenizer)"""
+    image_size: int = 384
+    """image side in pixels"""
+    family: Literal["vilt", "clip"] = "vilt"
+    """resize + normalisation preset"""
+    batch_size: int = 32
+    """examples per batch"""
+    workers: str = "1,2"
+    """comma-separated worker counts to time (0 = main process)"""
+    seconds: float = 10.0
+    """timed seconds per worker count"""
+    randaugment: bool = False
+    """include RandAugment (training transform)"""
+    eval: bool = False
+    """time the evaluation loader (one pass, no shuffling)"""
+    json: bool = False
+    """print JSON lines instead of a table"""
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer_dir.is_dir():
+            raise ValueError(f"tokenizer directory {self.tokenizer_dir} does not exist; pass --tokenizer DIR")
+        try:
+            counts = self.worker_counts
+        except ValueError:
+            raise ValueError(f"--workers {self.workers!r}: expected comma-separated integers") from None
+        if min(counts) < 0:
+            raise ValueError(f"--workers {self.workers!r}: worker counts are >= 0")
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return Path(self.tokenizer) if self.tokenizer else Path(self.data_dir).parent / "tokenizer"
+
+    @property
+    def worker_counts(self) -> list[int]:
+        return [int(w) for w in self.workers.split(",")]
+
+
+def run_loader_bench(args: LoaderBenchArgs) -> int:
+    """Time the loader at each worker count; print a table (or JSON lines)."""
     data_dir = Path(args.data_dir)
-    tokenizer = Path(args.tokenizer) if args.tokenizer else data_dir.parent / "tokenizer"
-    if not tokenizer.is_dir():
-        p.error(f"tokenizer directory {tokenizer} does not exist; pass --tokenizer DIR")
-    try:
-        counts = [int(w) for w in args.workers.split(",")]
-    except ValueError:
-        p.error(f"--workers {args.workers!r}: expected comma-separated integers")
     results = []
-    for nw in counts:
+    for nw in args.worker_counts:
         res = measure(
             data_dir,
-            tokenizer,
+            args.tokenizer_dir,
             split=args.split,
             image_size=args.image_size,
             family=args.family,
@@ -139,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['examples_per_s'] * r['images_per_example']:>9.1f}"
             )
     return 0
+
+
+COMMAND = Command(LoaderBenchArgs, run_loader_bench, prog="python -m pumer_lightning.data.throughput")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pumer_lightning.data.throughput`` (``pumer loader-bench``, ``make loader-bench``)."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

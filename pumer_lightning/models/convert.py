@@ -21,7 +21,6 @@ is written, so a mismatch names every missing and unexpected key.
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import re
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from pumer_lightning.command import Command, flag
 
 from .base import Backbone
 from .build import PRESETS, new_backbone, preset_config, preset_family, preset_image_size
@@ -448,46 +449,30 @@ def _summarise(keys: list[str]) -> str:
     return ", ".join(f"{p}.* ({n})" if n > 1 else p for p, n in sorted(groups.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.models.convert",
-        description="Convert an original METER or ViLT .ckpt into a pumer-lightning checkpoint directory.",
-    )
-    parser.add_argument(
-        "family", choices=sorted(_CONVERTERS), help="which original model the file comes from"
-    )
-    parser.add_argument("src", type=Path, help="original .ckpt (PyTorch-Lightning) or state-dict file")
-    parser.add_argument("dst", type=Path, help="output directory (or a .pt file)")
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="target resolution; position embeddings are resized bicubically (default: the source's)",
-    )
-    parser.add_argument(
-        "--token-types",
-        type=int,
-        default=None,
-        help="modality type rows (3 for NLVR2; implied by --task nlvr2)",
-    )
-    parser.add_argument(
-        "--task",
-        choices=TASKS,
-        default=None,
-        help="task head to keep (default: the one head the source holds, if any)",
-    )
-    parser.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default=None,
-        help="architecture to check against (default: from the family and image size)",
-    )
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow arbitrary pickled objects in the source file (only for files you trust)",
-    )
-    args = parser.parse_args(argv)
+@dataclass
+class ConvertArgs:
+    """Convert an original METER or ViLT .ckpt into a pumer-lightning checkpoint directory."""
+
+    family: str = field(metadata=flag(positional=True, choices=sorted(_CONVERTERS)))
+    """which original model the file comes from"""
+    src: Path = field(metadata=flag(positional=True))
+    """original .ckpt (PyTorch-Lightning) or state-dict file"""
+    dst: Path = field(metadata=flag(positional=True))
+    """output directory (or a .pt file)"""
+    image_size: int | None = None
+    """target resolution; position embeddings are resized bicubically (default: the source's)"""
+    token_types: int | None = None
+    """modality type rows (3 for NLVR2; implied by --task nlvr2)"""
+    task: str | None = field(default=None, metadata=flag(choices=TASKS))
+    """task head to keep (default: the one head the source holds, if any)"""
+    preset: str | None = field(default=None, metadata=flag(choices=PRESETS))
+    """architecture to check against (default: from the family and image size)"""
+    trust_pickle: bool = False
+    """allow arbitrary pickled objects in the source file (only for files you trust)"""
+
+
+def run_convert(args: ConvertArgs) -> int:
+    """Convert; 1 (and one message) when the source is missing or refused."""
     try:
         convert(
             args.family,
@@ -503,6 +488,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+COMMAND = Command(ConvertArgs, run_convert, prog="python -m pumer_lightning.models.convert")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pumer_lightning.models.convert`` (``pumer convert``)."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ nothing heavier than torch).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+from pumer_lightning.command import Command
 from pumer_lightning.reduce import ReducerSchedule, ReductionState, attention_probs, reduce, text_importance
 
 
@@ -84,16 +85,24 @@ def measure(batch: int = 8, n_text: int = 40, n_image: int = 145, repeats: int =
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--text", type=int, default=40)
-    parser.add_argument("--image", type=int, default=145)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
-    args = parser.parse_args(argv)
+@dataclass
+class OverheadArgs:
+    """The sizes of `measure`'s run."""
+
+    batch: int = 8
+    """examples per batch"""
+    text: int = 40
+    """text tokens"""
+    image: int = 145
+    """image tokens (145: a 384 px image in 32 px patches, plus CLS)"""
+    repeats: int = 30
+    """timed calls of each (the median is reported)"""
+    json: bool = False
+    """print the raw result as JSON"""
+
+
+def run_overhead(args: OverheadArgs) -> None:
+    """Measure and print the layer's and the reduction step's times."""
     result = measure(args.batch, args.text, args.image, args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -105,6 +114,16 @@ def main(argv: list[str] | None = None) -> None:
         f"(sd {result['reducer_ms_sd']:.2f})\n"
         f"overhead ratio reducer/layer: {result['ratio']:.3f}"
     )
+
+
+COMMAND = Command(
+    OverheadArgs, run_overhead, prog="python -m pumer_lightning.models.overhead", description=__doc__
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pumer_lightning.models.overhead`` (``pumer overhead``, ``make overhead``)."""
+    COMMAND.main(argv)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from pumer_lightning.command import Command, flag
 
 from ..writer import SplitSummary
 from . import nlvr2, retrieval, snli_ve, vqa2
@@ -69,25 +71,36 @@ def convert(
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.data.prepare",
-        description="Convert official dataset files into WebDataset shards + meta.json per split.",
-    )
-    parser.add_argument("dataset", choices=sorted(DATASETS), help="which dataset to convert")
-    parser.add_argument(
-        "--src", required=True, help="directory holding the official files (see docs/data.md)"
-    )
-    parser.add_argument("--out", default=None, help="output root (default: data/<dataset>)")
-    parser.add_argument("--images", default=None, help="image folder, if not under --src")
-    parser.add_argument("--splits", default=None, help="comma-separated output splits (default: all found)")
-    parser.add_argument("--shard-size", type=int, default=256, help="records (images or pairs) per shard")
-    parser.add_argument("--workers", type=int, default=8, help="threads reading image files")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training record order")
-    parser.add_argument("--min-count", type=int, default=9, help="vqa2: min questions per kept answer")
-    parser.add_argument("--overwrite", action="store_true", help="rewrite shards that are already up to date")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+@dataclass
+class PrepareArgs:
+    """Convert official dataset files into WebDataset shards + meta.json per split."""
+
+    dataset: str = field(metadata=flag(positional=True, choices=sorted(DATASETS)))
+    """which dataset to convert"""
+    src: str
+    """directory holding the official files (see docs/data.md)"""
+    out: str | None = None
+    """output root (default: data/<dataset>)"""
+    images: str | None = None
+    """image folder, if not under --src"""
+    splits: str | None = None
+    """comma-separated output splits (default: all found)"""
+    shard_size: int = 256
+    """records (images or pairs) per shard"""
+    workers: int = 8
+    """threads reading image files"""
+    seed: int = 0
+    """seed of the training record order"""
+    min_count: int = 9
+    """vqa2: min questions per kept answer"""
+    overwrite: bool = False
+    """rewrite shards that are already up to date"""
+    progress: bool = True
+    """a progress bar"""
+
+
+def run_prepare(args: PrepareArgs) -> int:
+    """Convert, then print one summary per split; 2 (and a message) when a source is missing or refused."""
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     start = time.perf_counter()
     try:
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             seed=args.seed,
             overwrite=args.overwrite,
-            progress=not args.no_progress,
+            progress=args.progress,
             min_count=args.min_count,
         )
     except (FileNotFoundError, ValueError) as exc:
@@ -111,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     for summary in summaries:
         print("\n".join(summary.lines()))
     return 0
+
+
+COMMAND = Command(PrepareArgs, run_prepare, prog="python -m pumer_lightning.data.prepare")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pumer_lightning.data.prepare`` (``pumer prepare``)."""
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

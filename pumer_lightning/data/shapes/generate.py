@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import multiprocessing
@@ -14,10 +13,12 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from pumer_lightning.command import Command
 
 from ..schema import (
     NLVR2_LABELS,
@@ -285,57 +286,81 @@ def is_current(root: str | Path, spec: ShapesSpec) -> bool:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.data.shapes",
-        description="Generate the synthetic shapes world (all four tasks, real shard schema) and its tokenizer.",
-    )
-    p.add_argument("--out", default="data/shapes", help="output root (default: data/shapes)")
-    p.add_argument("--num-train", type=int, default=2000, help="training examples (texts) per task")
-    p.add_argument("--num-val", type=int, default=500, help="validation examples per task")
-    p.add_argument("--num-test", type=int, default=500, help="test examples per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
-    p.add_argument("--image-size", type=int, default=384)
-    p.add_argument("--patch-size", type=int, default=32, help="grid cell = ViT patch (32 for ViLT-B/32)")
-    p.add_argument("--object-cells", type=int, default=1, help="object side in grid cells")
-    p.add_argument("--min-objects", type=int, default=3)
-    p.add_argument("--max-objects", type=int, default=6)
-    p.add_argument("--noise", type=float, default=8.0, help="std of the background pixel noise")
-    p.add_argument("--types", default=None, help="restrict statement types, e.g. shape,color,exist")
-    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
-    p.add_argument("--shard-size", type=int, default=250, help="records per shard")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
-    p.add_argument("--force", action="store_true", help="regenerate even if the same data exist")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        spec = ShapesSpec(
-            seed=args.seed,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            num_test=args.num_test,
-            tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-            world=World(
-                image_size=args.image_size,
-                patch_size=args.patch_size,
-                object_cells=args.object_cells,
-                min_objects=args.min_objects,
-                max_objects=args.max_objects,
-                noise=args.noise,
-            ),
-            types=tuple(t.strip() for t in args.types.split(",")) if args.types else None,
-            image_format=args.image_format,
-            shard_size=args.shard_size,
-        )
+@dataclass
+class ShapesArgs:
+    """Generate the synthetic shapes world (all four tasks, real shard schema) and its tokenizer."""
+
+    out: str = "data/shapes"
+    """output root"""
+    num_train: int = 2000
+    """training examples (texts) per task"""
+    num_val: int = 500
+    """validation examples per task"""
+    num_test: int = 500
+    """test examples per task"""
+    seed: int = 0
+    """seed of the scenes and texts"""
+    tasks: str = ",".join(TASKS)
+    """comma-separated subset of nlvr2,vqa2,snli_ve,retrieval"""
+    image_size: int = 384
+    """image side in pixels"""
+    patch_size: int = 32
+    """grid cell = ViT patch (32 for ViLT-B/32)"""
+    object_cells: int = 1
+    """object side in grid cells"""
+    min_objects: int = 3
+    """fewest objects in a scene"""
+    max_objects: int = 6
+    """most objects in a scene"""
+    noise: float = 8.0
+    """std of the background pixel noise"""
+    types: str | None = None
+    """restrict statement types, e.g. shape,color,exist"""
+    image_format: Literal["jpg", "png"] = "jpg"
+    """how images are encoded"""
+    shard_size: int = 250
+    """records per shard"""
+    workers: int | None = None
+    """processes (default: CPU count, at most 8)"""
+    force: bool = False
+    """regenerate even if the same data exist"""
+
+    def __post_init__(self) -> None:
+        spec = self.spec()
         for task in spec.tasks:
             if task not in TASKS:
                 raise ValueError(f"--tasks: unknown task {task!r} (choose from {', '.join(TASKS)})")
             spec.task_types(task)
         if min(spec.num_train, spec.num_val, spec.num_test) < 0 or spec.shard_size < 1:
             raise ValueError("--num-* must be >= 0 and --shard-size >= 1")
-    except ValueError as exc:
-        p.error(str(exc))
+
+    def spec(self) -> ShapesSpec:
+        """The `ShapesSpec` the flags describe."""
+        world = World(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            object_cells=self.object_cells,
+            min_objects=self.min_objects,
+            max_objects=self.max_objects,
+            noise=self.noise,
+        )
+        return ShapesSpec(
+            seed=self.seed,
+            num_train=self.num_train,
+            num_val=self.num_val,
+            num_test=self.num_test,
+            tasks=tuple(t.strip() for t in self.tasks.split(",") if t.strip()),
+            world=world,
+            types=tuple(t.strip() for t in self.types.split(",")) if self.types else None,
+            image_format=self.image_format,
+            shard_size=self.shard_size,
+        )
+
+
+def run_shapes(args: ShapesArgs) -> int:
+    """Generate the data the flags describe, unless ``--out`` already holds them."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = args.spec()
     if not args.force and is_current(args.out, spec):
         print(f"{args.out}: up to date (use --force to regenerate)")
         return 0
@@ -346,3 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {n} examples ({', '.join(spec.tasks)}) to {args.out} in {elapsed:.1f}s")
     print(f"tokenizer: {Path(args.out) / 'tokenizer'}")
     return 0
+
+
+COMMAND = Command(ShapesArgs, run_shapes, prog="python -m pumer_lightning.data.shapes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pumer_lightning.data.shapes`` (``pumer shapes``)."""
+    return COMMAND.main(argv)
