@@ -106,6 +106,7 @@ class _Flag:
     field: dataclasses.Field
     type: Any  #: the field's type, ``T | None`` unwrapped
     doc: str
+    group: str | None = None  #: the help section: a dataclass-typed field's type's docstring
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -160,16 +161,19 @@ class _Flag:
         return self.names, kwargs
 
 
-def _flags(cls: type) -> list[_Flag]:
-    """The flags of the dataclass ``cls``, a dataclass-typed field contributing its own."""
+def _flags(cls: type, group: str | None = None) -> list[_Flag]:
+    """The flags of the dataclass ``cls``, a dataclass-typed field contributing its own (in a help section of
+    their own, titled by the first line of that dataclass's docstring up to a parenthesis)."""
     hints, docs, out = typing.get_type_hints(cls), _field_docs(cls), []
     for f in dataclasses.fields(cls):
+        tp = _unwrap(hints[f.name])
         if not f.metadata.get("cli", True):
             continue
-        if dataclasses.is_dataclass(_unwrap(hints[f.name])):
-            out += _flags(_unwrap(hints[f.name]))
+        if dataclasses.is_dataclass(tp):
+            title = inspect.cleandoc(tp.__doc__ or f.name).split("\n")[0].split(" (")[0].rstrip(".")
+            out += _flags(tp, title)
         else:
-            out.append(_Flag(f, _unwrap(hints[f.name]), docs.get(f.name, "")))
+            out.append(_Flag(f, tp, docs.get(f.name, ""), group))
     return out
 
 
@@ -198,9 +202,12 @@ class Command:
             allow_abbrev=False,
         )
         names: dict[str, str] = {}
+        groups: dict[str | None, Any] = {None: parser}
         for fl in flags:
+            if fl.group not in groups:
+                groups[fl.group] = parser.add_argument_group(fl.group)
             option_strings, kwargs = fl.arguments()
-            parser.add_argument(*option_strings, **kwargs)
+            groups[fl.group].add_argument(*option_strings, **kwargs)
             names[fl.field.name] = fl.field.name.upper() if fl.meta.get("positional") else option_strings[0]
         parser.flag_names = names
         return parser

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
+from dataclasses import dataclass, field
+
+from pumer_lightning.command import Command, flag
 
 from .experiments import ABLATIONS, EXPERIMENTS, get_experiment
-from .options import QUICK_SETTINGS, Options, add_option_arguments, options_from_namespace
+from .options import QUICK_SETTINGS, Options
 from .runner import run_bench
 
 QUICK_ROUNDS = 3
@@ -34,61 +35,58 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The bench's parser: the experiments, one flag per `Options` field (`add_option_arguments`), and ``--quick``."""
-    p = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.bench",
-        description="Throughput, peak memory and FLOPs of PuMer reducer settings against the unreduced model, "
-        "measured interleaved in one process.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("exp", nargs="+", help="experiment name(s)")
-    add_option_arguments(p, Options)
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"only {' and '.join(QUICK_SETTINGS)}, no sweep, no warm-up round beyond the probe, "
-        f"{QUICK_ROUNDS} rounds (unless --rounds / --train-rounds say otherwise)",
-    )
-    # the training step is always measured now (--no-train skips it); the flag stays for old commands
-    p.add_argument("--train-memory", action="store_true", help=argparse.SUPPRESS)
-    return p
+@dataclass
+class BenchArgs:
+    """Throughput, peak memory and FLOPs of PuMer reducer settings against the unreduced model, measured
+    interleaved in one process."""
+
+    exp: list[str] = field(metadata=flag(positional=True))
+    """experiment name(s)"""
+    options: Options = field(default_factory=Options)
+    quick: bool = False
+    """only baseline and pumer, no sweep, no warm-up round beyond the probe, 3 rounds (unless --rounds /
+    --train-rounds say otherwise)"""
+    quiet: bool = field(default=False, metadata=flag("--quiet", "-q"))
+    """no progress output"""
+    train_memory: bool = field(default=False, metadata=flag(help=argparse.SUPPRESS))
+    """the training step is always measured now (--no-train skips it); the flag stays for old commands"""
+
+    def __post_init__(self) -> None:
+        options = self.options
+        if self.quick:
+            options.settings = options.settings or list(QUICK_SETTINGS)
+            options.keep_sweep = ()
+            options.warmup = 0
+            options.rounds = QUICK_ROUNDS if options.rounds is None else options.rounds
+            options.train_rounds = QUICK_ROUNDS if options.train_rounds is None else options.train_rounds
+        options.verbose = options.verbose and not self.quiet
+        for name in self.exp:
+            get_experiment(name, tiny=options.tiny)  # a ValueError naming the experiments
+        for b in options.batch_sizes:
+            if b < 1:
+                raise ValueError(f"--batch must be positive, got {b}")
+        if options.rounds is not None and options.rounds < 1:
+            raise ValueError(f"--rounds must be positive, got {options.rounds}")
+        if options.train_rounds is not None and options.train_rounds < 0:
+            raise ValueError(f"--train-rounds must be >= 0, got {options.train_rounds}")
+
+
+def run(args: BenchArgs) -> None:
+    run_bench(args.exp, args.options)
+
+
+COMMAND = Command(BenchArgs, run, prog="python -m pumer_lightning.bench", epilog=EPILOG)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[list[str], Options]:
     """The experiments and `Options` of a command line; a bad value exits with a message naming its flag."""
-    p = build_parser()
-    a = p.parse_args(argv)
-    options = options_from_namespace(a, Options)
-    if a.quick:
-        options.settings = options.settings or list(QUICK_SETTINGS)
-        options.keep_sweep = ()
-        options.warmup = 0
-        if options.rounds is None:
-            options.rounds = QUICK_ROUNDS
-        if options.train_rounds is None:
-            options.train_rounds = QUICK_ROUNDS
-    for name in a.exp:
-        try:
-            get_experiment(name, tiny=a.tiny)
-        except ValueError as err:
-            p.error(str(err))
-    for b in options.batch_sizes:
-        if b < 1:
-            p.error(f"--batch must be positive, got {b}")
-    if options.rounds is not None and options.rounds < 1:
-        p.error(f"--rounds must be positive, got {options.rounds}")
-    if options.train_rounds is not None and options.train_rounds < 0:
-        p.error(f"--train-rounds must be >= 0, got {options.train_rounds}")
-    return a.exp, options
+    args = COMMAND.parse(argv)
+    return args.exp, args.options
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    exps, options = parse_args(argv)
-    options.command = "python -m pumer_lightning.bench " + shlex.join(argv)
-    run_bench(exps, options)
+    """``python -m pumer_lightning.bench`` (``pumer bench``, ``make bench``)."""
+    COMMAND.main(argv)
 
 
 if __name__ == "__main__":

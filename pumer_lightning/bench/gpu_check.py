@@ -10,10 +10,12 @@ setting, then the targets (speedup of the path users get, reducer share) with th
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from pumer_lightning.command import Command, flag
 
 from .report import hardware_line, write_batch_sweep
 
@@ -229,19 +231,37 @@ def read_stages(path: Path) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pumer_lightning.bench.gpu_check", description=__doc__)
-    parser.add_argument("out", type=Path, help="the directory scripts/gpu_check.sh wrote to")
-    parser.add_argument("--stages", type=Path, help="stages.tsv (default: <out>/stages.tsv)")
-    parser.add_argument("--no-plot", action="store_true")
-    args = parser.parse_args(argv)
+@dataclass
+class GpuSummaryArgs:
+    """The summary of a scripts/gpu_check.sh directory."""
+
+    out: Path = field(metadata=flag(positional=True))
+    """the directory scripts/gpu_check.sh wrote to"""
+    stages: Path | None = None
+    """stages.tsv (default: <out>/stages.tsv)"""
+    plot: bool = True
+    """the batch sweeps' plots"""
+
+
+def write_summary(args: GpuSummaryArgs) -> None:
+    """Join the sweeps, write ``summary.md`` and ``summary.json`` and print the summary."""
     runs = load_runs(args.out)
-    sweeps = join_sweeps(runs, args.out, plot=not args.no_plot)
+    sweeps = join_sweeps(runs, args.out, plot=args.plot)
     text, data = summarize(runs, read_stages(args.stages or args.out / "stages.tsv"))
     (args.out / "summary.md").write_text(text)
     (args.out / "summary.json").write_text(json.dumps(data, indent=1) + "\n")
     print(text, end="")
     print("wrote " + ", ".join(str(p) for p in [args.out / "summary.md", args.out / "summary.json", *sweeps]))
+
+
+COMMAND = Command(
+    GpuSummaryArgs, write_summary, prog="python -m pumer_lightning.bench.gpu_check", description=__doc__
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pumer_lightning.bench.gpu_check`` (``pumer gpu-summary``)."""
+    COMMAND.main(argv)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,19 @@
-"""How to run the bench: `Options`, and the command line generated from it.
+"""How to run the bench: `Options`, whose fields are the flags of ``python -m pumer_lightning.bench``.
 
-Every field of `Options` is one flag of ``python -m pumer_lightning.bench``: its docstring is the flag's help, its
-type gives the flag's form, and its metadata (`flag`) names the flag where it differs from the field's name.
-
-* ``bool``: ``--<name>`` turns a False default on; ``--no-<name>`` turns a True default off ("skip" + its help);
-* ``list[T]`` / ``tuple[T, ...]``: ``--<name> V [V ...]`` (``nargs`` in the metadata; ``*`` lets it be empty);
-* ``Literal[...]`` (or ``Literal[...] | None``): the choices;
-* ``T | None``: a ``T``, None when the flag is not given.
-
-`add_option_arguments` adds the flags to a parser and `options_from_namespace` builds the `Options` from what it
-parsed, so a new field is a new flag with nothing else to write.
+Every field is one flag (`pumer_lightning.command`): its docstring is the flag's help, its type gives the flag's
+form (``bool``: ``--<name>`` / ``--no-<name>``; ``list[T]`` / ``tuple[T, ...]``: ``--<name> V [V ...]``;
+``Literal[...]``: the choices) and its metadata (`flag`) names the flag where it differs from the field's name.
+A new field is a new flag with nothing else to write.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal
+
+from pumer_lightning.command import flag
 
 from .experiments import DEFAULT_KEEP_SWEEP
 
@@ -29,12 +22,6 @@ PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "fp16-true", "bf16-tru
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 REDUCER_IMPLS = typing.get_args(ReducerImplChoice)
 QUICK_SETTINGS = ("baseline", "pumer")
-
-
-def flag(*names: str, **argparse_kwargs: Any) -> dict:
-    """Field metadata for the command line: the flag's names (default ``--<field-name>``) and argparse keywords
-    (``nargs``, ``metavar``); ``flag(cli=False)`` keeps a field off the command line."""
-    return {"flag": names, **argparse_kwargs}
 
 
 @dataclass
@@ -111,80 +98,7 @@ class Options:
     """seed of the random weights and inputs"""
     plot: bool = True
     """the PNG plots"""
-    verbose: bool = field(default=True, metadata=flag("-q", "--quiet"))
-    """progress output"""
-    command: str | None = field(default=None, metadata={"cli": False})
+    verbose: bool = field(default=True, metadata=flag(cli=False))
+    """progress output (``--quiet``: none)"""
+    command: str | None = field(default=None, metadata=flag(cli=False))
     """the command line, recorded in the results (set by the CLI)"""
-
-
-# ---- the command line, generated from the fields ---------------------------------------------------------------
-def _field_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring (the string literal under it), read by docstring_parser as jsonargparse reads it."""
-    try:
-        import docstring_parser
-    except ImportError:  # an optional dependency of jsonargparse; without it the flags have no help
-        return {}
-    docs = docstring_parser.parse_from_object(cls)
-    return {p.arg_name: " ".join((p.description or "").split()) for p in docs.params}
-
-
-def _unwrap(tp: Any) -> Any:
-    """``T | None`` -> ``T``; anything else as it is."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _argument(f: dataclasses.Field, tp: Any, doc: str) -> tuple[tuple[str, ...], dict[str, Any]]:
-    """The option strings and `add_argument` keywords of one field."""
-    meta = {k: v for k, v in f.metadata.items() if k not in ("flag", "cli")}
-    long_name = f.name.replace("_", "-")
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-    tp = _unwrap(tp)
-    kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": doc.replace("%", "%%"), **meta}
-    if tp is bool:  # a switch: --name turns a False default on, --no-name a True default off
-        kwargs["action"] = "store_false" if default else "store_true"
-        if default:
-            kwargs["help"] = f"skip {kwargs['help']}"
-        return f.metadata.get("flag") or (f"--no-{long_name}" if default else f"--{long_name}",), kwargs
-    names = f.metadata.get("flag") or (f"--{long_name}",)
-    if typing.get_origin(tp) in (list, tuple):
-        kwargs.setdefault("nargs", "+")
-        tp = typing.get_args(tp)[0]
-        kwargs["default"] = list(default) if isinstance(default, tuple) else default
-    if typing.get_origin(tp) is Literal:
-        kwargs["choices"] = list(typing.get_args(tp))
-        tp = type(kwargs["choices"][0])
-    else:
-        kwargs.setdefault("metavar", names[-1].lstrip("-").replace("-", "_").upper())
-    kwargs["type"] = tp
-    if default is not None and "default:" not in doc:
-        shown = (" ".join(map(str, default)) or "none") if isinstance(default, (list, tuple)) else default
-        kwargs["help"] += f" (default: {shown})"
-    return names, kwargs
-
-
-def add_option_arguments(parser: argparse.ArgumentParser, cls: type = Options) -> None:
-    """One flag per field of the dataclass ``cls`` (see the module's docstring)."""
-    docs = _field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli", True):
-            names, kwargs = _argument(f, hints[f.name], docs.get(f.name, ""))
-            parser.add_argument(*names, **kwargs)
-
-
-def options_from_namespace(namespace: argparse.Namespace, cls: type = Options) -> Any:
-    """The ``cls`` instance a parser with `add_option_arguments` parsed (tuple fields get tuples)."""
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", True):
-            continue
-        value = getattr(namespace, f.name)
-        if typing.get_origin(_unwrap(hints[f.name])) is tuple and value is not None:
-            value = tuple(value)
-        values[f.name] = value
-    return cls(**values)

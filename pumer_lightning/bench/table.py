@@ -8,20 +8,33 @@ One row per experiment and setting, then the command, machine and protocol of ea
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
+
+from pumer_lightning.command import Command, flag
 
 from .report import load, readme_table
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.bench.table",
-        description="Render one combined results table from bench JSON files.",
-    )
-    parser.add_argument("json", nargs="+", help="results/bench/<name>.json files")
-    parser.add_argument("--settings", nargs="+", help="only these settings (default: all)")
-    args = parser.parse_args(argv)
+@dataclass
+class TableArgs:
+    """Render one combined results table from bench JSON files."""
+
+    json: list[str] = field(metadata=flag(positional=True))
+    """results/bench/<name>.json files"""
+    settings: list[str] | None = None
+    """only these settings (default: all)"""
+
+
+def print_table(args: TableArgs) -> None:
     print(readme_table(load(args.json), args.settings), end="")
+
+
+COMMAND = Command(TableArgs, print_table, prog="python -m pumer_lightning.bench.table", description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pumer_lightning.bench.table`` (``pumer bench-table``)."""
+    COMMAND.main(argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
@@ -189,7 +188,7 @@ def se_note(points: list[Point]) -> str:
 
 
 def assemble(
-    tuner: Tuner, info: dict[str, Any], outcome: dict[str, Any], args: argparse.Namespace, command: str
+    tuner: Tuner, info: dict[str, Any], outcome: dict[str, Any], out: Path, command: str
 ) -> dict[str, Any]:
     """Everything ``<name>.json`` holds."""
     finalists = {p.key: front for p, front in zip(outcome["finalists"], outcome["front"])}
@@ -217,7 +216,7 @@ def assemble(
         "space": tuner.space.describe(),
         "rungs": tuner.rungs,
         "points": [point_record(p, p.key in finalists, finalists.get(p.key, False)) for p in tuner.points],
-        "recommendation": recommendation(tuner, outcome["chosen"], info, Path(args.out)),
+        "recommendation": recommendation(tuner, outcome["chosen"], info, out),
         "playoff": playoff_record(tuner, outcome["playoff"], outcome["chosen"]),
         "check": check_record(tuner, outcome["checked"], outcome["chosen"]),
         "se_note": se_note(tuner.points),

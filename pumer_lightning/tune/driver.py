@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
-import shlex
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pumer_lightning.command import Command, flag
 from pumer_lightning.lab.context import build_cli, experiment_files, resolve_device
 from pumer_lightning.lab.machine import machine_info, short_commit
 
@@ -26,130 +25,141 @@ from .tuner import Settings, Tuner
 DEFAULT_EXP = "shapes_vilt"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.tune",
-        allow_abbrev=False,
-        description="Choose a reducer schedule for a trained model: search, Pareto front, recommendation.",
-        epilog="Every other --dotted.option=value is a configuration override, as for python -m pumer_lightning.",
-    )
-    p.add_argument(
-        "name", nargs="?", default=None, help=f"experiment (experiments/NAME.yaml; default {DEFAULT_EXP})"
-    )
-    p.add_argument(
-        "-c",
-        "--config",
-        action="append",
-        default=None,
-        help="configuration files instead of NAME (as the CLI takes them: base.yaml first; NAME is then ignored)",
-    )
-    p.add_argument(
-        "--ckpt",
-        "--ckpt_path",
-        "--ckpt-path",
-        dest="ckpt",
-        default=None,
-        help="the trained checkpoint (default: the best-*.ckpt of the latest runs/<exp_name>/version_N)",
-    )
-    p.add_argument("--split", default=None, help="search split (default: the data's validation split)")
-    p.add_argument(
-        "--check-split",
-        default="auto",
-        help="split the recommendation is re-evaluated on, never used to choose (default: the data's "
-        "test split; none: skip)",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="timing batch size (default: data.eval_batch_size)"
-    )
-    p.add_argument("--timing-batches", type=int, default=1, help="batches per timed pass")
-    space_flags(p.add_argument_group("search space (LO:HI ranges at --step, or comma lists)"))
-    search_flags(p.add_argument_group("search"))
-    output_flags(p.add_argument_group("outputs"))
-    return p
+@dataclass
+class SpaceFlags:
+    """search space (LO:HI ranges at --step, or comma lists)"""
+
+    layers: str = "auto"
+    """layer sets: auto, 1,2;0,1 or [[1,2],[0,1]]"""
+    keep: str = "0.5:1.0"
+    """keep_ratio values"""
+    merge: str = "0:0.5"
+    """merge_ratio values"""
+    text_merge: str = "0:0.3"
+    """text_merge_ratio values"""
+    text_merge_policy: str = "real,pads_first"
+    """text_merge_policy values"""
+    importance: str = "text,cls"
+    """importance values"""
+    step: float = 0.05
+    """grid step of LO:HI ranges"""
+
+    def __post_init__(self) -> None:
+        at_least("--step", self.step, 0, strict=True)
 
 
-def space_flags(space: Any) -> None:
-    """The search space's flags (LO:HI ranges at ``--step``, or comma lists)."""
-    space.add_argument("--layers", default="auto", help="layer sets: auto, 1,2;0,1 or [[1,2],[0,1]]")
-    space.add_argument("--keep", default="0.5:1.0", help="keep_ratio values")
-    space.add_argument("--merge", default="0:0.5", help="merge_ratio values")
-    space.add_argument("--text-merge", default="0:0.3", help="text_merge_ratio values")
-    space.add_argument("--text-merge-policy", default="real,pads_first", help="text_merge_policy values")
-    space.add_argument("--importance", default="text,cls", help="importance values")
-    space.add_argument("--step", type=float, default=0.05, help="grid step of LO:HI ranges")
+@dataclass
+class SearchFlags:
+    """search"""
+
+    candidates: int = 40
+    """schedules sampled from the space"""
+    eta: int = 2
+    """halving factor: 1/eta of the schedules survive a rung"""
+    min_finalists: int = 8
+    """schedules scored on the whole split"""
+    rounds: int = 3
+    """interleaved rounds when screening"""
+    final_rounds: int = 5
+    """interleaved rounds for finalists and the check"""
+    timing_group: int = 16
+    """schedules per screening session"""
+    generations: int = 1
+    """rounds of mutating the front near the budget"""
+    children: int = 12
+    """new schedules per generation"""
+    parents: int = 3
+    """front points mutated per generation"""
+    playoff: int = 4
+    """fastest eligible finalists timed again together"""
+    playoff_rounds: int = 10
+    """interleaved rounds of the playoff and check"""
+    max_drop: float = 1.0
+    """accuracy budget in points vs unreduced"""
+    z: float = 1.0
+    """budget margin in standard errors: drop + z * SE <= max-drop (0: point estimate)"""
+    seed: int = 0
+    """sampling and evaluation seed"""
+
+    def __post_init__(self) -> None:
+        for name, low in SEARCH_LEAST.items():
+            at_least(f"--{name.replace('_', '-')}", getattr(self, name), low)
 
 
-def search_flags(search: Any) -> None:
-    """How the search runs: sampling, halving, timing rounds, generations, the budget."""
-    search.add_argument("--candidates", type=int, default=40, help="schedules sampled from the space")
-    search.add_argument(
-        "--eta", type=int, default=2, help="halving factor: 1/eta of the schedules survive a rung"
-    )
-    search.add_argument("--min-finalists", type=int, default=8, help="schedules scored on the whole split")
-    search.add_argument("--rounds", type=int, default=3, help="interleaved rounds when screening")
-    search.add_argument(
-        "--final-rounds", type=int, default=5, help="interleaved rounds for finalists and the check"
-    )
-    search.add_argument("--timing-group", type=int, default=16, help="schedules per screening session")
-    search.add_argument(
-        "--generations", type=int, default=1, help="rounds of mutating the front near the budget"
-    )
-    search.add_argument("--children", type=int, default=12, help="new schedules per generation")
-    search.add_argument("--parents", type=int, default=3, help="front points mutated per generation")
-    search.add_argument(
-        "--playoff", type=int, default=4, help="fastest eligible finalists timed again together"
-    )
-    search.add_argument(
-        "--playoff-rounds", type=int, default=10, help="interleaved rounds of the playoff and check"
-    )
-    search.add_argument("--max-drop", type=float, default=1.0, help="accuracy budget in points vs unreduced")
-    search.add_argument(
-        "--z",
-        type=float,
-        default=1.0,
-        help="budget margin in standard errors: drop + z * SE <= max-drop (0: point estimate)",
-    )
-    search.add_argument("--seed", type=int, default=0, help="sampling and evaluation seed")
+# the least value of each search flag
+SEARCH_LEAST = {
+    "candidates": 0,
+    "eta": 2,
+    "min_finalists": 1,
+    "rounds": 1,
+    "final_rounds": 1,
+    "timing_group": 1,
+    "generations": 0,
+    "children": 1,
+    "parents": 1,
+    "playoff": 1,
+    "playoff_rounds": 1,
+    "max_drop": 0,
+    "z": 0,
+}
 
 
-def output_flags(out: Any) -> None:
-    """Where the outputs and the cache go."""
-    out.add_argument("--out", default="results/tune", help="directory of <name>.{json,md,png,yaml}")
-    out.add_argument("--out-name", default=None, help="output name (default: the experiment's)")
-    out.add_argument("--cache", default=None, help="cache file (default: <run dir>/tune/cache.jsonl)")
-    out.add_argument("--fresh", action="store_true", help="ignore the cache (measure everything again)")
-    out.add_argument("--preload-gib", type=float, default=2.0, help="hold a split in memory when it fits")
+@dataclass
+class OutputFlags:
+    """outputs"""
+
+    out: str = "results/tune"
+    """directory of <name>.{json,md,png,yaml}"""
+    out_name: str | None = None
+    """output name (default: the experiment's)"""
+    cache: str | None = None
+    """cache file (default: <run dir>/tune/cache.jsonl)"""
+    fresh: bool = False
+    """ignore the cache (measure everything again)"""
+    preload_gib: float = 2.0
+    """hold a split in memory when it fits"""
 
 
-def check_numbers(args: argparse.Namespace) -> None:
-    """Flags with impossible values stop at once, each named."""
-    rules = [
-        ("--candidates", args.candidates >= 0, ">= 0"),
-        ("--eta", args.eta >= 2, ">= 2"),
-        ("--min-finalists", args.min_finalists >= 1, ">= 1"),
-        ("--rounds", args.rounds >= 1, ">= 1"),
-        ("--final-rounds", args.final_rounds >= 1, ">= 1"),
-        ("--timing-group", args.timing_group >= 1, ">= 1"),
-        ("--timing-batches", args.timing_batches >= 1, ">= 1"),
-        ("--max-drop", args.max_drop >= 0, ">= 0"),
-        ("--z", args.z >= 0, ">= 0"),
-        ("--generations", args.generations >= 0, ">= 0"),
-        ("--children", args.children >= 1, ">= 1"),
-        ("--parents", args.parents >= 1, ">= 1"),
-        ("--playoff", args.playoff >= 1, ">= 1"),
-        ("--playoff-rounds", args.playoff_rounds >= 1, ">= 1"),
-        ("--step", args.step > 0, "> 0"),
-        ("--batch-size", args.batch_size is None or args.batch_size >= 1, ">= 1"),
-    ]
-    for flag, ok, expected in rules:
-        if not ok:
-            raise SystemExit(
-                f"error: {flag} must be {expected}, got {getattr(args, flag[2:].replace('-', '_'))}"
-            )
+@dataclass
+class TuneArgs:
+    """Choose a reducer schedule for a trained model: search, Pareto front, recommendation."""
+
+    name: str | None = field(default=None, metadata=flag(positional=True))
+    """experiment (experiments/NAME.yaml; default shapes_vilt)"""
+    config: list[str] = field(default_factory=list, metadata=flag("-c", "--config", repeat=True))
+    """configuration files instead of NAME (as the CLI takes them: base.yaml first; NAME is then ignored)"""
+    ckpt: str | None = field(default=None, metadata=flag("--ckpt", "--ckpt-path"))
+    """the trained checkpoint (default: the best-*.ckpt of the latest runs/<exp_name>/version_N)"""
+    split: str | None = None
+    """search split (default: the data's validation split)"""
+    check_split: str = "auto"
+    """split the recommendation is re-evaluated on, never used to choose (default: the data's test split; none:
+    skip)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    batch_size: int | None = None
+    """timing batch size (default: data.eval_batch_size)"""
+    timing_batches: int = 1
+    """batches per timed pass"""
+    space: SpaceFlags = field(default_factory=SpaceFlags)
+    search: SearchFlags = field(default_factory=SearchFlags)
+    output: OutputFlags = field(default_factory=OutputFlags)
+    command: str = field(default="", metadata=flag(cli=False))
+    overrides: list[str] = field(default_factory=list, metadata=flag(cli=False))
+
+    def __post_init__(self) -> None:
+        at_least("--timing-batches", self.timing_batches, 1)
+        if self.batch_size is not None:
+            at_least("--batch-size", self.batch_size, 1)
 
 
-def config_files(args: argparse.Namespace) -> tuple[list[str], str]:
+def at_least(flag_name: str, value: float, low: float, strict: bool = False) -> None:
+    """A flag's number below its least (or at it, ``strict``) stops the parse, the flag named."""
+    if value < low or (strict and value == low):
+        raise ValueError(f"{flag_name} must be {'>' if strict else '>='} {low}, got {value}")
+
+
+def config_files(args: TuneArgs) -> tuple[list[str], str]:
     """The ``-c`` files (or ``base.yaml`` + ``<name>.yaml``) and the name the outputs take."""
     if args.config:
         missing = [f for f in args.config if not Path(f).is_file()]
@@ -228,33 +238,33 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def splits(args: argparse.Namespace, dm: Any) -> tuple[str, str | None]:
+def splits(args: TuneArgs, dm: Any) -> tuple[str, str | None]:
     """The search split and the check split (None: no check), each checked to exist in the data."""
     split = args.split or dm.val_split
     check = (dm.test_split if args.check_split == "auto" else args.check_split) or None
     check = None if check == "none" else check
-    for flag, value in (("--split", split), ("--check-split", check)):
-        if flag == "--split" and not value:
+    for option, value in (("--split", split), ("--check-split", check)):
+        if option == "--split" and not value:
             raise SystemExit("error: the data has no validation split; name the search split with --split")
         try:
             if value:
                 dm.split_meta(value)
         except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"error: {flag} {value}: {err}") from None
+            raise SystemExit(f"error: {option} {value}: {err}") from None
     return split, check
 
 
-def search_space(args: argparse.Namespace, model: Any) -> Any:
+def search_space(flags: SpaceFlags, model: Any) -> Any:
     """The search space of the flags, for ``model``'s backbone; a bad value names its flag."""
     try:
         return build_space(
-            layers=args.layers,
-            keep=args.keep,
-            merge=args.merge,
-            text_merge=args.text_merge,
-            policies=args.text_merge_policy,
-            importance=args.importance,
-            step=args.step,
+            layers=flags.layers,
+            keep=flags.keep,
+            merge=flags.merge,
+            text_merge=flags.text_merge,
+            policies=flags.text_merge_policy,
+            importance=flags.importance,
+            step=flags.step,
             depth=model.backbone.num_layers,
             own=model.backbone.reducer,
             what=f"{model.spec.preset} backbone",
@@ -263,16 +273,16 @@ def search_space(args: argparse.Namespace, model: Any) -> Any:
         raise SystemExit(f"error: {err}") from None
 
 
-def setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Tuner, dict[str, Any]]:
+def setup(args: TuneArgs) -> tuple[Tuner, dict[str, Any]]:
     """The CLI, checkpoint, device, splits, search space, cache and `Tuner` of a run, plus what the report
     says about the experiment."""
     files, name = config_files(args)
-    cli = build_cli(files, overrides)
+    cli = build_cli(files, args.overrides)
     model, dm = cli.model, cli.datamodule
     ckpt = find_checkpoint(cli, args.ckpt, name)
     device = resolve_device(args.device)
     split, check = splits(args, dm)
-    space = search_space(args, model)
+    space = search_space(args.space, model)
     evaluator = Evaluator(
         model,
         dm,
@@ -281,27 +291,32 @@ def setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Tuner, dict[s
         str(cli.trainer.precision),
         batch_size=args.batch_size or dm.eval_batch_size,
         timing_batches=args.timing_batches,
-        preload_gib=args.preload_gib,
-        seed=args.seed,
+        preload_gib=args.output.preload_gib,
+        seed=args.search.seed,
     )
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    cache = TuneCache(Path(args.cache) if args.cache else run_dir / "tune" / "cache.jsonl", fresh=args.fresh)
+    out = args.output
+    cache = TuneCache(Path(out.cache) if out.cache else run_dir / "tune" / "cache.jsonl", fresh=out.fresh)
     env = environment(device)
     context = {
         "checkpoint": checkpoint_id(ckpt),
         "config": config_fingerprint(cli),
         "code": code_fingerprint(),
-        "seed": args.seed,
+        "seed": args.search.seed,
         "device": env["device"],
         "threads": env["threads"],
     }
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    flags = {
+        f.name: getattr(args.search, f.name)
+        for f in dataclasses.fields(Settings)
+        if hasattr(args.search, f.name)
+    }
     settings = Settings(**{**flags, "split": split, "check_split": check})
     own = model.backbone.reducer
     info = {
-        "name": args.out_name or name,
+        "name": out.out_name or name,
         "files": files,
-        "overrides": overrides,
+        "overrides": args.overrides,
         "checkpoint": str(ckpt),
         "run_dir": run_dir,
         "environment": env,
@@ -313,22 +328,33 @@ def setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Tuner, dict[s
     return Tuner(evaluator, cache, space, settings, context, own), info
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m pumer_lightning.tune``: returns the result that ``<out>/<name>.json`` holds."""
+def tune(args: TuneArgs) -> dict[str, Any]:
+    """Run the search the flags describe; returns the result that ``<out>/<name>.json`` holds."""
     start = time.perf_counter()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, overrides = parser().parse_known_args(argv)
-    check_numbers(args)
-    tuner, info = setup(args, overrides)
+    tuner, info = setup(args)
     outcome = tuner.run()
-    result = assemble(tuner, info, outcome, args, "python -m pumer_lightning.tune " + shlex.join(argv))
+    result = assemble(tuner, info, outcome, Path(args.output.out), args.command)
     result["wall_s"] = time.perf_counter() - start
     stages = {"setup": result["wall_s"] - sum(tuner.stage_seconds.values()), **tuner.stage_seconds}
     result["stage_text"] = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
-    paths = write_outputs(result, Path(args.out))
+    paths = write_outputs(result, Path(args.output.out))
     write_hparams(result, Path(result["hparams_dir"]))
     print(f"\n{result['recommendation']['text']}\n", flush=True)
     if result.get("check"):
         print(result["check"]["verdict"] + "\n", flush=True)
     print("wrote " + ", ".join(str(p) for p in paths.values()) + f"; HParams: {result['hparams_dir']}")
     return result
+
+
+COMMAND = Command(
+    TuneArgs,
+    tune,
+    prog="python -m pumer_lightning.tune",
+    epilog="Every other --dotted.option=value is a configuration override, as for python -m pumer_lightning.",
+    overrides=True,
+)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m pumer_lightning.tune`` (``pumer tune``, ``make tune``)."""
+    return COMMAND.main(argv)

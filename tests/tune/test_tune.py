@@ -133,7 +133,6 @@ def test_a_checkpoint_of_another_preset_names_the_preset_it_was_trained_with(tra
             "--text-merge-policy=real,all",
             r"--text-merge-policy 'real,all': expected a comma list of real, pads_first",
         ),
-        ("--eta=1", r"--eta must be >= 2, got 1"),
     ],
 )
 def test_bad_search_space_values_name_the_flag(trained, flag, message):
