@@ -13,9 +13,10 @@ the values against it, and `flag` metadata says what differs from the defaults:
 * ``flag("-c", "--config")``: other names; ``flag(repeat=True)``: one value per occurrence, collected in a list;
 * ``flag(positional=True)``: a positional argument (a list: one or more values; with a default: optional);
 * a dataclass-typed field: its own fields are flags too, and it is built from them;
-* ``flag(cli=False)``: not a flag. Two such fields are filled by the parse: ``command`` (the command line as
-  typed, for a run's record) and ``overrides`` (with ``Command(overrides=True)``: every ``--option`` that is not
-  one of the verb's own, with its value, for the LightningCLI configuration).
+* ``flag(cli=False)``: not a flag. Three such fields are filled by the parse: ``command`` (the command line as
+  typed, for a run's record), ``argv`` (its arguments, a list) and ``overrides`` (with
+  ``Command(overrides=True)``: every ``--option`` that is not one of the verb's own, with its value, for the
+  LightningCLI configuration).
 
 A value the types accept but the config refuses (its ``__post_init__`` raising ``ValueError``, the message naming
 the flag) stops the parse like a type error: usage, the message, exit status 2.
@@ -40,7 +41,7 @@ import docstring_parser
 from jsonargparse import ActionYesNo, DefaultHelpFormatter
 from jsonargparse import ArgumentParser as JsonArgumentParser
 
-FILLED = ("command", "overrides")
+FILLED = ("command", "argv", "overrides")
 
 
 def flag(
@@ -273,7 +274,8 @@ class Command:
         parser = self.parser(prog)
         known, overrides = self.split(argv)
         namespace = parser.parse_args(known)
-        filled = {"command": " ".join([prog or self.prog, shlex.join(argv)]).strip(), "overrides": overrides}
+        command = " ".join([prog or self.prog, shlex.join(argv)]).strip()
+        filled = {"command": command, "argv": argv, "overrides": overrides}
         try:
             return _build(self.config, namespace, filled)
         except ValueError as err:

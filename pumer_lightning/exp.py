@@ -20,12 +20,12 @@ from __future__ import annotations
 import pumer_lightning.env  # noqa: F401  (first: passive OpenMP threads and offline hubs, before torch loads)
 
 # isort: split
-import argparse
 import dataclasses
 import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pumer_lightning.callbacks.checkpoint import (
     resolve_resume,
 )
 from pumer_lightning.cli import EXPERIMENTS_DIR, PumerCLI, without_ckpt_path
+from pumer_lightning.command import Command, flag
 from pumer_lightning.measure import count_flops, interleaved_times, median_rates, speedup, spread
 from pumer_lightning.models import build_backbone
 from pumer_lightning.reduce import ReducerSchedule
@@ -397,41 +398,39 @@ def _caveats(cli: Any, score: float | None, controls: dict[str, dict[str, float]
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m pumer_lightning.exp", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "name", nargs="?", default=DEFAULT_EXP, help="experiment name (experiments/NAME.yaml)"
-    )
-    parser.add_argument(
-        "--timing-batches", type=int, default=8, help="test batches timed for the speed-up (0: skip)"
-    )
-    parser.add_argument("--timing-rounds", type=int, default=7, help="interleaved timing rounds")
-    parser.add_argument(
-        "--no-controls", action="store_true", help="skip the reducers-off / random-pruning tests"
-    )
-    parser.add_argument("--no-test", action="store_true", help="fit only")
-    parser.add_argument(
-        "--full-size", default="auto",
-        help="bench experiment timed at full size after a shapes demo (vilt_vqa2, meter_vqa2, ...; 'none' skips)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
-        help="resume an interrupted run: the checkpoint file it printed, or 'last' (the newest interrupted.ckpt / "
-        "last.ckpt of this experiment; an error when there is none) or 'auto' ('last' if there is one, else a new "
-        "run); the run continues in the same run directory",
-    )  # fmt: skip
-    parser.add_argument(
-        "-c", "--config", action="append", default=[], metavar="FILE",
-        help="more config files, layered after the experiment's (e.g. a `make tune` recommendation); repeatable",
-    )  # fmt: skip
-    args, overrides = parser.parse_known_args(argv)
+@dataclass
+class ExpArgs:
+    """``make exp``: run an experiment end to end, then summarise what the reducer did."""
+
+    name: str = field(default=DEFAULT_EXP, metadata=flag(positional=True))
+    """experiment name (experiments/NAME.yaml)"""
+    timing_batches: int = 8
+    """test batches timed for the speed-up (0: skip)"""
+    timing_rounds: int = 7
+    """interleaved timing rounds"""
+    controls: bool = True
+    """the reducers-off / random-pruning tests"""
+    test: bool = True
+    """test the best checkpoint (--no-test: fit only)"""
+    full_size: str = "auto"
+    """bench experiment timed at full size after a shapes demo (vilt_vqa2, meter_vqa2, ...; 'none' skips)"""
+    ckpt_path: str | None = field(default=None, metadata=flag("--ckpt_path"))
+    """resume an interrupted run: the checkpoint file it printed, or 'last' (the newest interrupted.ckpt /
+    last.ckpt of this experiment; an error when there is none) or 'auto' ('last' if there is one, else a new run);
+    the run continues in the same run directory"""
+    config: list[str] = field(default_factory=list, metadata=flag("-c", "--config", repeat=True))
+    """more config files, layered after the experiment's (e.g. a `make tune` recommendation); repeatable"""
+    argv: list[str] = field(default_factory=list, metadata=flag(cli=False))
+    overrides: list[str] = field(default_factory=list, metadata=flag(cli=False))
+
+
+def run_exp(args: ExpArgs) -> str:
+    """Pre-train the starting weights if missing, fit, test, time and summarise; returns the summary."""
     missing = [f for f in args.config if not Path(f).is_file()]
     if missing:
-        parser.error(f"-c/--config: no such file {missing[0]!r}")
-    bad = [o for o in overrides if not o.startswith("--")]
-    if bad:
-        parser.error(f"unexpected arguments {bad}; overrides look like --model.reducer.keep_ratio=0.6")
-
+        print(f"error: -c/--config: no such file {missing[0]!r}", file=sys.stderr)
+        raise SystemExit(2)
+    overrides, argv = args.overrides, args.argv
     start = time.perf_counter()
     files = experiment_files(args.name)
     cli_args = [a for f in [*files, *args.config] for a in ("-c", f)] + overrides
@@ -460,6 +459,17 @@ def run(argv: list[str] | None = None) -> str:
         signal.signal(signal.SIGTERM, previous)
 
 
+OVERRIDES = (
+    "Every other --dotted.option=value is a configuration override, as for python -m pumer_lightning fit."
+)
+COMMAND = Command(ExpArgs, run_exp, prog="python -m pumer_lightning.exp", epilog=OVERRIDES, overrides=True)
+
+
+def run(argv: list[str] | None = None) -> str:
+    """``python -m pumer_lightning.exp`` (``pumer exp``, ``make exp``): returns the summary."""
+    return COMMAND.main(argv)
+
+
 def _raise_on_sigterm() -> Any:
     """Install a SIGTERM handler that stops the driver between Lightning runs (timing, full-size timing, data
     generation) with `SIGTERMException`, so that it prints its interruption summary. While a Trainer runs, Lightning's
@@ -473,7 +483,7 @@ def _raise_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _run_phases(args: argparse.Namespace, state: dict[str, Any], start: float) -> str:
+def _run_phases(args: ExpArgs, state: dict[str, Any], start: float) -> str:
     cli = state["cli"]
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     ckpt_path = resolve_resume(trainer, args.ckpt_path)
@@ -490,7 +500,7 @@ def _run_phases(args: argparse.Namespace, state: dict[str, Any], start: float) -
     else:
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     test: dict[str, float] = {}
-    if not args.no_test and dm.test_split is not None:
+    if args.test and dm.test_split is not None:
         state["phase"] = "test"
         results = trainer.test(model, datamodule=dm, ckpt_path=best or None)
         test = {k: float(v) for k, v in (results[0] if results else {}).items()}
@@ -507,7 +517,7 @@ def _run_phases(args: argparse.Namespace, state: dict[str, Any], start: float) -
         state["phase"] = "timing"
         timing = time_reduction(model, eval_batches(dm, args.timing_batches), rounds=args.timing_rounds)
     state["phase"] = "controls"
-    controls = {} if args.no_controls or args.no_test else control_runs(cli)
+    controls = control_runs(cli) if args.controls and args.test else {}
     full = None
     bench_name, batch_size = args.full_size, 4
     if bench_name == "auto":
@@ -527,7 +537,7 @@ def _run_phases(args: argparse.Namespace, state: dict[str, Any], start: float) -
     return text
 
 
-def resume_commands(args: argparse.Namespace, argv: list[str] | None, ckpt_path: str) -> list[str]:
+def resume_commands(args: ExpArgs, argv: list[str] | None, ckpt_path: str) -> list[str]:
     """``make exp`` and ``python -m pumer_lightning.exp`` commands that continue this run from ``ckpt_path``."""
     rest = without_ckpt_path([a for a in (argv if argv is not None else sys.argv[1:]) if a != args.name])
     rest.append(f"--ckpt_path={ckpt_path}")
@@ -552,7 +562,7 @@ def _resume_file(state: dict[str, Any], err: BaseException) -> str | None:
 
 
 def _report_interruption(
-    args: argparse.Namespace, argv: list[str] | None, state: dict[str, Any], err: BaseException, start: float
+    args: ExpArgs, argv: list[str] | None, state: dict[str, Any], err: BaseException, start: float
 ) -> None:
     """Print (and write to ``<log_dir>/summary.md``) what an interrupted ``make exp`` did and how to resume it."""
     cli = state.get("cli")
@@ -585,9 +595,5 @@ def _report_interruption(
             (log_dir / "summary.md").write_text(text + "\n")
 
 
-def main() -> None:
-    run(sys.argv[1:])
-
-
 if __name__ == "__main__":
-    main()
+    run()
