@@ -1,8 +1,21 @@
 """``make study``: does PuMer keep accuracy? A controlled accuracy-vs-speed study on the shapes world.
 
-    python -m pumer_lightning.study [--budget default|long|quick|gpu] [--task nlvr2|vqa2] [--fresh] [--out results/study]
+    python -m pumer_lightning.study [--protocol paper|adaptation] [--budget ...] [--task vqa2|nlvr2|all] [--fresh]
 
-Everything is generated and trained here, from nothing, on the synthetic shapes world (``pumer_lightning.data.shapes``):
+Two protocols (docs/study.md):
+
+* **paper** (the default and the headline; `pumer_lightning.study.paper`, ``paper_eval``, ``paper_report``): per
+  task (shapes VQA and shapes NLVR2) and per seed, every arm fine-tunes the same pre-trained shapes checkpoint
+  (ITM + MLM over captions, no task labels, made once by the pre-training command and cached): (a) the baseline
+  with the reducers off, (b) PuMer on under each text-merge policy, (c) PuMer distilled from the seed's baseline,
+  (d) PuMer for 2N steps when (b) and (c) miss on validation. The policy, the 2N arm and the arm are chosen on
+  validation; test is read once. On the new baselines: the training-free stages below. Budgets ``default``
+  (about 3 hours on 2 CPU cores), ``quick``, ``gpu``; outputs ``<out>/paper_<task>.{json,md,png}``.
+* **adaptation** (``--protocol adaptation``, the earlier runs), below: fine-tunes that continue from an already
+  fine-tuned baseline.
+
+The adaptation protocol: everything is generated and trained here, from nothing, on the synthetic shapes world
+(``pumer_lightning.data.shapes``):
 
 1. **Data**: shapes VQA (pre-training) and shapes NLVR2 (the study task: a true/false statement about an image
    pair, e.g. "the left image contains a red circle"), statement types ``shape``, ``color``, ``exist``.
@@ -37,10 +50,13 @@ The package is split by stage, over `pumer_lightning.lab` (scoring, statistics, 
 * `~pumer_lightning.study.evaluate`: learned types, fine-tunes, the policy choice, timing, the loss check;
 * `~pumer_lightning.study.verdicts`: the paired comparisons and the targets;
 * `~pumer_lightning.study.report`: the JSON record, the Markdown tables and the plot;
-* `~pumer_lightning.study.run`: `run_study` (the stages in order) and the command line.
+* `~pumer_lightning.study.paper`, ``paper_eval``, ``paper_report``: the paper protocol's configuration and arms,
+  its choices and evaluation, its record and report;
+* `~pumer_lightning.study.run`: `run_study`, `run_paper` (the stages in order) and the command line.
 
-Checkpoints and data live under ``--work`` (default ``data/study``, git-ignored); a stage whose inputs did not
-change is loaded from its cache, so a second run only re-evaluates. ``--fresh`` retrains everything.
+Checkpoints and data live under ``--work`` (default ``data/study``, git-ignored; the paper protocol's under
+``<work>/paper``); a stage whose inputs did not change is loaded from its cache, so a run stopped part-way resumes
+where it stopped and a second run only re-evaluates. ``--fresh`` retrains everything.
 """
 
 from __future__ import annotations
@@ -49,14 +65,19 @@ import pumer_lightning.env  # noqa: F401  (first: passive OpenMP threads and off
 
 # isort: split
 from .config import BUDGETS, TASK_TEXT, TYPES, Budget, StudyConfig, cache_key
-from .run import Results, evaluate, main, run_study
+from .paper import PAPER_BUDGETS, RECIPES, PaperBudget, PaperConfig
+from .run import Results, evaluate, main, run_paper, run_study
 from .train import Stage, Study, Trained, finetune_schedules, train_stages
 
 __all__ = [
     "BUDGETS",
+    "PAPER_BUDGETS",
+    "RECIPES",
     "TASK_TEXT",
     "TYPES",
     "Budget",
+    "PaperBudget",
+    "PaperConfig",
     "Results",
     "Stage",
     "Study",
@@ -66,6 +87,7 @@ __all__ = [
     "evaluate",
     "finetune_schedules",
     "main",
+    "run_paper",
     "run_study",
     "train_stages",
 ]

@@ -86,9 +86,16 @@ def chance(batches: list[dict[str, Any]], num_classes: int) -> dict[str, float]:
 def learned_types(st: Study, base, data: EvalData) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The baseline's validation score per type and the types it learned: decided on validation, before any
     test figure is looked at."""
+    return learned_from(st, score(st, base, data.val, None, "baseline").scores, data)
+
+
+def learned_from(
+    st: Study, val_scores: list[float], data: EvalData
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """`learned_types` from the baseline's per-example validation scores (a mean over seeds, where it has several)."""
     # NLVR2 labels are class ids; VQA labels are already score vectors
     floor = chance(data.val.batches, num_classes=2)
-    val_acc = accuracy(score(st, base, data.val, None, "baseline").scores, data.val.types)
+    val_acc = accuracy(val_scores, data.val.types)
     for t, stat in val_acc["by_type"].items():
         stat["chance"] = floor[t]
     z = st.cfg.learned_z

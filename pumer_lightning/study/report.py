@@ -16,6 +16,10 @@ from pumer_lightning.lab.stats import SE_RULE
 from .config import TASK_TEXT, TYPES, StudyConfig, log
 
 SCHEMA = "pumer-lightning/study/v2"
+ADAPTATION = (
+    "adaptation (fine-tunes continue from the already fine-tuned baseline for a few steps; docs/study.md: the "
+    "paper protocol, fine-tuning the pre-trained checkpoint, is the headline)"
+)
 LEARNED_RULE = (
     "a type is learned when the baseline's validation score on it exceeds chance (always giving the type's "
     "best single answer: 0.5 for the balanced true/false statements) by more than {z:g} standard errors; "
@@ -99,6 +103,7 @@ def _header(r: dict[str, Any]) -> list[str]:
     lines = [
         f"# PuMer accuracy study on the shapes world ({cfg['budget']} budget)",
         "",
+        f"- Protocol: **{ADAPTATION}**.",
         f"- Command: `{r['command']}`; {hw['device']} ({hw['name']}, {hw['threads']} threads), wall time "
         f"{r['wall_seconds'] / 60:.1f} min" + _stage_times(r),
         f"- Task: {r['task']}; metric: {r['metric']}; model `{cfg['preset']}`. " + _training_text(r),
@@ -114,12 +119,14 @@ def _header(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _settings_table(r: dict[str, Any]) -> list[str]:
-    types = sorted({t for row in r["settings"] for t in row["by_type"]})
+def settings_table(r: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> list[str]:
+    """One line per setting (``rows``, default every row of the record): accuracy, FLOPs and speed."""
+    settings = r["settings"] if rows is None else rows
+    types = sorted({t for row in settings for t in row["by_type"]})
     header = ["setting", "weights", "seeds", "reducer at test", "learned types %", "all %"]
     header += [f"{t} %" for t in types] + ["GFLOPs/ex", "FLOPs ratio", "speedup"]
     rows = []
-    for row in r["settings"]:
+    for row in settings:
         seeds = row.get("seeds")
         cells = [f"`{row['name']}`", row["weights"], len(seeds) if seeds else "-", row["schedule"]]
         cells += [f"**{acc(row['learned'])}**", acc(row["all"])]
@@ -140,7 +147,7 @@ def _policy_lines(r: dict[str, Any]) -> list[str]:
     )
 
 
-def _comparison_lines(r: dict[str, Any]) -> list[str]:
+def comparison_lines(r: dict[str, Any]) -> list[str]:
     lines = ["", "Paired differences on the learned types (same test examples; ± one standard error):", ""]
     rows = []
     for name, c in r["comparisons"].items():
@@ -152,7 +159,7 @@ def _comparison_lines(r: dict[str, Any]) -> list[str]:
     )
 
 
-def _placement_lines(r: dict[str, Any]) -> list[str]:
+def placement_lines(r: dict[str, Any]) -> list[str]:
     """The pruning control by placement (``StudyConfig.placement_keep``) as a table of its own."""
     by = {row["name"]: row for row in r["settings"]}
     comps = [c for name, c in r["comparisons"].items() if name.startswith("placement_block")]
@@ -194,7 +201,7 @@ def _loss_lines(r: dict[str, Any]) -> list[str]:
     return lines + table(["weights", "reducer", "seeds", "loss", "score %"], rows)
 
 
-def _target_lines(r: dict[str, Any]) -> list[str]:
+def target_lines(r: dict[str, Any]) -> list[str]:
     if not r.get("targets"):
         return []
     lines = ["", "Targets:", ""]
@@ -208,13 +215,14 @@ def _target_lines(r: dict[str, Any]) -> list[str]:
 def markdown(r: dict[str, Any]) -> str:
     """The report of a study record: the run, every setting, the policy choice, the comparisons, the placement
     control, the loss check and the targets."""
-    lines = [*_header(r), "", *_settings_table(r), *_policy_lines(r), *_comparison_lines(r)]
-    lines += [*_placement_lines(r), *_loss_lines(r), *_target_lines(r)]
+    lines = [*_header(r), "", *settings_table(r), *_policy_lines(r), *comparison_lines(r)]
+    lines += [*placement_lines(r), *_loss_lines(r), *target_lines(r)]
     return "\n".join(lines)
 
 
-def plot(r: dict[str, Any], path: Path) -> None:
-    """Test accuracy on the learned types against GFLOPs per example, one point per setting."""
+def plot(r: dict[str, Any], path: Path, title: str | None = None) -> None:
+    """Test accuracy on the learned types against GFLOPs per example, one point per setting; the command that
+    reproduces it at the foot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,7 +237,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
         color = (
             "tab:red"
             if "random" in name
-            else ("tab:gray" if name in ("baseline", "ft_control") else "tab:blue")
+            else ("tab:gray" if name in ("baseline", "ft_control", "arm:baseline") else "tab:blue")
         )
         color = "tab:orange" if "cls" in name else color
         ax.errorbar(x, y, yerr=100 * row["learned"]["se"], fmt=styles[row["stage"]], color=color, capsize=2)
@@ -237,9 +245,11 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("GFLOPs per example")
     ax.set_ylabel(f"test accuracy on learned types ({', '.join(r['learned_types']) or 'all'}) %")
     ax.set_title(
-        "accuracy vs FLOPs (o training-free, s fine-tuned; red random, orange CLS pruning)", fontsize=10
+        title or "accuracy vs FLOPs (o training-free, s fine-tuned; red random, orange CLS pruning)",
+        fontsize=10,
     )
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.text(0.01, 0.005, f"reproduce: {r['command']}", fontsize=6, color="dimgray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -24,6 +24,9 @@ from .evaluate import (
     loss_check,
     time_settings,
 )
+from .paper import LONG_ARM_RULES, PAPER_BUDGETS, RECIPES, PaperConfig, pretrained_start, task_world
+from .paper_eval import evaluate_paper
+from .paper_report import paper_record, write_paper_report
 from .report import study_record, write_report
 from .settings import finetuned_settings, free_settings
 from .train import Study, Trained, train_stages
@@ -93,16 +96,51 @@ def run_study(
     return result
 
 
+def run_paper(
+    cfgs: list[PaperConfig],
+    work: Path,
+    out: Path,
+    fresh: bool = False,
+    device: str = "cpu",
+    workers: int = 1,
+    timing_rounds: int = 5,
+) -> dict[str, dict[str, Any]]:
+    """The paper protocol for each task's config (one pre-trained start, shared): train every stage (or load it
+    from ``<work>/paper``), choose on validation, read test once, write ``<out>/paper_<task>*.{json,md,png}``."""
+    results = {}
+    for i, cfg in enumerate(cfgs):
+        t_start = time.perf_counter()
+        st = Study(cfg, work / "paper", fresh, device, workers)
+        log(
+            f"paper protocol, {cfg.task}, budget {cfg.budget}: {dataclasses.asdict(cfg.paper)}; N {cfg.n_steps}"
+        )
+        task_world(st)
+        start = pretrained_start(st, fresh=fresh and i == 0)
+        part = evaluate_paper(st, start, timing_rounds)
+        result = paper_record(st, start, part, time.perf_counter() - t_start)
+        write_paper_report(result, out)
+        results[cfg.task] = result
+    return results
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pumer_lightning.study",
         description="make study: does PuMer keep accuracy? A controlled accuracy-vs-speed study on the shapes world.",
     )
     p.add_argument(
+        "--protocol",
+        choices=("paper", "adaptation"),
+        default="paper",
+        help="paper (the headline: every arm fine-tunes the pre-trained checkpoint) or adaptation (fine-tunes "
+        "continue from a fine-tuned baseline); docs/study.md",
+    )
+    p.add_argument(
         "--budget",
-        choices=sorted(BUDGETS),
+        choices=sorted(set(BUDGETS) | set(PAPER_BUDGETS)),
         default="default",
-        help="training budget (default: about an hour on 2 CPU cores from nothing)",
+        help="training budget (paper: default about 3 hours on 2 CPU cores from nothing, quick, gpu; "
+        "adaptation: default, long, quick, gpu)",
     )
     p.add_argument(
         "--work", type=Path, default=Path("data/study"), help="data, cached checkpoints, TensorBoard runs"
@@ -115,7 +153,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="data-loader worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--task", choices=sorted(TASK_TEXT), default="nlvr2", help="the study task (default nlvr2)"
+        "--task",
+        choices=[*sorted(TASK_TEXT), "all"],
+        default=None,
+        help="the study task (paper default: all, vqa2 then nlvr2; adaptation default: nlvr2)",
+    )
+    p.add_argument(
+        "--long-arm",
+        choices=LONG_ARM_RULES,
+        default="auto",
+        help="paper protocol: when the 2N PuMer arm runs (auto: when neither N-step PuMer arm is within 1 point "
+        "of the baseline on validation)",
     )
     p.add_argument(
         "--distil-seeds",
@@ -129,7 +177,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parser().parse_args(argv)
-    cfg = StudyConfig(budget=a.budget, seed=a.seed, task=a.task, distil_seeds=tuple(a.distil_seeds))
+    p = parser()
+    a = p.parse_args(argv)
+    if a.protocol == "paper":
+        if a.budget not in PAPER_BUDGETS:
+            p.error(f"--budget {a.budget}: the paper protocol has budgets {', '.join(sorted(PAPER_BUDGETS))}")
+        if a.distil_seeds:
+            p.error(
+                "--distil-seeds belongs to --protocol adaptation (the paper protocol always distils: arm c)"
+            )
+        tasks = list(RECIPES) if a.task in (None, "all") else [a.task]
+        cfgs = [PaperConfig(budget=a.budget, seed=a.seed, task=t, long_arm=a.long_arm) for t in tasks]
+        return run_paper(cfgs, a.work, a.out, a.fresh, str(resolve_device(a.device)), a.workers)
+    if a.budget not in BUDGETS or a.task == "all":
+        p.error(f"--protocol adaptation: --budget one of {', '.join(sorted(BUDGETS))}, --task nlvr2 or vqa2")
+    task = a.task or "nlvr2"
+    cfg = StudyConfig(budget=a.budget, seed=a.seed, task=task, distil_seeds=tuple(a.distil_seeds))
     device = str(resolve_device(a.device))
     return run_study(cfg, a.work, a.out, a.fresh, device, a.workers)

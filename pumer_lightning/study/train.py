@@ -41,17 +41,24 @@ class Stage:
     distill: Path | None = None
     seed: int | None = None
     padding: str = "longest"
+    #: the new head's learning-rate multiplier; None: 10 on a pre-trained backbone, 1 from scratch (`Study.task`)
+    head_mult: float | None = None
+    #: what else determines the stage and its paths do not say (the paper protocol: the pre-trained start's
+    #: ``made_by`` key, whose export directory keeps its name when it is remade)
+    extra_key: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def key(self, cfg: StudyConfig) -> str:
-        """The cache key. With the defaults (``seed`` None or ``cfg.seed``, ``longest``) it is the one earlier
-        versions used, so the cached pre-training and baseline stay valid; the start / init_state paths carry
-        their own hashes."""
+        """The cache key. With the defaults (``seed`` None or ``cfg.seed``, ``longest``, no ``head_mult`` or
+        ``extra_key``) it is the one earlier versions used, so the cached pre-training and baseline stay valid;
+        the start / init_state paths carry their own hashes."""
         sched = dataclasses.asdict(self.schedule) if self.schedule is not None else None
         seed = cfg.seed if self.seed is None else self.seed
         parts: list[Any] = [self.name, str(self.start), str(self.init_state), str(self.distill), sched]
         parts += [self.steps, self.lr, seed, cfg.batch_size]
         if self.padding != "longest":
             parts.append({"padding": self.padding, "max_text_len": cfg.max_text_len})
+        if self.head_mult is not None or self.extra_key:
+            parts.append({"head_mult": self.head_mult, **self.extra_key})
         return cache_key(*parts)
 
 
@@ -123,14 +130,23 @@ class Study:
         """Every evaluation batch of ``split``, on the study's device (read once, scored many times)."""
         return [to_device(x, self.device) for x in dm.eval_dataloader(split)]
 
-    def task(self, kind: str, schedule: ReducerSchedule | None, checkpoint: str | None, lr: float, **kw: Any):
-        """A task module. On a pre-trained backbone (``checkpoint``) the head learns 10x faster, as in PuMer's recipe
-        for a new head; the fine-tunes that continue from the baseline keep the rule although their head is
-        trained (a one-off check with their head at 1x did not help: docs/study.md)."""
+    def task(
+        self,
+        kind: str,
+        schedule: ReducerSchedule | None,
+        checkpoint: str | None,
+        lr: float,
+        head_mult: float | None = None,
+        **kw: Any,
+    ):
+        """A task module. By default, on a pre-trained backbone (``checkpoint``) the head learns 10x faster, as in
+        PuMer's recipe for a new head; the fine-tunes that continue from the baseline keep the rule although their
+        head is trained (a one-off check with their head at 1x did not help: docs/study.md)."""
         from pumer_lightning.tasks import BackboneSpec, NLVR2Task, OptimConfig, VQATask
 
         spec = BackboneSpec(self.cfg.preset, checkpoint=checkpoint, tokenizer=str(self.root / "tokenizer"))
-        head_mult = 1.0 if checkpoint is None else 10.0
+        if head_mult is None:
+            head_mult = 1.0 if checkpoint is None else 10.0
         optim = OptimConfig(lr=lr, lr_mult_head=head_mult, weight_decay=0.01, warmup_ratio=0.1)
         reducer = schedule or ReducerSchedule()
         if kind == "vqa2":
@@ -184,7 +200,7 @@ class Study:
         # seed before the model exists: its random initialisation (a new head, or everything from scratch) must
         # not depend on what ran earlier in the process (torch's initial seed differs from process to process)
         pl.seed_everything(seed, workers=True, verbose=False)
-        model = self.task(s.kind, s.schedule, str(s.start) if s.start else None, s.lr, **kw)
+        model = self.task(s.kind, s.schedule, str(s.start) if s.start else None, s.lr, s.head_mult, **kw)
         if s.init_state is not None:
             self._load_into(model, s.init_state)
         origin = "random init" if s.start is None and s.init_state is None else "trained weights"
@@ -201,11 +217,7 @@ class Study:
         return path
 
     def _cached_time(self, name: str, path: Path) -> None:
-        """The training time a cached stage took when it was trained (kept beside its checkpoint)."""
-        try:
-            self.cached_timings[name] = json.loads(path.with_suffix(".json").read_text())["train_seconds"]
-        except (OSError, ValueError, KeyError):
-            self.cached_timings[name] = None
+        self.cached_timings[name] = train_seconds(path)
 
     def _load_into(self, model, ckpt: Path) -> None:
         """The task weights of a stage's checkpoint (`load_task_weights`: architecture checked, strict)."""
@@ -239,6 +251,14 @@ class Study:
         model = self.task(kind, None, str(start) if start else None, self.cfg.finetune_lr)
         self._load_into(model, ckpt)
         return model.to(self.device).eval()
+
+
+def train_seconds(path: Path) -> float | None:
+    """The training time a stage took when it was trained (kept beside its checkpoint); None when not recorded."""
+    try:
+        return float(json.loads(path.with_suffix(".json").read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- the stages

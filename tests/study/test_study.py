@@ -287,8 +287,9 @@ def test_command_line_builds_the_study_config(monkeypatch):
     """``python -m pumer_lightning.study`` flags reach the `StudyConfig` that keys the cache and names the outputs."""
     seen = {}
     monkeypatch.setattr(study.run, "run_study", lambda cfg, *args: seen.update(cfg=cfg, args=args))
-    study.main(["--budget", "long", "--task", "vqa2", "--distil-seeds", "0", "2", "--device", "cpu"])
+    args = ["--protocol", "adaptation", "--budget", "long", "--task", "vqa2", "--distil-seeds", "0", "2"]
+    study.main([*args, "--device", "cpu"])
     cfg = seen["cfg"]
     assert (cfg.budget, cfg.task, cfg.distil_seeds) == ("long", "vqa2", (0, 2))
-    study.main(["--device", "cpu"])
-    assert seen["cfg"].distil_seeds == () and seen["cfg"].budget == "default"
+    study.main(["--protocol", "adaptation", "--device", "cpu"])
+    assert seen["cfg"].distil_seeds == () and seen["cfg"].budget == "default" and seen["cfg"].task == "nlvr2"
