@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pumer_lightning.command import Command, flag
 from pumer_lightning.lab.context import resolve_device
 from pumer_lightning.lab.stats import over_seeds
 
@@ -123,75 +123,66 @@ def run_paper(
     return results
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pumer_lightning.study",
-        description="make study: does PuMer keep accuracy? A controlled accuracy-vs-speed study on the shapes world.",
-    )
-    p.add_argument(
-        "--protocol",
-        choices=("paper", "adaptation"),
-        default="paper",
-        help="paper (the headline: every arm fine-tunes the pre-trained checkpoint) or adaptation (fine-tunes "
-        "continue from a fine-tuned baseline); docs/study.md",
-    )
-    p.add_argument(
-        "--budget",
-        choices=sorted(set(BUDGETS) | set(PAPER_BUDGETS)),
-        default="default",
-        help="training budget (paper: default about 3 hours on 2 CPU cores from nothing, quick, gpu; "
-        "adaptation: default, long, quick, gpu)",
-    )
-    p.add_argument(
-        "--work", type=Path, default=Path("data/study"), help="data, cached checkpoints, TensorBoard runs"
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path("results/study"), help="where the JSON, table and plot go"
-    )
-    p.add_argument("--fresh", action="store_true", help="retrain every stage even if cached")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--workers", type=int, default=1, help="data-loader worker processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--task",
-        choices=[*sorted(TASK_TEXT), "all"],
-        default=None,
-        help="the study task (paper default: all, vqa2 then nlvr2; adaptation default: nlvr2)",
-    )
-    p.add_argument(
-        "--long-arm",
-        choices=LONG_ARM_RULES,
-        default="auto",
-        help="paper protocol: when the 2N PuMer arm runs (auto: when neither N-step PuMer arm is within 1 point "
-        "of the baseline on validation)",
-    )
-    p.add_argument(
-        "--distil-seeds",
-        type=int,
-        nargs="*",
-        default=[],
-        metavar="SEED",
-        help="also fine-tune PuMer with distillation from the baseline, once per seed (default: none)",
-    )
-    return p
+@dataclass
+class StudyArgs:
+    """make study: does PuMer keep accuracy? A controlled accuracy-vs-speed study on the shapes world."""
+
+    protocol: Literal["paper", "adaptation"] = "paper"
+    """paper (the headline: every arm fine-tunes the pre-trained checkpoint) or adaptation (fine-tunes continue
+    from a fine-tuned baseline); docs/study.md"""
+    budget: str = field(default="default", metadata=flag(choices=sorted(set(BUDGETS) | set(PAPER_BUDGETS))))
+    """training budget (paper: default about 3 hours on 2 CPU cores from nothing, quick, gpu; adaptation:
+    default, long, quick, gpu)"""
+    work: Path = Path("data/study")
+    """data, cached checkpoints, TensorBoard runs"""
+    out: Path = Path("results/study")
+    """where the JSON, table and plot go"""
+    fresh: bool = False
+    """retrain every stage even if cached"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto"""
+    workers: int = 1
+    """data-loader worker processes"""
+    seed: int = 0
+    """the study's seed (data, initialisation, order)"""
+    task: str | None = field(default=None, metadata=flag(choices=[*sorted(TASK_TEXT), "all"]))
+    """the study task (paper default: all, vqa2 then nlvr2; adaptation default: nlvr2)"""
+    long_arm: str = field(default="auto", metadata=flag(choices=LONG_ARM_RULES))
+    """paper protocol: when the 2N PuMer arm runs (auto: when neither N-step PuMer arm is within 1 point of the
+    baseline on validation)"""
+    distil_seeds: tuple[int, ...] = field(default=(), metadata=flag(metavar="SEED"))
+    """also fine-tune PuMer with distillation from the baseline, once per seed (default: none)"""
+
+    def __post_init__(self) -> None:
+        if self.protocol == "paper":
+            if self.budget not in PAPER_BUDGETS:
+                raise ValueError(
+                    f"--budget {self.budget}: the paper protocol has budgets {', '.join(sorted(PAPER_BUDGETS))}"
+                )
+            if self.distil_seeds:
+                raise ValueError(
+                    "--distil-seeds belongs to --protocol adaptation (the paper protocol always distils: arm c)"
+                )
+        elif self.budget not in BUDGETS or self.task == "all":
+            raise ValueError(
+                f"--protocol adaptation: --budget one of {', '.join(sorted(BUDGETS))}, --task nlvr2 or vqa2"
+            )
+
+
+def study_command(a: StudyArgs) -> dict[str, Any]:
+    """Run the protocol the flags name."""
+    device = str(resolve_device(a.device))
+    if a.protocol == "paper":
+        tasks = list(RECIPES) if a.task in (None, "all") else [a.task]
+        cfgs = [PaperConfig(budget=a.budget, seed=a.seed, task=t, long_arm=a.long_arm) for t in tasks]
+        return run_paper(cfgs, a.work, a.out, a.fresh, device, a.workers)
+    cfg = StudyConfig(budget=a.budget, seed=a.seed, task=a.task or "nlvr2", distil_seeds=a.distil_seeds)
+    return run_study(cfg, a.work, a.out, a.fresh, device, a.workers)
+
+
+COMMAND = Command(StudyArgs, study_command, prog="python -m pumer_lightning.study")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = parser()
-    a = p.parse_args(argv)
-    if a.protocol == "paper":
-        if a.budget not in PAPER_BUDGETS:
-            p.error(f"--budget {a.budget}: the paper protocol has budgets {', '.join(sorted(PAPER_BUDGETS))}")
-        if a.distil_seeds:
-            p.error(
-                "--distil-seeds belongs to --protocol adaptation (the paper protocol always distils: arm c)"
-            )
-        tasks = list(RECIPES) if a.task in (None, "all") else [a.task]
-        cfgs = [PaperConfig(budget=a.budget, seed=a.seed, task=t, long_arm=a.long_arm) for t in tasks]
-        return run_paper(cfgs, a.work, a.out, a.fresh, str(resolve_device(a.device)), a.workers)
-    if a.budget not in BUDGETS or a.task == "all":
-        p.error(f"--protocol adaptation: --budget one of {', '.join(sorted(BUDGETS))}, --task nlvr2 or vqa2")
-    task = a.task or "nlvr2"
-    cfg = StudyConfig(budget=a.budget, seed=a.seed, task=task, distil_seeds=tuple(a.distil_seeds))
-    device = str(resolve_device(a.device))
-    return run_study(cfg, a.work, a.out, a.fresh, device, a.workers)
+    """``python -m pumer_lightning.study`` (``pumer study``, ``make study``)."""
+    return COMMAND.main(argv)
