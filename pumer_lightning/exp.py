@@ -377,7 +377,7 @@ def _caveats(cli: Any, score: float | None, controls: dict[str, dict[str, float]
     how = "fine-tunes a tiny pre-trained model" if pretrained else "trains a tiny model from scratch"
     schedule = cli.model.backbone.reducer
     how += " with PuMer on" if schedule is not None and schedule.is_active else " with the reducers off"
-    init = "pre-trained on captions" if pretrained else "random-init"
+    init = "model pre-trained on captions and fine-tuned" if pretrained else "random-init model trained"
     return [
         "**What this demo shows:** the whole pipeline (shards -> DataModule -> reducer inside the backbone -> task "
         f"module -> callbacks -> TensorBoard) {how}; it learns the "
@@ -389,7 +389,7 @@ def _caveats(cli: Any, score: float | None, controls: dict[str, dict[str, float]
         "(`vilt_tiny`) the step costs about what it saves." + control,
         "",
         f"**What it does not show:** PuMer's accuracy on real data (a {params / 1e3:.0f}k-parameter {init} "
-        "model trained for minutes on synthetic scenes; counting, relations and two-image statements stay near chance at this "
+        "for minutes on synthetic scenes; counting, relations and two-image statements stay near chance at this "
         "budget), nor GPU speed-ups (on a GPU a model this small is bound by kernel launches, not FLOPs); the "
         "full-size line times the same reducer at ViLT-B size, and `make bench` measures full-size models "
         "properly (batch sweep, memory, FLOPs). Times on a shared CPU drift; only interleaved ratios mean "
