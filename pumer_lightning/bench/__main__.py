@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 from pumer_lightning.command import Command, flag
@@ -48,8 +47,8 @@ class BenchArgs:
     --train-rounds say otherwise)"""
     quiet: bool = field(default=False, metadata=flag("--quiet", "-q"))
     """no progress output"""
-    train_memory: bool = field(default=False, metadata=flag(help=argparse.SUPPRESS))
-    """the training step is always measured now (--no-train skips it); the flag stays for old commands"""
+    train_memory: bool = False
+    """no effect, accepted for old commands: the training step is always measured (--no-train skips it)"""
 
     def __post_init__(self) -> None:
         options = self.options
