@@ -202,7 +202,7 @@ class Command:
             formatter_class=_Formatter,
             allow_abbrev=False,
         )
-        names: dict[str, str] = {}
+        parser.flag_names = names = {}
         groups: dict[str | None, Any] = {None: parser}
         for fl in flags:
             if fl.group not in groups:
@@ -210,7 +210,6 @@ class Command:
             option_strings, kwargs = fl.arguments()
             groups[fl.group].add_argument(*option_strings, **kwargs)
             names[fl.field.name] = fl.field.name.upper() if fl.meta.get("positional") else option_strings[0]
-        parser.flag_names = names
         return parser
 
     def options(self) -> dict[str, tuple[str, int | str]]:
@@ -240,11 +239,10 @@ class Command:
         while i < len(argv):
             token = argv[i]
             name, eq, value = token.partition("=")
-            if (
-                token == "--"
-                or not token.startswith("-")
-                or (name not in options and not token.startswith("--"))
-            ):
+            if token == "--":  # positionals only from here on
+                known += argv[i:]
+                break
+            if not token.startswith("-") or (name not in options and not token.startswith("--")):
                 known.append(token)
             elif name in options:
                 canonical, arity = options[name]

@@ -70,11 +70,9 @@ def test_defaults_are_the_dataclass_defaults_and_the_command_is_recorded():
 
 
 def test_every_form_of_flag():
-    argv = [
-        "a", "b", "--max_drop", "0.5", "--mode=slow", "--task", "nlvr2", "--no-train", "--fresh",
-        "-c", "x.yaml", "--config=y.yaml", "--seeds", "0", "1", "2", "--out", "o",
-        "--batch", "1", "32", "--keep-sweep", "--rounds", "3",
-    ]  # fmt: skip
+    argv = ["a", "b", "--max_drop", "0.5", "--mode=slow", "--task", "nlvr2", "--no-train", "--fresh"]
+    argv += ["-c", "x.yaml", "--config=y.yaml", "--seeds", "0", "1", "2", "--out", "o"]
+    argv += ["--batch", "1", "32", "--keep-sweep", "--rounds", "3"]
     toy = _command().main(argv)
     assert toy.exp == ["a", "b"] and toy.max_drop == 0.5 and toy.mode == "slow" and toy.task == "nlvr2"
     assert not toy.train and toy.fresh and toy.config == ["x.yaml", "y.yaml"]
@@ -170,3 +168,8 @@ def test_options_map_every_spelling_to_its_flag():
     assert options["--no-train"] == ("--no-train", 0) and options["--no_train"] == ("--no-train", 0)
     assert options["-c"] == ("-c", 1) and options["--batch"] == ("--batch", "+")
     assert "--exp" not in options and "--hidden" not in options
+
+
+def test_after_a_double_dash_every_argument_is_positional():
+    toy = _command(overrides=True).parse(["--fresh", "--", "--b", "-c"])
+    assert toy.exp == ["--b", "-c"] and toy.fresh and toy.config == [] and toy.overrides == []
