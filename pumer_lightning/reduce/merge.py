@@ -15,7 +15,7 @@ positions ``0..R-1``; the image CLS is the first image token.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,16 +86,14 @@ def layout(n_text: int, n_image: int, device: torch.device) -> Layout:
         within, is_text, _, _ = _roles(n_text, n_image)
         return torch.tensor([w if t else -1 for w, t in zip(within, is_text)], dtype=torch.long, device=dev)
 
-    def allowed(i: int, j: int) -> bool:
-        _, is_text, is_a, is_b = _roles(n_text, n_image)
-        return is_a[i] and is_b[j] and is_text[i] == is_text[j]
-
     def blocked(dev: torch.device) -> Tensor:
-        rows = [[0.0 if allowed(i, j) else float("-inf") for j in range(n)] for i in range(n)]
+        ok = _allowed(n_text, n_image)
+        rows = [[0.0 if ok(i, j) else float("-inf") for j in range(n)] for i in range(n)]
         return torch.tensor(rows, dtype=torch.float32, device=dev)
 
     def text_pairs(dev: torch.device) -> Tensor:
-        rows = [[max(i, j) if allowed(i, j) else n_text + 1 for j in range(n_text)] for i in range(n_text)]
+        ok = _allowed(n_text, n_image)
+        rows = [[max(i, j) if ok(i, j) else n_text + 1 for j in range(n_text)] for i in range(n_text)]
         return torch.tensor(rows, dtype=torch.long, device=dev)
 
     def same(dev: torch.device) -> Tensor:
@@ -119,7 +117,12 @@ def layout(n_text: int, n_image: int, device: torch.device) -> Layout:
     )
 
 
-@functools.cache
+def _allowed(n_text: int, n_image: int) -> Callable[[int, int], bool]:
+    """Whether the matching may join token ``i`` (an A token) to token ``j`` (a B token of the same stream)."""
+    _, is_text, is_a, is_b = _roles(n_text, n_image)
+    return lambda i, j: is_a[i] and is_b[j] and is_text[i] == is_text[j]
+
+
 def _roles(n_text: int, n_image: int) -> tuple[list[int], list[bool], list[bool], list[bool]]:
     """Each token's position inside its own stream, whether it is text, and its role in the matching (A: 2, 4, ...;
     B: 1, 3, ...); computed only when a constant is built, never on a step that finds them cached."""

@@ -80,9 +80,7 @@ def test_bf16_logits_are_the_fp32_logits_up_to_summation_order():
 def test_the_bf16_kernel_setting_is_restored_even_on_error():
     matmul = torch.backends.mkldnn.matmul
     before = matmul.fp32_precision
-    with pytest.raises(RuntimeError, match="boom"), bf16_products(True):
+    with pytest.raises(RuntimeError, match="boom"), bf16_products():
         assert matmul.fp32_precision == "bf16"
         raise RuntimeError("boom")
     assert matmul.fp32_precision == before
-    with bf16_products(False):
-        assert matmul.fp32_precision == before
