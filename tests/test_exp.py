@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from pumer_test_utils import BASE, DEMO, EXPERIMENTS
 
 from pumer_lightning.tasks.pretrain import (
@@ -19,6 +20,15 @@ from pumer_lightning.tasks.pretrain import (
 
 PRETRAIN = EXPERIMENTS / "shapes_pretrain.yaml"
 CHECKPOINT = "model.init_args.backbone.checkpoint"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose 10-100x to them when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_the_configured_checkpoint_follows_interpolations_and_overrides():

@@ -29,6 +29,15 @@ from pumer_lightning.tasks.pretrain import (
 PRETRAIN = EXPERIMENTS / "shapes_pretrain.yaml"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose 10-100x to them when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------- masking
 def _texts(n: int, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[CLS] w ... w [SEP] [PAD] ...`` with 2..length-2 words (ids 5..49), CLS 2, SEP 3, PAD 0."""
