@@ -78,11 +78,10 @@ def test_retrieval_rerank_with_the_same_schedule_reproduces_the_full_ranking(sha
 
 
 def test_vocab_follows_the_tokenizer(shapes, tmp_path):
+    """The model as the CLI builds it (test_fast_dev_run_fits_every_task fits the same configuration)."""
     from pumer_lightning.data import load_tokenizer
 
-    cli = PumerCLI(
-        args=["fit", *run_args("nlvr2", "meter_tiny", shapes, tmp_path, "--trainer.fast_dev_run=1")]
-    )
+    cli = PumerCLI(args=run_args("nlvr2", "meter_tiny", shapes, tmp_path), run=False)
     vocab = len(load_tokenizer(shapes / "tokenizer"))
     assert cli.model.spec.vocab_size is None  # not given: the tokenizer decides
     assert cli.model.backbone.text_transformer.embeddings.word_embeddings.weight.shape[0] == vocab
