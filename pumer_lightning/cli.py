@@ -141,21 +141,13 @@ class ShapesData:
 
     def spec(self):
         """The generator's `ShapesSpec` for these settings."""
-        world = World(
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            object_cells=self.object_cells,
-            min_objects=self.min_objects,
-            max_objects=self.max_objects,
-            noise=self.noise,
-        )
         return ShapesSpec(
             seed=self.seed,
             num_train=self.num_train,
             num_val=self.num_val,
             num_test=self.num_test,
             tasks=tuple(self.tasks),
-            world=world,
+            world=World.of(self),
             types=tuple(self.types) if self.types else None,
         )
 

@@ -336,21 +336,13 @@ class ShapesArgs:
 
     def spec(self) -> ShapesSpec:
         """The `ShapesSpec` the flags describe."""
-        world = World(
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            object_cells=self.object_cells,
-            min_objects=self.min_objects,
-            max_objects=self.max_objects,
-            noise=self.noise,
-        )
         return ShapesSpec(
             seed=self.seed,
             num_train=self.num_train,
             num_val=self.num_val,
             num_test=self.num_test,
             tasks=tuple(t.strip() for t in self.tasks.split(",") if t.strip()),
-            world=world,
+            world=World.of(self),
             types=tuple(t.strip() for t in self.types.split(",")) if self.types else None,
             image_format=self.image_format,
             shard_size=self.shard_size,

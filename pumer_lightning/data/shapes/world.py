@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,12 @@ class World:
     min_objects: int = 3
     max_objects: int = 6
     noise: float = 8.0
+
+    @classmethod
+    def of(cls, settings: object) -> World:
+        """The world described by any settings object carrying this class's fields (the shapes flags, the demo's
+        `shapes` section)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
