@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -160,6 +161,7 @@ class VLDataModule(pl.LightningDataModule):
         #: the one account of dropped examples (`SkipLedger`); never replaced, so a task module holding it stays current
         self.skip_ledger = SkipLedger()
         self._train_loader: StreamLoader | None = None
+        self._loaders: weakref.WeakSet[StreamLoader] = weakref.WeakSet()  # every loader made, for teardown
         self._train_resume: dict[str, Any] | None = None  # from a checkpoint, for the next training loader
 
     # ------------------------------------------------------------------------------------------ metadata
@@ -374,6 +376,7 @@ class VLDataModule(pl.LightningDataModule):
             loader.load_state_dict(self._train_resume)
             self._train_resume = None
         self._train_loader = loader
+        self._loaders.add(loader)
         return loader
 
     def eval_dataloader(
@@ -408,7 +411,7 @@ class VLDataModule(pl.LightningDataModule):
             seed=self.seed,
             name=f"{self.task}/{split}",
         )
-        return StreamLoader(
+        loader = StreamLoader(
             stream,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
@@ -417,6 +420,15 @@ class VLDataModule(pl.LightningDataModule):
             postprocess=self._postprocess(for_trainer),
             multiprocessing_context=self.worker_start_method,
         )
+        self._loaders.add(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop every loader's worker processes (Lightning calls this when a fit, validate, test or predict
+        ends; call it after iterating :meth:`eval_dataloader` by hand). Persistent workers would otherwise
+        live until garbage collection and then wait out a shutdown timeout."""
+        for loader in list(self._loaders):
+            loader.close()
 
     def val_dataloader(self) -> StreamLoader | list:
         return [] if self.val_split is None else self._eval_loader(self.val_split, None, for_trainer=True)

@@ -194,3 +194,19 @@ def test_lightning_cli_builds_the_datamodule_from_yaml(tiny_shapes, tmp_path, mo
         and dm.eval_transform.resize == "square_bicubic"
     )
     assert dm.num_train_samples == 165
+
+
+def test_teardown_stops_every_loaders_workers(tiny_shapes):
+    """Persistent workers stop when the data module is torn down (Lightning calls teardown after each run), not
+    whenever the garbage collector reaches the loader; a loader stays usable after it."""
+    import multiprocessing
+
+    dm = make(tiny_shapes, "vqa2", num_workers=2)
+    before = set(multiprocessing.active_children())
+    loaders = [dm.val_dataloader(), dm.eval_dataloader("test", batch_size=5)]
+    first = [[k for b in loader for k in b["keys"]] for loader in loaders]
+    assert len(set(multiprocessing.active_children()) - before) == 4  # 2 persistent workers per loader
+    dm.teardown("validate")
+    assert set(multiprocessing.active_children()) - before == set()
+    assert [k for b in loaders[0] for k in b["keys"]] == first[0]  # a new pass starts new workers
+    dm.teardown("validate")

@@ -183,6 +183,15 @@ class StreamLoader:
         self._start_pulls = [max(0, p) for p in pulls]
         return n
 
+    def close(self) -> None:
+        """Stop the worker processes now (persistent workers otherwise live until the loader is garbage
+        collected, which a reference cycle can delay, and their shutdown then waits on a timeout). The loader
+        stays usable: the next pass starts new workers."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n = self._start_epoch() if isinstance(self.stream, TrainStream) else 0
         self._epochs_started += 1
