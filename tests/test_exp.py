@@ -132,3 +132,106 @@ def test_make_exp_fine_tunes_from_the_cached_checkpoint_and_says_so(made, tmp_pa
     assert f"- recipe: fine-tuned from the pre-trained checkpoint `{target}` (itm+mlm on captions" in text
     assert "6 steps" in text and f"made by `{first.command}`, cached)" in text
     assert "reducers on during fine-tuning" in text and "(pre-training included)" not in text
+
+
+# ---------------------------------------------------------------------------------------------- the summary's stages
+@pytest.fixture(scope="module")
+def vqa_cli(shapes, tmp_path_factory):
+    """The shapes VQA ``vilt_tiny`` experiment as the CLI builds it (untrained: the figures are about shapes)."""
+    from pumer_test_utils import run_args
+
+    from pumer_lightning.lab.context import build_cli
+
+    args = run_args("vqa2", "vilt_tiny", shapes, tmp_path_factory.mktemp("exp_runs"))
+    files = [args[i + 1] for i in range(0, len(args), 2) if args[i] == "-c"]
+    return build_cli(files, [a for a in args if a.startswith("--")])
+
+
+def test_time_reduction_compares_the_reducers_with_none_on_the_same_batches(vqa_cli):
+    from pumer_lightning.exp import _speed_lines, eval_batches, time_reduction
+
+    model, dm = vqa_cli.model, vqa_cli.datamodule
+    schedule = model.backbone.reducer
+    batches = eval_batches(dm, 2)
+    assert len(batches) == 2 and [b["labels"].shape[0] for b in batches] == [8, 8]
+    timing = time_reduction(model, batches, rounds=1, precision="32-true")
+    assert list(timing) == ["reduced", "unreduced"] and model.backbone.reducer is schedule  # restored
+    reduced, unreduced = timing["reduced"], timing["unreduced"]
+    assert reduced["examples"] == 16 and reduced["rounds"] == 1 and unreduced["speedup"] == 1.0
+    assert 0 < reduced["gflops_per_example"] < unreduced["gflops_per_example"]
+    lines = "\n".join(_speed_lines(timing))
+    assert "Speed (evaluation forward, 16 test examples x 1 interleaved rounds" in lines
+    assert f"| reduced | {reduced['examples_per_sec']:.1f} | {reduced['gflops_per_example']:.4f} |" in lines
+    ratio = unreduced["gflops_per_example"] / reduced["gflops_per_example"]
+    assert f"**Measured speed-up: {reduced['speedup']:.2f}x** (FLOP ratio {ratio:.2f}x;" in lines
+
+
+def test_the_controls_write_their_predictions_in_the_run_and_restore_the_model(
+    vqa_cli, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from pumer_lightning.exp import control_runs
+
+    model = vqa_cli.model
+    schedule, predictions = model.backbone.reducer, model.predictions_dir
+    trainer = SimpleNamespace(accelerator="cpu", log_dir=str(tmp_path), default_root_dir=str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    out = control_runs(SimpleNamespace(model=model, trainer=trainer, datamodule=vqa_cli.datamodule))
+    assert list(out) == ["reducers off", "random pruning"]  # keep 0.9 < 1: random pruning is a control
+    assert all(0 <= metrics["test/vqa_score"] <= 1 for metrics in out.values())
+    assert sorted(p.parent.name for p in tmp_path.rglob("controls/*/vqa2_test_answers.json")) == [
+        "random_pruning",
+        "reducers_off",
+    ]
+    assert model.backbone.reducer is schedule and model.predictions_dir == predictions
+
+
+def test_the_accuracy_and_token_tables():
+    from pumer_lightning.exp import _accuracy_lines, _token_lines
+
+    test = {
+        "test/acc": 0.75,
+        "test/acc_by_type/shape": 0.5,
+        "test/tokens/image/layer_00": 37.0,
+        "test/tokens/image/layer_01": 19.0,
+        "test/tokens/text/layer_00": 8.0,
+    }
+    assert _accuracy_lines("acc", {"val/acc": 0.8125}, test) == [
+        "| split | acc |",
+        "|---|---|",
+        "| val (best checkpoint) | 81.2% |",
+        "| test | 75.0% |",
+        "",
+        "| statement type | test acc |",
+        "|---|---|",
+        "| shape | 50.0% |",
+        "",
+    ]
+    assert _accuracy_lines("acc", {}, {})[2:4] == ["| val (best checkpoint) | n/a |", "| test | n/a |"]
+    assert _token_lines(test)[2:6] == [
+        "| layer | 0 | 1 |",
+        "|---|---|---|",
+        "| image | 37.0 | 19.0 |",
+        "| text | 8.0 | nan |",
+    ]
+    assert _token_lines({"test/acc": 0.5}) == []
+
+
+def test_the_full_size_line_is_the_benchs_own_measurement(tmp_path):
+    """`time_full_size` runs the bench (here on its tiny ViLT VQA experiment) and reads its record."""
+    from pumer_lightning.exp import _full_size_lines, time_full_size
+
+    full = time_full_size("tiny_vilt_vqa2", batch_size=2, rounds=1, out_dir=tmp_path)
+    assert full["preset"] == "vilt_tiny" and full["schedule"].layers == [1, 2]
+    record = json.loads(Path(full["record"]).read_text())
+    assert [s["name"] for s in record["settings"]] == ["baseline", "pumer"]
+    assert record["protocol"]["rounds"] == 1 and record["batch_size"] == 2
+    pumer = record["settings"][1]
+    assert full["image_tokens"] == pumer["tokens_per_layer"]["image"] and full["image_tokens"][0] == 37
+    assert full["speedup"] == pumer["speedup"] and full["flops_ratio"] > 1
+    line = _full_size_lines(full)[0]
+    assert "measured by the bench (vilt_tiny, random weights, released `tiny_vilt_vqa2` schedule" in line
+    assert (
+        f"image tokens per layer {' -> '.join(str(t) for t in dict.fromkeys(full['image_tokens']))}." in line
+    )
