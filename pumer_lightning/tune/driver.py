@@ -20,7 +20,7 @@ from .cache import TuneCache, checkpoint_id, code_fingerprint, fingerprint
 from .evaluate import Evaluator
 from .report import write_hparams, write_outputs
 from .space import SpaceError, build_space
-from .tuner import Settings, Tuner
+from .tuner import SearchFlags, Settings, Tuner, at_least
 
 DEFAULT_EXP = "shapes_vilt"
 
@@ -46,62 +46,6 @@ class SpaceFlags:
 
     def __post_init__(self) -> None:
         at_least("--step", self.step, 0, strict=True)
-
-
-@dataclass
-class SearchFlags:
-    """search"""
-
-    candidates: int = 40
-    """schedules sampled from the space"""
-    eta: int = 2
-    """halving factor: 1/eta of the schedules survive a rung"""
-    min_finalists: int = 8
-    """schedules scored on the whole split"""
-    rounds: int = 3
-    """interleaved rounds when screening"""
-    final_rounds: int = 5
-    """interleaved rounds for finalists and the check"""
-    timing_group: int = 16
-    """schedules per screening session"""
-    generations: int = 1
-    """rounds of mutating the front near the budget"""
-    children: int = 12
-    """new schedules per generation"""
-    parents: int = 3
-    """front points mutated per generation"""
-    playoff: int = 4
-    """fastest eligible finalists timed again together"""
-    playoff_rounds: int = 10
-    """interleaved rounds of the playoff and check"""
-    max_drop: float = 1.0
-    """accuracy budget in points vs unreduced"""
-    z: float = 1.0
-    """budget margin in standard errors: drop + z * SE <= max-drop (0: point estimate)"""
-    seed: int = 0
-    """sampling and evaluation seed"""
-
-    def __post_init__(self) -> None:
-        for name, low in SEARCH_LEAST.items():
-            at_least(f"--{name.replace('_', '-')}", getattr(self, name), low)
-
-
-# the least value of each search flag
-SEARCH_LEAST = {
-    "candidates": 0,
-    "eta": 2,
-    "min_finalists": 1,
-    "rounds": 1,
-    "final_rounds": 1,
-    "timing_group": 1,
-    "generations": 0,
-    "children": 1,
-    "parents": 1,
-    "playoff": 1,
-    "playoff_rounds": 1,
-    "max_drop": 0,
-    "z": 0,
-}
 
 
 @dataclass
@@ -151,12 +95,6 @@ class TuneArgs:
         at_least("--timing-batches", self.timing_batches, 1)
         if self.batch_size is not None:
             at_least("--batch-size", self.batch_size, 1)
-
-
-def at_least(flag_name: str, value: float, low: float, strict: bool = False) -> None:
-    """A flag's number below its least (or at it, ``strict``) stops the parse, the flag named."""
-    if value < low or (strict and value == low):
-        raise ValueError(f"{flag_name} must be {'>' if strict else '>='} {low}, got {value}")
 
 
 def config_files(args: TuneArgs) -> tuple[list[str], str]:
@@ -306,12 +244,7 @@ def setup(args: TuneArgs) -> tuple[Tuner, dict[str, Any]]:
         "device": env["device"],
         "threads": env["threads"],
     }
-    flags = {
-        f.name: getattr(args.search, f.name)
-        for f in dataclasses.fields(Settings)
-        if hasattr(args.search, f.name)
-    }
-    settings = Settings(**{**flags, "split": split, "check_split": check})
+    settings = Settings(**dataclasses.asdict(args.search), split=split, check_split=check)
     own = model.backbone.reducer
     info = {
         "name": out.out_name or name,

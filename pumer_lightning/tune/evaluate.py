@@ -153,12 +153,8 @@ class Evaluator:
     def _timing_batches(self, split: str) -> list[dict[str, Any]]:
         """``timing_batches`` batches of ``split`` at the user's batch size, on the device (read once per split)."""
         if split not in self._timing:
-            own = self.dm.eval_batch_size
-            self.dm.eval_batch_size = self.batch_size
-            try:
-                batches = list(itertools.islice(iter(self.dm.eval_dataloader(split)), self.timing_batches))
-            finally:
-                self.dm.eval_batch_size = own
+            loader = self.dm.eval_dataloader(split, batch_size=self.batch_size)
+            batches = itertools.islice(loader, self.timing_batches)
             self._timing[split] = [to_device(b, self.device) for b in batches]
         return self._timing[split]
 

@@ -35,23 +35,31 @@ def yaml_fragment(schedule: ReducerSchedule | None, comments: list[str]) -> str:
     return "".join(f"# {line}\n" for line in comments) + body
 
 
-def _acc(figures: dict[str, Any]) -> str:
-    return pct(figures.get("value"), figures.get("se"))
+def _columns(split: str, metric: str) -> list[str]:
+    """The figure columns every table of the report has, after its label columns."""
+    return [
+        f"{split} {metric} ± SE",
+        "drop ± SE (points)",
+        "examples/s",
+        "speed-up (spread)",
+        "GFLOPs/example",
+    ]
 
 
-def _drop(figures: dict[str, Any]) -> str:
-    return pct(figures.get("drop"), figures.get("drop_se"), sign=True, scale=1)
-
-
-def _speed(figures: dict[str, Any]) -> tuple[str, str, str]:
-    """examples/s, speed-up (spread), GFLOPs per example."""
-    if not figures:
-        return "n/a", "n/a", "n/a"
-    return (
-        f"{figures['examples_per_sec']:.0f}",
-        f"{figures['speedup']:.2f}x ({figures['spread']:.2f}x)",
-        f"{figures['gflops_per_example']:.4g}",
-    )
+def _figures(accuracy: dict[str, Any], timing: dict[str, Any]) -> list[str]:
+    """The cells of `_columns`: accuracy ± SE, drop ± SE in points, examples/s, speed-up (spread), GFLOPs."""
+    cells = [
+        pct(accuracy.get("value"), accuracy.get("se")),
+        pct(accuracy.get("drop"), accuracy.get("drop_se"), sign=True, scale=1),
+    ]
+    if not timing:
+        return [*cells, "n/a", "n/a", "n/a"]
+    return [
+        *cells,
+        f"{timing['examples_per_sec']:.0f}",
+        f"{timing['speedup']:.2f}x ({timing['spread']:.2f}x)",
+        f"{timing['gflops_per_example']:.4g}",
+    ]
 
 
 def _cached(*figures: dict[str, Any]) -> str:
@@ -64,15 +72,12 @@ def front_table(result: dict[str, Any]) -> list[str]:
     metric, split = result["experiment"]["metric"], result["settings"]["split"]
     rows = [p for p in result["points"] if p["finalist"]]
     rows.sort(key=lambda p: (not p["on_front"], -p["timing"]["final"]["speedup"]))
-    header = ["schedule", "role", f"{split} {metric} ± SE", "drop ± SE (points)", "examples/s"]
-    header += ["speed-up (spread)", "GFLOPs/example", "front", "from cache"]
+    header = ["schedule", "role", *_columns(split, metric), "front", "from cache"]
     cells = []
     for p in rows:
         top, final = p["accuracy"][-1], p["timing"]["final"]
         mark = "**yes**" if p["on_front"] else "no"
-        cells.append(
-            [p["label"], p["role"], _acc(top), _drop(top), *_speed(final), mark, _cached(top, final)]
-        )
+        cells.append([p["label"], p["role"], *_figures(top, final), mark, _cached(top, final)])
     return table(header, cells)
 
 
@@ -88,13 +93,11 @@ def check_lines(result: dict[str, Any]) -> list[str]:
         f"({check['rounds']} interleaved rounds).",
         "",
     ]
-    header = ["variant", "schedule", f"{split} {metric} ± SE", "drop ± SE (points)", "examples/s"]
-    header += ["speed-up (spread)", "GFLOPs/example", "from cache"]
-    cells = [
-        [row["variant"], row["label"], _acc(row["accuracy"]), _drop(row["accuracy"]), *_speed(row["timing"])]
-        + [_cached(row["accuracy"], row["timing"])]
-        for row in check["rows"]
-    ]
+    header = ["variant", "schedule", *_columns(split, metric), "from cache"]
+    cells = []
+    for row in check["rows"]:
+        acc, timing = row["accuracy"], row["timing"]
+        cells.append([row["variant"], row["label"], *_figures(acc, timing), _cached(acc, timing)])
     lines += [*table(header, cells), "", check["verdict"], ""]
     return lines
 
@@ -143,16 +146,12 @@ def markdown(result: dict[str, Any]) -> str:
 def playoff_lines(result: dict[str, Any]) -> list[str]:
     """The playoff session: the contenders, the experiment's schedule and the unreduced model, fastest first."""
     metric, split = result["experiment"]["metric"], result["settings"]["split"]
-    header = [
-        f"playoff ({result['settings']['playoff_rounds']} rounds, one session)",
-        f"{split} {metric} ± SE",
-    ]
-    header += ["drop ± SE (points)", "examples/s", "speed-up (spread)", "GFLOPs/example", "from cache"]
+    playoff = f"playoff ({result['settings']['playoff_rounds']} rounds, one session)"
+    header = [playoff, *_columns(split, metric), "from cache"]
     cells = []
     for row in result["playoff"]:
         label = f"**{row['label']}** (recommended)" if row["chosen"] else f"{row['label']} ({row['role']})"
-        acc = row["accuracy"]
-        cells.append([label, _acc(acc), _drop(acc), *_speed(row["timing"]), _cached(row["timing"])])
+        cells.append([label, *_figures(row["accuracy"], row["timing"]), _cached(row["timing"])])
     return [*table(header, cells), ""]
 
 

@@ -10,6 +10,7 @@ lists), so a re-run with the same flags proposes the same schedules and finds th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -174,7 +175,7 @@ class SearchSpace:
         rng = random.Random(seed)
         found: dict[str, ReducerSchedule] = {}
         if self.size <= 4 * n:
-            every = [self.schedule(*combo) for combo in _product(self.axes)]
+            every = [self.schedule(*combo) for combo in itertools.product(*self.axes)]
             distinct = {schedule_key(s): s for s in every if s is not None}
             if len(distinct) <= n:
                 return list(distinct.values())
@@ -228,15 +229,6 @@ class SearchSpace:
             "importance": list(self.importance),
             "size": self.size,
         }
-
-
-def _product(axes: tuple[tuple, ...]):
-    if not axes:
-        yield ()
-        return
-    for value in axes[0]:
-        for rest in _product(axes[1:]):
-            yield (value, *rest)
 
 
 def build_space(

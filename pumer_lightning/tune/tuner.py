@@ -77,25 +77,75 @@ class Point:
 
 
 @dataclass
-class Settings:
-    """What the search was asked to do (the command line, resolved)."""
+class SearchFlags:
+    """search"""
 
-    split: str
-    check_split: str | None
-    candidates: int
-    eta: int
-    min_finalists: int
-    rounds: int
-    final_rounds: int
-    timing_group: int
-    max_drop: float
-    z: float
-    seed: int
+    candidates: int = 40
+    """schedules sampled from the space"""
+    eta: int = 2
+    """halving factor: 1/eta of the schedules survive a rung"""
+    min_finalists: int = 8
+    """schedules scored on the whole split"""
+    rounds: int = 3
+    """interleaved rounds when screening"""
+    final_rounds: int = 5
+    """interleaved rounds for finalists and the check"""
+    timing_group: int = 16
+    """schedules per screening session"""
     generations: int = 1
+    """rounds of mutating the front near the budget"""
     children: int = 12
+    """new schedules per generation"""
     parents: int = 3
+    """front points mutated per generation"""
     playoff: int = 4
+    """fastest eligible finalists timed again together"""
     playoff_rounds: int = 10
+    """interleaved rounds of the playoff and check"""
+    max_drop: float = 1.0
+    """accuracy budget in points vs unreduced"""
+    z: float = 1.0
+    """budget margin in standard errors: drop + z * SE <= max-drop (0: point estimate)"""
+    seed: int = 0
+    """sampling and evaluation seed"""
+
+    def __post_init__(self) -> None:
+        for name, low in SEARCH_LEAST.items():
+            at_least(f"--{name.replace('_', '-')}", getattr(self, name), low)
+
+
+# the least value of each search flag
+SEARCH_LEAST = {
+    "candidates": 0,
+    "eta": 2,
+    "min_finalists": 1,
+    "rounds": 1,
+    "final_rounds": 1,
+    "timing_group": 1,
+    "generations": 0,
+    "children": 1,
+    "parents": 1,
+    "playoff": 1,
+    "playoff_rounds": 1,
+    "max_drop": 0,
+    "z": 0,
+}
+
+
+def at_least(flag_name: str, value: float, low: float, strict: bool = False) -> None:
+    """A flag's number below its least (or at it, ``strict``) stops the parse, the flag named."""
+    if value < low or (strict and value == low):
+        raise ValueError(f"{flag_name} must be {'>' if strict else '>='} {low}, got {value}")
+
+
+@dataclass
+class Settings(SearchFlags):
+    """What the search was asked to do: the search flags and the splits they resolved to."""
+
+    split: str = ""
+    """the search split"""
+    check_split: str | None = None
+    """the split the recommendation is checked on (None: no check)"""
 
 
 class Tuner:
@@ -303,40 +353,22 @@ class Tuner:
         }
         return list(ordered.values())[: self.s.parents]
 
+    def row(self, point: Point) -> tuple[str, float, float, float, float]:
+        """``(key, accuracy, drop, drop_se, final speed-up)`` on the whole search split, as `recommend` takes it."""
+        top = point.at(self.full)
+        return point.key, top["value"], top["drop"], top["drop_se"], point.speed("final")
+
     def recommend(self, finalists: list[Point]) -> Point:
         """The fastest finalist (final timing) within the accuracy budget; the reference when none is faster."""
-        rows = [
-            (
-                p.key,
-                p.at(self.full)["value"],
-                p.at(self.full)["drop"],
-                p.at(self.full)["drop_se"],
-                p.speed("final"),
-            )
-            for p in finalists
-        ]
-        key = recommend(rows, self.s.max_drop, self.s.z)
+        key = recommend([self.row(p) for p in finalists], self.s.max_drop, self.s.z)
         return next(p for p in finalists if p.key == (key or REFERENCE))
 
     def playoff(self) -> tuple[Point, list[Point]]:
         """The ``--playoff`` fastest finalists within the budget, timed again in one session with the
         experiment's schedule and the reference (``--playoff-rounds``): the fastest of them there is the
         recommendation (speed-ups of a few tenths are within one session's noise on a shared machine)."""
-        rows = [
-            (
-                p.key,
-                p.at(self.full)["value"],
-                p.at(self.full)["drop"],
-                p.at(self.full)["drop_se"],
-                p.speed("final"),
-            )
-            for p in self.finalists
-        ]
-        eligible = [
-            p
-            for p, row in zip(self.finalists, rows)
-            if within_budget(row[2], row[3], self.s.max_drop, self.s.z)
-        ]
+        budget = self.s.max_drop, self.s.z
+        eligible = [p for p in self.finalists if within_budget(*self.row(p)[2:4], *budget)]
         eligible.sort(key=lambda p: (-p.speed("final"), -p.at(self.full)["value"]))
         contenders = eligible[: self.s.playoff]
         fixed = [p for p in self.points if p.role != "candidate"]
