@@ -17,7 +17,7 @@ import torch
 from pumer_lightning.measure import count_flops, interleaved_times, median_rates, speedup, spread
 from pumer_lightning.reduce import ReducerSchedule
 
-from .context import autocast, cuda_graphs_off
+from .context import autocast
 
 
 def examples_of(batch: dict[str, Any]) -> int:
@@ -60,7 +60,7 @@ def compare_schedules(
     with torch.inference_mode(), autocast(device, precision):
         flops = {}
         for name, schedule in schedules.items():
-            with backbone.using(schedule), cuda_graphs_off(model):
+            with backbone.using(schedule), model.eager_forwards():
                 flops[name] = count_flops(lambda: forward(batches[0])) / examples_of(batches[0])
 
         def one_pass() -> None:

@@ -7,14 +7,15 @@ them.
   ``bf16`` / ``fp16-true`` / ``bf16-true``); `train_precision`: what the drivers train with on a device.
 * `experiment_files` and `build_cli`: an experiment's YAML files composed into `PumerCLI` (model, data module,
   trainer), with the arguments passed explicitly: ``sys.argv`` is never touched.
-* `to_device` (a batch) and `cuda_graphs_off` (eager forwards for FLOP counting and scoring).
+* `to_device`: a batch on a device (eager forwards for FLOP counting and scoring are the task's own
+  ``eager_forwards``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +78,6 @@ def train_precision(device: torch.device) -> str:
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The batch with its tensors on ``device`` (everything else as it is)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@contextlib.contextmanager
-def cuda_graphs_off(model: Any) -> Iterator[None]:
-    """Run the task's forwards eagerly inside the block (FLOP counting, scoring); its setting is restored."""
-    spec = getattr(model, "spec", None)
-    own = getattr(spec, "cuda_graphs", None)
-    if spec is not None:
-        spec.cuda_graphs = False
-    try:
-        yield
-    finally:
-        if spec is not None:
-            spec.cuda_graphs = own
 
 
 # ---------------------------------------------------------------------------------------------- configurations

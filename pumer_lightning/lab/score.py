@@ -27,8 +27,6 @@ import torch
 from pumer_lightning.callbacks import MAIN_METRIC
 from pumer_lightning.reduce import ReducerSchedule
 
-from .context import cuda_graphs_off
-
 
 def example_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The per-example score whose mean is the task's metric: for soft score vectors (VQA, one row per example)
@@ -188,7 +186,7 @@ class Scorer:
         trainer = self.trainer
         torch.manual_seed(seed)
         try:
-            with model.backbone.using(schedule), cuda_graphs_off(model):
+            with model.backbone.using(schedule), model.eager_forwards():
                 logged = trainer.validate(
                     model, datamodule=SplitData(datamodule, split, batches), verbose=False
                 )

@@ -10,7 +10,6 @@ import torch
 
 from pumer_lightning.lab.context import (
     autocast,
-    cuda_graphs_off,
     experiment_files,
     resolve_device,
     train_precision,
@@ -59,20 +58,6 @@ def test_full_and_half_weight_precisions_run_without_autocast(precision):
         train_precision(torch.device("cpu")) == "32-true"
         and train_precision(torch.device("cuda")) == "bf16-mixed"
     )
-
-
-def test_cuda_graphs_off_restores_the_setting_even_on_error():
-    class Spec:
-        cuda_graphs = True
-
-    class Model:
-        spec = Spec()
-
-    model = Model()
-    with pytest.raises(RuntimeError), cuda_graphs_off(model):
-        assert model.spec.cuda_graphs is False
-        raise RuntimeError("boom")
-    assert model.spec.cuda_graphs is True
 
 
 def test_experiment_files_compose_base_and_the_experiment_or_list_the_known_ones(tmp_path):

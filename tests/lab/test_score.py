@@ -81,6 +81,24 @@ def test_compare_counts_flops_and_times_every_schedule_against_the_reference(cli
         compare_schedules(model, batches, {"off": None}, 1, reference="base")
 
 
+def test_flop_counting_and_scoring_run_the_forwards_eagerly(cli, monkeypatch):
+    """A CUDA-graph replay dispatches no operator a FLOP counter could see: the FLOP count of every schedule and
+    the scoring run inside the task's ``eager_forwards``."""
+    model, dm = cli.model.eval(), cli.datamodule
+    entered, own = [], model.eager_forwards
+
+    def counted():
+        entered.append(True)
+        return own()
+
+    monkeypatch.setattr(model, "eager_forwards", counted)
+    batches = [to_device(b, torch.device("cpu")) for b in list(dm.eval_dataloader(dm.val_split))[:1]]
+    compare_schedules(model, batches, {"off": None, "pumer": PUMER}, 1, warmup=0)
+    assert len(entered) == 2
+    Scorer(torch.device("cpu")).score(model, dm, dm.val_split, batches, None)
+    assert len(entered) == 3
+
+
 def test_example_scores_reproduce_the_task_metrics():
     torch.manual_seed(0)
     logits, targets = torch.randn(50, 6), torch.rand(50, 6).round(decimals=1)
