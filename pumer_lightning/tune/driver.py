@@ -19,33 +19,10 @@ from .assemble import assemble
 from .cache import TuneCache, checkpoint_id, code_fingerprint, fingerprint
 from .evaluate import Evaluator
 from .report import write_hparams, write_outputs
-from .space import SpaceError, build_space
+from .space import SpaceError, SpaceFlags, build_space
 from .tuner import SearchFlags, Settings, Tuner, at_least
 
 DEFAULT_EXP = "shapes_vilt"
-
-
-@dataclass
-class SpaceFlags:
-    """search space (LO:HI ranges at --step, or comma lists)"""
-
-    layers: str = "auto"
-    """layer sets: auto, 1,2;0,1 or [[1,2],[0,1]]"""
-    keep: str = "0.5:1.0"
-    """keep_ratio values"""
-    merge: str = "0:0.5"
-    """merge_ratio values"""
-    text_merge: str = "0:0.3"
-    """text_merge_ratio values"""
-    text_merge_policy: str = "real,pads_first"
-    """text_merge_policy values"""
-    importance: str = "text,cls"
-    """importance values"""
-    step: float = 0.05
-    """grid step of LO:HI ranges"""
-
-    def __post_init__(self) -> None:
-        at_least("--step", self.step, 0, strict=True)
 
 
 @dataclass
@@ -194,19 +171,9 @@ def splits(args: TuneArgs, dm: Any) -> tuple[str, str | None]:
 
 def search_space(flags: SpaceFlags, model: Any) -> Any:
     """The search space of the flags, for ``model``'s backbone; a bad value names its flag."""
+    backbone = model.backbone
     try:
-        return build_space(
-            layers=flags.layers,
-            keep=flags.keep,
-            merge=flags.merge,
-            text_merge=flags.text_merge,
-            policies=flags.text_merge_policy,
-            importance=flags.importance,
-            step=flags.step,
-            depth=model.backbone.num_layers,
-            own=model.backbone.reducer,
-            what=f"{model.spec.preset} backbone",
-        )
+        return build_space(flags, backbone.num_layers, backbone.reducer, f"{model.spec.preset} backbone")
     except SpaceError as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -231,28 +231,41 @@ class SearchSpace:
         }
 
 
-def build_space(
-    *,
-    layers: str,
-    keep: str,
-    merge: str,
-    text_merge: str,
-    policies: str,
-    importance: str,
-    step: float,
-    depth: int,
-    own: ReducerSchedule | None,
-    what: str,
-) -> SearchSpace:
-    """The `SearchSpace` of the command-line flags (see the module docstring); ``own`` is the experiment's
-    schedule (layers for ``--layers auto``, ``prop_attn`` and ``partition``)."""
+@dataclass
+class SpaceFlags:
+    """search space (LO:HI ranges at --step, or comma lists)"""
+
+    layers: str = "auto"
+    """layer sets: auto, 1,2;0,1 or [[1,2],[0,1]]"""
+    keep: str = "0.5:1.0"
+    """keep_ratio values"""
+    merge: str = "0:0.5"
+    """merge_ratio values"""
+    text_merge: str = "0:0.3"
+    """text_merge_ratio values"""
+    text_merge_policy: str = "real,pads_first"
+    """text_merge_policy values"""
+    importance: str = "text,cls"
+    """importance values"""
+    step: float = 0.05
+    """grid step of LO:HI ranges"""
+
+    def __post_init__(self) -> None:
+        if self.step <= 0:
+            raise SpaceError(f"--step must be > 0, got {self.step}")
+
+
+def build_space(flags: SpaceFlags, depth: int, own: ReducerSchedule | None, what: str) -> SearchSpace:
+    """The `SearchSpace` of the command-line flags (see the module docstring) for a backbone of ``depth`` blocks
+    (``what`` in errors); ``own`` is the experiment's schedule (layers for ``--layers auto``, ``prop_attn`` and
+    ``partition``)."""
     base = own if own is not None else ReducerSchedule()
     return SearchSpace(
-        layer_sets=parse_layer_sets(layers, depth, list(base.layers), what),
-        keep=parse_numeric("--keep", keep, step),
-        merge=parse_numeric("--merge", merge, step),
-        text_merge=parse_numeric("--text-merge", text_merge, step),
-        policies=parse_choices("--text-merge-policy", policies, TEXT_MERGE_POLICIES),
-        importance=parse_choices("--importance", importance, IMPORTANCE_SOURCES),
+        layer_sets=parse_layer_sets(flags.layers, depth, list(base.layers), what),
+        keep=parse_numeric("--keep", flags.keep, flags.step),
+        merge=parse_numeric("--merge", flags.merge, flags.step),
+        text_merge=parse_numeric("--text-merge", flags.text_merge, flags.step),
+        policies=parse_choices("--text-merge-policy", flags.text_merge_policy, TEXT_MERGE_POLICIES),
+        importance=parse_choices("--importance", flags.importance, IMPORTANCE_SOURCES),
         base=base,
     )

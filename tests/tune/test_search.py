@@ -14,14 +14,19 @@ from pumer_lightning.reduce import ReducerSchedule
 from pumer_lightning.tune import SpaceError, build_space, pareto_ranks, recommend, rung_batches, survivors
 from pumer_lightning.tune.cache import TuneCache, code_fingerprint
 from pumer_lightning.tune.search import crowding
-from pumer_lightning.tune.space import auto_layer_sets, parse_layer_sets, parse_numeric, schedule_key
+from pumer_lightning.tune.space import (
+    SpaceFlags,
+    auto_layer_sets,
+    parse_layer_sets,
+    parse_numeric,
+    schedule_key,
+)
 
 
-def space(**kw):
-    args = dict(layers="auto", keep="0.5:1.0", merge="0:0.5", text_merge="0:0.3", policies="real,pads_first",
-                importance="text,cls", step=0.05, depth=4, own=ReducerSchedule(layers=[1, 2], keep_ratio=0.7),
-                what="vilt_tiny backbone")  # fmt: skip
-    return build_space(**{**args, **kw})
+def space(**flags):
+    """The search space of ``make tune``'s default flags (``flags`` changed) for ``vilt_tiny``."""
+    own = ReducerSchedule(layers=[1, 2], keep_ratio=0.7)
+    return build_space(SpaceFlags(**flags), 4, own, "vilt_tiny backbone")
 
 
 def test_rungs_halve_down_to_the_finalists_and_end_on_the_whole_split():
