@@ -11,7 +11,15 @@ memory and reducer time are measured, `experiments` for the input shapes and set
 outputs.
 """
 
-from .experiments import EXPERIMENTS, Experiment, Setting, get_experiment, make_inputs, make_settings
+from .experiments import (
+    EXPERIMENTS,
+    Experiment,
+    Setting,
+    build_task,
+    get_experiment,
+    make_batch,
+    make_settings,
+)
 from .report import REQUIRED_FIELDS, readme_table
 from .runner import Options, run_bench
 
@@ -21,8 +29,9 @@ __all__ = [
     "Experiment",
     "Options",
     "Setting",
+    "build_task",
     "get_experiment",
-    "make_inputs",
+    "make_batch",
     "make_settings",
     "readme_table",
     "run_bench",

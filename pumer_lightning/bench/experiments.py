@@ -13,14 +13,16 @@ milliseconds, for tests and smoke runs.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pumer_lightning.models import Backbone, build_backbone, build_head
-from pumer_lightning.reduce import ReducerSchedule, ReductionTrace, ablation
+from pumer_lightning.models import Backbone
+from pumer_lightning.models.base import ReducerImpl
+from pumer_lightning.reduce import ReducerSchedule, ablation
 from pumer_lightning.reduce.released import RELEASED
+from pumer_lightning.tasks import TASK_CLASSES, BackboneSpec, VLTask
 
 TINY_PREFIX = "tiny_"
 
@@ -170,74 +172,21 @@ def make_settings(
 
 
 # ---- model and inputs -------------------------------------------------------------------------------------------
-class TaskModel(nn.Module):
-    """Backbone + task head, run as the task runs it (NLVR2: one backbone pass per image)."""
+def build_task(exp: Experiment, seed: int = 0, reducer_impl: ReducerImpl | None = None) -> VLTask:
+    """The experiment's task module as a fine-tune builds it (its `BackboneSpec`, random weights, unreduced), in eval
+    mode; the bench times its own forward, `VLTask.compute_logits` (NLVR2: one backbone pass per image).
 
-    def __init__(self, backbone: Backbone, head: nn.Module, images_per_example: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.images_per_example = images_per_example
-
-    def forward(
-        self, pixel_values: tuple[Tensor, ...], input_ids: Tensor, attention_mask: Tensor
-    ) -> tuple[Tensor, list[ReductionTrace]]:
-        outs = [
-            self.backbone(images, input_ids, attention_mask, image_index=i)
-            for i, images in enumerate(pixel_values)
-        ]
-        pooled = torch.cat([o.pooled for o in outs], dim=-1)
-        return self.head(pooled), [o.trace for o in outs]
-
-
-def build_model(exp: Experiment, seed: int = 0) -> TaskModel:
-    """The experiment's backbone (random weights) and head, in eval mode."""
+    ``reducer_impl``: the backbone's reduction step (None: its default). The bench captures CUDA graphs itself
+    (``--cuda-graph``), so the task's own are off.
+    """
     torch.manual_seed(seed)
-    backbone = build_backbone(exp.preset, num_token_types=exp.num_token_types)
-    head = build_head(exp.task, backbone.hidden_size, width=backbone.head_width)
-    return TaskModel(backbone, head, exp.images_per_example).eval()
+    spec = BackboneSpec(exp.preset, reducer_impl=reducer_impl or "auto", cuda_graphs=False)
+    return TASK_CLASSES[exp.task](backbone=spec).eval()
 
 
-@dataclass
-class Inputs:
-    """One batch shaped like the task (``pixel_values`` holds one tensor per image of an example)."""
-
-    pixel_values: tuple[Tensor, ...]
-    input_ids: Tensor
-    attention_mask: Tensor
-    text_lengths: list[int] = field(default_factory=list)
-
-    def args(self) -> tuple:
-        return self.pixel_values, self.input_ids, self.attention_mask
-
-    @property
-    def batch_size(self) -> int:
-        return self.input_ids.shape[0]
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Inputs:
-        """On ``device``; images also cast to ``dtype`` (half-weight precisions) when given."""
-        return Inputs(
-            tuple(p.to(device, dtype) if dtype is not None else p.to(device) for p in self.pixel_values),
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            list(self.text_lengths),
-        )
-
-    def head(self, n: int) -> Inputs:
-        """The first ``n`` examples (the first has the full text length, so the padding stays the same)."""
-        return Inputs(
-            tuple(p[:n] for p in self.pixel_values),
-            self.input_ids[:n],
-            self.attention_mask[:n],
-            list(self.text_lengths[:n]),
-        )
-
-    def tensors(self) -> list[Tensor]:
-        return [*self.pixel_values, self.input_ids, self.attention_mask]
-
-
-def make_inputs(exp: Experiment, backbone: Backbone, batch_size: int, seed: int = 0) -> Inputs:
-    """A batch of random images and token ids with real attention masks.
+def make_batch(exp: Experiment, backbone: Backbone, batch_size: int, seed: int = 0) -> dict[str, Tensor]:
+    """A batch as the task's collate makes it: random images, ``pixel_values`` (B, images_per_example, 3, H, W), and
+    token ids with real attention masks.
 
     Real text lengths are drawn uniformly from [0.4 L, L] (L = the padded length) and the first example has the
     full length, so the batch is padded to exactly L as a collate function would pad it. Each text is
@@ -257,7 +206,5 @@ def make_inputs(exp: Experiment, backbone: Backbone, batch_size: int, seed: int 
     ids[positions == (lengths[:, None] - 1)] = sep_id
     ids[mask == 0] = pad_id
     size = backbone.image_size
-    images = tuple(
-        torch.randn(batch_size, 3, size, size, generator=gen) for _ in range(exp.images_per_example)
-    )
-    return Inputs(images, ids, mask, lengths.tolist())
+    images = [torch.randn(batch_size, 3, size, size, generator=gen) for _ in range(exp.images_per_example)]
+    return {"pixel_values": torch.stack(images, dim=1), "input_ids": ids, "attention_mask": mask}

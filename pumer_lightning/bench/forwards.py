@@ -9,65 +9,46 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .experiments import Inputs, Setting, TaskModel
+from pumer_lightning.lab.context import AUTOCAST_DTYPES
+from pumer_lightning.tasks import Scored, VLTask
+
+from .experiments import Setting
 
 
-def has_reducer_impl(backbone: torch.nn.Module) -> bool:
-    """Whether the backbone offers a choice of reduction step (``reducer_impl``: auto, eager or compiled)."""
-    return hasattr(backbone, "reducer_impl")
+def eager_runner(model: VLTask, setting: Setting, batch: dict[str, Any]) -> Callable[[], Scored]:
+    """One forward of ``batch``, the task's own (`VLTask.compute_logits`), with the setting's schedule
+    (``backbone.using``: restored after the call)."""
 
-
-@contextlib.contextmanager
-def reducer_impl(backbone: torch.nn.Module, impl: str | None):
-    """Use reduction step ``impl`` inside the block (nothing when ``impl`` is None or the backbone has no choice)."""
-    if impl is None or not has_reducer_impl(backbone):
-        yield
-        return
-    saved = backbone.reducer_impl
-    backbone.reducer_impl = impl
-    try:
-        yield
-    finally:
-        backbone.reducer_impl = saved
-
-
-def eager_runner(model: TaskModel, setting: Setting, inputs: Inputs) -> Callable:
-    """One forward of ``inputs`` with the setting's schedule (``backbone.using``: restored after the call)."""
-
-    def run():
+    def run() -> Scored:
         with model.backbone.using(setting.schedule):
-            return model(*inputs.args())
+            return model.compute_logits(batch, model.backbone, model.head)
 
     return run
 
 
 def compiled_runner(
-    model: TaskModel, setting: Setting, inputs: Inputs, backend: str = "inductor", mode: str | None = None
-) -> Callable:
+    model: VLTask, setting: Setting, batch: dict[str, Any], backend: str = "inductor", mode: str | None = None
+) -> Callable[[], Scored]:
     """``torch.compile(fullgraph=True, dynamic=False)`` of the task forward with this setting's reducer.
 
-    Each setting gets a shallow copy of the backbone (parameters shared) that runs its schedule
-    (``backbone.using`` around each call), so the compiled graphs specialise on it and all settings stay compiled
+    Each setting gets a shallow copy of the backbone (parameters shared) that runs its schedule (set by
+    ``backbone.using`` around each call), so the compiled graphs specialise on it and all settings stay compiled
     side by side.
     """
     backbone = copy.copy(model.backbone)
-    head = model.head
 
-    def forward(pixel_values, input_ids, attention_mask):
-        outs = [
-            backbone(images, input_ids, attention_mask, image_index=i)
-            for i, images in enumerate(pixel_values)
-        ]
-        return head(torch.cat([o.pooled for o in outs], dim=-1)), [o.trace for o in outs]
+    def forward(batch: dict[str, Any]) -> Scored:
+        return model.compute_logits(batch, backbone, model.head)
 
     compiled = torch.compile(forward, fullgraph=True, dynamic=False, backend=backend, mode=mode)
 
-    def run():
+    def run() -> Scored:
         with backbone.using(setting.schedule):
-            return compiled(*inputs.args())
+            return compiled(batch)
 
     return run
 
@@ -80,7 +61,7 @@ def graphed_runner(run: Callable, device: torch.device, precision: str) -> Calla
     on a side stream first, as capture requires; autocast's weight cache is off while capturing (cached casts
     made inside a capture would point into the graph's private pool).
     """
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
 
     def amp():
         return torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()

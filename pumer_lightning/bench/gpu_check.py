@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pumer_lightning.command import Command, flag
+from pumer_lightning.lab.report import pct, table
 
-from .report import hardware_line, write_batch_sweep
+from .report import fmt, hardware_line, write_batch_sweep
 
 # issue 13, "Done when", GPU: fp16 via the path users get (half weights, graph capture, default reduction step)
 SPEEDUP_TARGETS = {("vilt_nlvr2", 32): 1.6, ("vilt_nlvr2", 128): 1.65, ("meter_nlvr2", 32): 1.3}
@@ -81,10 +82,6 @@ def join_sweeps(runs: list[dict], out_dir: Path, plot: bool = True) -> list[Path
 
 def _setting(result: dict, name: str) -> dict | None:
     return next((s for s in result["settings"] if s["name"] == name), None)
-
-
-def _f(x, spec: str, suffix: str = "") -> str:
-    return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
 def _run_row(r: dict) -> dict | None:
@@ -164,16 +161,14 @@ def _target_lines(runs: list[dict], targets: list[dict]) -> list[str]:
         "",
         "## Targets",
         "",
-        "| target | measured | met | from |",
-        "|---|---|---|---|",
     ]
+    rows = []
     for t in targets:
-        measured = t["measured"]
-        if measured is not None:
-            measured = f"{100 * measured:.1f}%" if "share" in t["target"] else f"{measured:.2f}x"
+        share = "share" in t["target"]
+        measured = pct(t["measured"], suffix="%") if share else fmt(t["measured"], ".2f", "x")
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        lines.append(f"| {t['target']} | {measured or 'n/a'} | {met} | {t['file'] or '-'} |")
-    return lines
+        rows.append([t["target"], measured, met, t["file"] or "-"])
+    return lines + table(["target", "measured", "met", "from"], rows)
 
 
 def _run_lines(rows: list[dict]) -> list[str]:
@@ -181,22 +176,32 @@ def _run_lines(rows: list[dict]) -> list[str]:
         "",
         "## Every run (released setting against the baseline in the same process)",
         "",
-        "| experiment | batch | mode | examples/s (baseline) | speedup (paired) | FLOPs ratio | reducer share "
-        "| reducer ops/step (eager) | compiled step kernels/step | launches/forward (baseline) "
-        "| training speedup (FLOPs ratio) | training activations (bound) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for x in rows:
-        lines.append(
-            f"| {x['exp']} | {x['batch']} | {x['mode']}{' (users)' if x['user_path'] else ''} "
-            f"| {x['examples_per_s']:.4g} ({x['baseline_examples_per_s']:.4g}) "
-            f"| {x['speedup']:.2f}x ({x['paired_speedup']:.2f}x) | {_f(x['flops_ratio'], '.2f', 'x')} "
-            f"| {_f(x['reducer_time_share'] and 100 * x['reducer_time_share'], '.1f', '%')} "
-            f"| {_f(x['reducer_ops_per_step'], '.0f')} | {_f(x['kernels_per_step'], '.1f')} "
-            f"| {_f(x['kernel_launches_per_forward'], '.0f')} ({_f(x['baseline_kernel_launches_per_forward'], '.0f')}) "
-            f"| {_f(x['train_speedup'], '.2f', 'x')} ({_f(x['train_flops_ratio'], '.2f', 'x')}) "
-            f"| {_f(x['train_activation_mem_ratio'], '.3f')} ({_f(x['train_activation_mem_bound'], '.3f')}) |"
-        )
+    header = ["experiment", "batch", "mode", "examples/s (baseline)", "speedup (paired)", "FLOPs ratio"]
+    header += ["reducer share", "reducer ops/step (eager)", "compiled step kernels/step"]
+    header += [
+        "launches/forward (baseline)",
+        "training speedup (FLOPs ratio)",
+        "training activations (bound)",
+    ]
+    cells = [
+        [
+            x["exp"],
+            x["batch"],
+            x["mode"] + (" (users)" if x["user_path"] else ""),
+            f"{x['examples_per_s']:.4g} ({x['baseline_examples_per_s']:.4g})",
+            f"{x['speedup']:.2f}x ({x['paired_speedup']:.2f}x)",
+            fmt(x["flops_ratio"], ".2f", "x"),
+            pct(x["reducer_time_share"], suffix="%"),
+            fmt(x["reducer_ops_per_step"]),
+            fmt(x["kernels_per_step"], ".1f"),
+            f"{fmt(x['kernel_launches_per_forward'])} ({fmt(x['baseline_kernel_launches_per_forward'])})",
+            f"{fmt(x['train_speedup'], '.2f', 'x')} ({fmt(x['train_flops_ratio'], '.2f', 'x')})",
+            f"{fmt(x['train_activation_mem_ratio'], '.3f')} ({fmt(x['train_activation_mem_bound'], '.3f')})",
+        ]
+        for x in rows
+    ]
+    lines += table(header, cells)
     externs = [x for x in rows if x["extern_calls"] is not None]
     if externs:
         lines += ["", "Extern calls the compiled reduction steps leave (per forward's compiled graphs):", ""]
@@ -215,8 +220,10 @@ def summarize(runs: list[dict], stages: list[dict] | None = None) -> tuple[str, 
     targets = targets_of(rows)
     lines = _target_lines(runs, targets) + _run_lines(rows)
     if stages:
-        lines += ["", "## Stages of the script", "", "| stage | status | seconds |", "|---|---|---|"]
-        lines += [f"| {st['stage']} | {st['status']} | {st['seconds']} |" for st in stages]
+        lines += ["", "## Stages of the script", ""]
+        lines += table(
+            ["stage", "status", "seconds"], [[st["stage"], st["status"], st["seconds"]] for st in stages]
+        )
     return "\n".join(lines) + "\n", {"targets": targets, "runs": rows, "stages": stages or []}
 
 

@@ -33,7 +33,7 @@ import re
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -144,6 +144,26 @@ class TensorMemoryTracker(TorchDispatchMode):
             if isinstance(leaf, Tensor):
                 self._track(leaf)
         return out
+
+
+@contextmanager
+def peak_memory(device: torch.device, static: Iterable[Tensor] = ()) -> Iterator[dict[str, int]]:
+    """Peak memory of the code in the block: yields a dict filled on exit with ``peak_mem_bytes`` and
+    ``activation_peak_bytes`` (what the block added, at its peak). CPU: `TensorMemoryTracker` (``static``: the
+    tensors alive before, counted in the peak); CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``."""
+    result: dict[str, int] = {}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield result
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        result.update(peak_mem_bytes=int(peak), activation_peak_bytes=int(peak - before))
+        return
+    with TensorMemoryTracker(static) as tracker:
+        yield result
+    result.update(peak_mem_bytes=tracker.peak_bytes, activation_peak_bytes=tracker.peak_new_bytes)
 
 
 # ---- op counts ------------------------------------------------------------------------------------------------
@@ -399,11 +419,6 @@ class SavedBytesByPart:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-PRECISIONS = ("fp32", "fp16", "bf16", "fp16-true", "bf16-true")
-"""fp16/bf16: autocast over fp32 weights; fp16-true/bf16-true: weights cast to half once, no autocast (the one
-precision map, `pumer_lightning.lab.context`, says what each runs as: `autocast`, `weight_dtype`)."""
 
 
 def mixed_precision(precision: str) -> str:

@@ -8,19 +8,17 @@ A new field is a new flag with nothing else to write.
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pumer_lightning.command import flag
+from pumer_lightning.models.base import ReducerImpl
 
 from .experiments import DEFAULT_KEEP_SWEEP
 
-ReducerImplChoice = Literal["auto", "eager", "compiled"]
 PrecisionChoice = Literal["auto", "fp32", "fp16", "bf16", "fp16-true", "bf16-true"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-REDUCER_IMPLS = typing.get_args(ReducerImplChoice)
 QUICK_SETTINGS = ("baseline", "pumer")
 
 
@@ -56,9 +54,8 @@ class Options:
     """seconds of timed training rounds (default: --budget)"""
     train_min_rounds: int = 3
     """fewest timed training rounds (a training round of every full-size setting takes minutes on a CPU)"""
-    reducer_impl: ReducerImplChoice | None = None
-    """the backbone's reduction step (default: the backbone's own default); ignored, with a warning, by a
-    backbone without the choice"""
+    reducer_impl: ReducerImpl | None = None
+    """the backbone's reduction step (default: the backbone's own default, auto)"""
     op_count: bool = True
     """the op counter (ops per forward, reducer ops per reduction step)"""
     kernel_count: Literal["released", "all", "none"] = "released"

@@ -10,8 +10,9 @@ matmuls ran on, and the fp32 baseline a CPU half-precision run measures itself a
   back: the ISA each library dispatched to (``isa:Intel AVX10.1 and Intel AMX ...``) and how often each primitive
   ran (``matmul brg_matmul:avx10_1_512_amx bf16``), so a results file names what the kernels used, not just the
   flags.
-* The fp32 reference (`probe_reference`, `reference_fields`): a bf16 run times the fp32 baseline in the same
-  interleaved rounds and training rounds, so the bf16-over-fp32 ratio comes from one run.
+* The fp32 reference (`probe_reference` here, its fields in `results`, its section in `report`): a bf16 run times
+  the fp32 baseline in the same interleaved rounds and training rounds, so the bf16-over-fp32 ratio comes from one
+  run; `token_agreement` says whether bf16 keeps and merges the tokens fp32 does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import contextlib
 import ctypes
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -31,13 +31,11 @@ from pathlib import Path
 import torch
 
 from pumer_lightning.lab.machine import cpu_model
-from pumer_lightning.measure import median_rates, paired_speedups, speedup
 
-from .measure import TensorMemoryTracker
+from .measure import peak_memory
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 """/proc/cpuinfo flags of bf16 matrix instructions: x86's AVX512-BF16 and AMX-BF16, Arm's BF16 (``Features``)."""
-MIB = 2**20
 
 
 # ---- which precisions ---------------------------------------------------------------------------------------------
@@ -198,58 +196,11 @@ def kernels_line(report: dict | None) -> str:
 def probe_reference(model: torch.nn.Module, inputs, run: Callable[[], object]) -> dict:
     """One fp32 baseline forward under the memory instrument (CPU): ``probe_s`` (sizes the timed rounds) and
     ``memory`` (peak and activation bytes, as the settings' probes)."""
-    static = [*model.parameters(), *model.buffers(), *inputs.tensors()]
-    tracker = TensorMemoryTracker(static)
+    static = [*model.parameters(), *model.buffers(), *inputs.values()]
     t0 = time.perf_counter()
-    with torch.inference_mode(), tracker:
+    with torch.inference_mode(), peak_memory(torch.device("cpu"), static) as memory:
         run()
-    return {
-        "probe_s": time.perf_counter() - t0,
-        "memory": {"peak_mem_bytes": tracker.peak_bytes, "activation_peak_bytes": tracker.peak_new_bytes},
-    }
-
-
-def reference_fields(
-    name: str,
-    probe: dict,
-    times: dict[str, list[float]],
-    train_probe: dict[str, dict],
-    train_times: dict[str, list[float]],
-    batch_size: int,
-) -> dict:
-    """The JSON's ``fp32_reference``: the fp32 baseline timed in the same rounds as the settings (``name`` its key
-    in the times), and the settings' baseline against it: ``baseline_speedup`` (ratio of medians) and the paired
-    ratio per round; the same for the training step, and its activation memory (``train_activation_ratio``)."""
-    base = "baseline"
-    out = {
-        "examples_per_s": median_rates({name: times[name]}, batch_size)[name],
-        "examples_per_s_rounds": [batch_size / t for t in times[name]],
-        **probe["memory"],
-        "baseline_speedup": speedup(times, name, base),
-        **_paired("baseline_paired_speedup", paired_speedups(times, name, base)),
-    }
-    if name in train_probe:
-        t, ref = train_probe[base], train_probe[name]
-        out.update(
-            train_peak_mem_bytes=ref["peak_mem_bytes"],
-            train_activation_peak_bytes=ref["activation_peak_bytes"],
-            train_activation_ratio=t["activation_peak_bytes"] / ref["activation_peak_bytes"],
-        )
-    if train_times.get(name):
-        out.update(
-            train_examples_per_s=median_rates({name: train_times[name]}, batch_size)[name],
-            train_baseline_speedup=speedup(train_times, name, base),
-            **_paired("train_baseline_paired_speedup", paired_speedups(train_times, name, base)),
-        )
-    return out
-
-
-def _paired(prefix: str, ratios: list[float]) -> dict:
-    return {
-        f"{prefix}_median": statistics.median(ratios),
-        f"{prefix}_min": min(ratios),
-        f"{prefix}_max": max(ratios),
-    }
+    return {"probe_s": time.perf_counter() - t0, "memory": memory}
 
 
 def token_agreement(
@@ -262,7 +213,8 @@ def token_agreement(
     maps = []
     for m, x in ((model, inputs), (fp32_model, fp32_inputs)):
         with torch.inference_mode(), m.backbone.using(schedule):
-            out = m.backbone(x.pixel_values[0], x.input_ids, x.attention_mask, track_maps=True)
+            images = x["pixel_values"][:, 0]
+            out = m.backbone(images, x["input_ids"], x["attention_mask"], track_maps=True)
         maps.append(out.trace)
     steps = []
     for half, full, text_half, text_full in zip(
@@ -283,88 +235,3 @@ def token_agreement(
             }
         )
     return steps
-
-
-def setting_vs_reference(entry: dict, reference: dict) -> dict:
-    """A setting's throughput (inference, training) and training activations against the fp32 baseline."""
-    out = {"speedup_vs_fp32_baseline": entry["examples_per_s"] / reference["examples_per_s"]}
-    if "train_examples_per_s" in entry and reference.get("train_examples_per_s"):
-        out["train_speedup_vs_fp32_baseline"] = (
-            entry["train_examples_per_s"] / reference["train_examples_per_s"]
-        )
-    if "train_activation_peak_bytes" in entry and reference.get("train_activation_peak_bytes"):
-        out["train_activation_ratio_vs_fp32_baseline"] = (
-            entry["train_activation_peak_bytes"] / reference["train_activation_peak_bytes"]
-        )
-    return out
-
-
-# ---- reporting ----------------------------------------------------------------------------------------------------
-def reference_section(result: dict) -> list[str]:
-    """Markdown: the run's precision against the fp32 baseline measured in the same rounds."""
-    ref = result.get("fp32_reference")
-    if not ref:
-        return []
-    pr = result["protocol"]
-    lines = [
-        "",
-        f"{pr['precision']} against fp32 (the fp32 baseline timed in the same interleaved rounds; the training step "
-        f"runs {pr['train_precision']} autocast over fp32 weights against fp32):",
-        "",
-        f"- Baseline inference: fp32 {ref['examples_per_s']:.3g} examples/s; {pr['precision']} "
-        f"**{ref['baseline_speedup']:.2f}x** that (paired {ref['baseline_paired_speedup_median']:.2f}x "
-        f"[{ref['baseline_paired_speedup_min']:.2f}–{ref['baseline_paired_speedup_max']:.2f}]); peak memory "
-        f"{ref['peak_mem_bytes'] / MIB:.0f} MiB in fp32",
-    ]
-    if "train_baseline_speedup" in ref:
-        lines.append(
-            f"- Baseline training step: fp32 {ref['train_examples_per_s']:.3g} examples/s; {pr['train_precision']} "
-            f"**{ref['train_baseline_speedup']:.2f}x** that (paired {ref['train_baseline_paired_speedup_median']:.2f}x)"
-        )
-    if "train_activation_ratio" in ref:
-        lines.append(
-            f"- Baseline training activations: fp32 {ref['train_activation_peak_bytes'] / MIB:.0f} MiB; "
-            f"{pr['train_precision']} **{ref['train_activation_ratio']:.2f}x** that"
-        )
-    for name, steps in ref.get("token_agreement", {}).items():
-        kept = ", ".join(f"{100 * st['kept_agreement']:.1f}%" for st in steps)
-        merged = ", ".join(
-            "n/a" if st["merged_pairs_shared"] is None else f"{100 * st['merged_pairs_shared']:.1f}%"
-            for st in steps
-        )
-        lines.append(
-            f"- Same answers (`{name}`, first backbone pass, per reduction step): image tokens kept or pruned as in fp32 "
-            f"{kept}; fp32's merged pairs merged too {merged}; text maps equal "
-            f"{', '.join('yes' if st['text_maps_equal'] else 'no' for st in steps)}"
-        )
-    rows = [s for s in result["settings"] if "speedup_vs_fp32_baseline" in s]
-    lines += [
-        "",
-        "| setting | × fp32 baseline (inference) | × fp32 baseline (training step) | training activations × fp32 baseline |",
-        "|---|---|---|---|",
-    ]
-    for s in rows:
-        train = s.get("train_speedup_vs_fp32_baseline")
-        act = s.get("train_activation_ratio_vs_fp32_baseline")
-        lines.append(
-            f"| `{s['name']}` | {s['speedup_vs_fp32_baseline']:.2f}× | "
-            f"{'n/a' if train is None else f'{train:.2f}×'} | {'n/a' if act is None else f'{act:.2f}×'} |"
-        )
-    return lines
-
-
-def reference_summary(result: dict) -> str | None:
-    """One console line: the run's baseline (and training step) against the fp32 baseline."""
-    ref = result.get("fp32_reference")
-    if not ref:
-        return None
-    pr = result["protocol"]
-    line = (
-        f"  {pr['precision']} baseline {ref['baseline_speedup']:.2f}x the fp32 baseline "
-        f"(paired {ref['baseline_paired_speedup_median']:.2f}x, fp32 {ref['examples_per_s']:.3g} ex/s)"
-    )
-    if "train_baseline_speedup" in ref:
-        line += f"; training step ({pr['train_precision']}) {ref['train_baseline_speedup']:.2f}x"
-    if "train_activation_ratio" in ref:
-        line += f", activations {ref['train_activation_ratio']:.2f}x"
-    return line

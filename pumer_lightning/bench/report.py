@@ -1,6 +1,8 @@
-"""Bench outputs: JSON, a Markdown table, a PNG plot, and a combined table of several runs.
+"""Bench outputs: JSON, a Markdown table (plots in `plots`), console lines, and a combined table of several runs.
 
-The combined table (docs/bench.md) is printed by ``python -m pumer_lightning.bench.table <json files>``.
+The combined table (docs/bench.md) is printed by ``python -m pumer_lightning.bench.table <json files>``. Every
+table is `pumer_lightning.lab.report.table` of rows, every percentage `pumer_lightning.lab.report.pct`; results
+written before a field was measured render it as ``n/a``.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pumer_lightning.lab.report import MISSING, pct, table
 from pumer_lightning.reduce import ReducerSchedule
 
-from .precision import reference_section, reference_summary
+from .plots import plot_batch_sweep, plot_result
 
 REQUIRED_FIELDS = (
     "name",
@@ -48,21 +51,25 @@ MEMORY_BOUND_FORMULA = (
 MIB = 2**20
 
 
-def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
-    return "n/a" if x is None else f"{x:{spec}}{suffix}"
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None, spec: str = ".0f") -> str:
-    return "n/a" if x is None else f"{x:{spec}}"
+def fmt(x: float | None, spec: str = ".0f", suffix: str = "") -> str:
+    """``x`` formatted by ``spec`` with ``suffix``; `MISSING` for None."""
+    return MISSING if x is None else f"{x:{spec}}{suffix}"
 
 
 def _saving(ratio: float | None) -> str:
     """A memory ratio as the saving it means: 0.62 -> '-38%'."""
-    return "n/a" if ratio is None else f"{100 * (ratio - 1):+.0f}%"
+    return MISSING if ratio is None else pct(ratio - 1, sign=True, digits=0, suffix="%")
+
+
+def _rate(s: dict, prefix: str = "") -> str:
+    """``<prefix>examples_per_s`` of a setting as ``median [min–max]``."""
+    key = f"{prefix}examples_per_s"
+    return f"{s[key]:.3g} [{s[f'{key}_min']:.3g}–{s[f'{key}_max']:.3g}]"
+
+
+def _peak(s: dict) -> str:
+    """Peak memory in MiB with the activations' share in brackets."""
+    return f"{s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f})"
 
 
 def _schedule(s: dict | None) -> str:
@@ -103,64 +110,103 @@ def protocol_line(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     """The full per-run table (every setting, every measured quantity) with the run's context."""
+    pr, settings = result["protocol"], result["settings"]
     lines = [
         f"# Bench `{result['name']}`: {result['preset']} + {result['task']} head, random weights",
         "",
         f"- Command: `{result.get('command') or '?'}`",
         f"- Machine: {hardware_line(result)}",
         f"- Protocol: {protocol_line(result)}",
-        f"- Memory: {result['protocol']['memory_method']}",
-        f"- Reducer time: {result['protocol']['reducer_time_method']}",
-        f"- FLOPs: {result['protocol']['flops_method']}; ratio = baseline / setting, the speedup that time "
-        "proportional to FLOPs would give; attained = speedup / FLOPs ratio",
+        f"- Memory: {pr['memory_method']}",
+        f"- Reducer time: {pr['reducer_time_method']}",
+        f"- FLOPs: {pr['flops_method']}; ratio = baseline / setting, the speedup that time proportional to FLOPs "
+        "would give; attained = speedup / FLOPs ratio",
         "",
-        "| setting | schedule | examples/s median [min–max] | speedup | paired speedup median [min–max] "
-        "| GFLOPs/example | FLOPs ratio | attained | peak memory MiB (activations) | reducer time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in result["settings"]:
-        lines.append(
-            f"| `{s['name']}` | {_schedule(s['schedule'])} "
-            f"| {s['examples_per_s']:.3g} [{s['examples_per_s_min']:.3g}–{s['examples_per_s_max']:.3g}] "
-            f"| {s['speedup']:.2f}× "
-            f"| {s['paired_speedup_median']:.2f}× [{s['paired_speedup_min']:.2f}–{s['paired_speedup_max']:.2f}] "
-            f"| {s['flops_per_example'] / 1e9:.3f} | {_fmt(s['flops_ratio'], '.2f', '×')} "
-            f"| {_pct(s['bound_attainment'])} "
-            f"| {s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f}) "
-            f"| {_pct(s['reducer_time_share'])} |"
-        )
-    lines += reference_section(result)
-    lines += launch_section(result)
-    lines += training_section(result)
+    header = [
+        "setting",
+        "schedule",
+        "examples/s median [min–max]",
+        "speedup",
+        "paired speedup median [min–max]",
+    ]
+    header += ["GFLOPs/example", "FLOPs ratio", "attained", "peak memory MiB (activations)", "reducer time"]
+    rows = [
+        [
+            f"`{s['name']}`",
+            _schedule(s["schedule"]),
+            _rate(s),
+            f"{s['speedup']:.2f}×",
+            f"{s['paired_speedup_median']:.2f}× [{s['paired_speedup_min']:.2f}–{s['paired_speedup_max']:.2f}]",
+            f"{s['flops_per_example'] / 1e9:.3f}",
+            fmt(s["flops_ratio"], ".2f", "×"),
+            pct(s["bound_attainment"], suffix="%"),
+            _peak(s),
+            pct(s["reducer_time_share"], suffix="%"),
+        ]
+        for s in settings
+    ]
+    lines += table(header, rows)
+    lines += reference_section(result) + launch_section(result) + training_section(result)
     lines += ["", "Tokens entering each layer (image / text; the image count includes the image CLS):", ""]
-    lines += ["| setting | image tokens | text tokens | matches plan() |", "|---|---|---|---|"]
-    for s in result["settings"]:
-        tok = s["tokens_per_layer"]
+    rows = [
+        [f"`{s['name']}`", *(" ".join(map(str, s["tokens_per_layer"][k])) for k in ("image", "text"))]
+        + ["yes" if s["tokens_match_plan"] else "**no**"]
+        for s in settings
+    ]
+    lines += table(["setting", "image tokens", "text tokens", "matches plan()"], rows)
+    return "\n".join(lines + _flops_by_part(settings) + _profile_lines(result)) + "\n"
+
+
+def _flops_by_part(settings: list[dict]) -> list[str]:
+    """Markdown: GFLOPs per example by part of the model, baseline beside the released setting."""
+    parts = [s for s in settings if s["name"] in ("baseline", "pumer")]
+    if not parts or not parts[0].get("flops_by_part"):
+        return []
+    keys = list(parts[0]["flops_by_part"])
+    for s in parts[1:]:
+        keys += [k for k in s["flops_by_part"] if k not in keys]
+    rows = [[k, *(f"{s['flops_by_part'].get(k, 0) / 1e9:.3f}" for s in parts)] for k in keys]
+    return ["", "GFLOPs per example by part:", "", *table(["part", *(f"`{s['name']}`" for s in parts)], rows)]
+
+
+def _profile_lines(result: dict) -> list[str]:
+    """Markdown: where the time goes (``--profile``), top ops and the backbones' ranges."""
+    if not result.get("profile"):
+        return []
+    lines = ["", "Where the time goes (torch.profiler self time, top ops):", ""]
+    for name, prof in result["profile"].items():
+        top = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"][:8])
+        ranges = ", ".join(f"{k} {100 * v['share']:.1f}%" for k, v in prof.get("ranges", {}).items())
         lines.append(
-            f"| `{s['name']}` | {' '.join(map(str, tok['image']))} | {' '.join(map(str, tok['text']))} "
-            f"| {'yes' if s['tokens_match_plan'] else '**no**'} |"
+            f"- `{name}` ({prof['total_s']:.3f} s profiled): {top}"
+            + (f"; ranges: {ranges}" if ranges else "")
         )
-    parts = [s for s in result["settings"] if s["name"] in ("baseline", "pumer")]
-    if parts and parts[0].get("flops_by_part"):
-        keys = list(parts[0]["flops_by_part"])
-        for s in parts[1:]:
-            keys += [k for k in s["flops_by_part"] if k not in keys]
-        lines += ["", "GFLOPs per example by part:", ""]
-        lines.append("| part | " + " | ".join(f"`{s['name']}`" for s in parts) + " |")
-        lines.append("|---|" + "---|" * len(parts))
-        for k in keys:
-            vals = " | ".join(f"{s['flops_by_part'].get(k, 0) / 1e9:.3f}" for s in parts)
-            lines.append(f"| {k} | {vals} |")
-    if result.get("profile"):
-        lines += ["", "Where the time goes (torch.profiler self time, top ops):", ""]
-        for name, prof in result["profile"].items():
-            top = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"][:8])
-            ranges = ", ".join(f"{k} {100 * v['share']:.1f}%" for k, v in prof.get("ranges", {}).items())
-            lines.append(
-                f"- `{name}` ({prof['total_s']:.3f} s profiled): {top}"
-                + (f"; ranges: {ranges}" if ranges else "")
-            )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _launch_row(s: dict, base_ops: int, cuda: bool) -> list[str]:
+    step = s.get("compiled_step") or {}
+    calls = MISSING
+    if "kernel_calls_per_step" in step:
+        calls = f"{step['kernel_calls_per_step']:.1f} + {step['extern_calls_per_step']:.1f}"
+    launches = s.get("launches_per_forward_compiled_step")
+    row = [
+        f"`{s['name']}`",
+        str(s["ops_per_forward"]),
+        fmt(s.get("ops_ratio"), ".2f", "×"),
+        str(s.get("reduction_steps_per_forward", 0)),
+        fmt(s.get("reducer_ops_per_step"), ".1f"),
+        fmt(s.get("ops_in_reduce_ranges_per_step"), ".1f"),
+        fmt(s.get("kernels_per_step"), ".1f"),
+        calls,
+        f"{launches:.0f} ({launches / base_ops:.2f}×)" if launches else MISSING,
+    ]
+    if cuda:
+        row.append(
+            f"{fmt(s.get('kernel_launches_per_forward'))} ({fmt(s.get('reducer_kernel_launches_per_forward'))})"
+        )
+    return row
 
 
 def launch_section(result: dict) -> list[str]:
@@ -177,34 +223,15 @@ def launch_section(result: dict) -> list[str]:
         f"- Ops: {pr.get('ops_method')}",
         f"- Compiled step: {pr.get('kernels_method')}",
         "",
-        "| setting | ops/forward | × baseline | reduction steps | reducer ops/step | ops in `pumer.reduce`/step "
-        "| compiled step: kernels/step (inductor) | kernel + extern calls/step | launches/forward with it "
-        + ("| CUDA launches/forward (in reducer) " if cuda else "")
-        + "|",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
-    for s in settings:
-        step = s.get("compiled_step") or {}
-        calls = (
-            f"{step['kernel_calls_per_step']:.1f} + {step['extern_calls_per_step']:.1f}"
-            if "kernel_calls_per_step" in step
-            else "n/a"
-        )
-        launches = s.get("launches_per_forward_compiled_step")
-        row = (
-            f"| `{s['name']}` | {s['ops_per_forward']} | {_fmt(s.get('ops_ratio'), '.2f', '×')} "
-            f"| {s.get('reduction_steps_per_forward', 0)} | {_num(s.get('reducer_ops_per_step'), '.1f')} "
-            f"| {_num(s.get('ops_in_reduce_ranges_per_step'), '.1f')} | {_num(s.get('kernels_per_step'), '.1f')} "
-            f"| {calls} | "
-            + (f"{launches:.0f} ({launches / settings[0]['ops_per_forward']:.2f}×)" if launches else "n/a")
-            + " |"
-        )
-        if cuda:
-            row += (
-                f" {_num(s.get('kernel_launches_per_forward'))} "
-                f"({_num(s.get('reducer_kernel_launches_per_forward'))}) |"
-            )
-        lines.append(row)
+    header = ["setting", "ops/forward", "× baseline", "reduction steps", "reducer ops/step"]
+    header += [
+        "ops in `pumer.reduce`/step",
+        "compiled step: kernels/step (inductor)",
+        "kernel + extern calls/step",
+    ]
+    header += ["launches/forward with it"] + (["CUDA launches/forward (in reducer)"] if cuda else [])
+    lines += table(header, [_launch_row(s, settings[0]["ops_per_forward"], cuda) for s in settings])
     for s in settings:
         step = s.get("compiled_step") or {}
         if step.get("extern_calls") is not None:
@@ -237,27 +264,98 @@ def training_section(result: dict) -> list[str]:
         f"- Bound: {MEMORY_BOUND_FORMULA}",
         f"- Throughput: {pr.get('train_time_method')}",
         "",
-        "| setting | train examples/s median [min–max] | speedup (paired) | FLOPs ratio fwd+bwd (bound) "
-        "| peak MiB | activations MiB | activation memory vs baseline | bound | saved for backward vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    header = [
+        "setting",
+        "train examples/s median [min–max]",
+        "speedup (paired)",
+        "FLOPs ratio fwd+bwd (bound)",
+    ]
+    header += ["peak MiB", "activations MiB", "activation memory vs baseline", "bound"]
+    header += ["saved for backward vs baseline"]
+    rows = []
     for s in settings:
-        if "train_examples_per_s" in s:
-            speed = (
-                f"{s['train_examples_per_s']:.3g} [{s['train_examples_per_s_min']:.3g}–"
-                f"{s['train_examples_per_s_max']:.3g}] | {s['train_speedup']:.2f}× "
-                f"({s['train_paired_speedup_median']:.2f}×)"
-            )
-        else:
-            speed = "n/a | n/a"
+        timed = "train_examples_per_s" in s
         ratio, bound = s["train_activation_mem_ratio"], s["train_activation_mem_bound"]
-        lines.append(
-            f"| `{s['name']}` | {speed} | {_fmt(s.get('train_flops_ratio'), '.2f', '×')} "
-            f"| {s['train_peak_mem_bytes'] / MIB:.0f} | {s['train_activation_peak_bytes'] / MIB:.0f} "
-            f"| {_fmt(ratio, '.3f', '×')} ({_saving(ratio)}) | {_fmt(bound, '.3f', '×')} ({_saving(bound)}) "
-            f"| {_fmt(s.get('train_saved_ratio'), '.3f', '×')} |"
+        rows.append(
+            [
+                f"`{s['name']}`",
+                _rate(s, "train_") if timed else MISSING,
+                f"{s['train_speedup']:.2f}× ({s['train_paired_speedup_median']:.2f}×)" if timed else MISSING,
+                fmt(s.get("train_flops_ratio"), ".2f", "×"),
+                f"{s['train_peak_mem_bytes'] / MIB:.0f}",
+                f"{s['train_activation_peak_bytes'] / MIB:.0f}",
+                f"{fmt(ratio, '.3f', '×')} ({_saving(ratio)})",
+                f"{fmt(bound, '.3f', '×')} ({_saving(bound)})",
+                fmt(s.get("train_saved_ratio"), ".3f", "×"),
+            ]
         )
-    return lines
+    return lines + table(header, rows)
+
+
+def reference_section(result: dict) -> list[str]:
+    """Markdown: the run's precision against the fp32 baseline measured in the same rounds."""
+    ref = result.get("fp32_reference")
+    if not ref:
+        return []
+    pr = result["protocol"]
+    lines = [
+        "",
+        f"{pr['precision']} against fp32 (the fp32 baseline timed in the same interleaved rounds; the training step "
+        f"runs {pr['train_precision']} autocast over fp32 weights against fp32):",
+        "",
+        f"- Baseline inference: fp32 {ref['examples_per_s']:.3g} examples/s; {pr['precision']} "
+        f"**{ref['baseline_speedup']:.2f}x** that (paired {ref['baseline_paired_speedup_median']:.2f}x "
+        f"[{ref['baseline_paired_speedup_min']:.2f}–{ref['baseline_paired_speedup_max']:.2f}]); peak memory "
+        f"{ref['peak_mem_bytes'] / MIB:.0f} MiB in fp32",
+    ]
+    if "train_baseline_speedup" in ref:
+        lines.append(
+            f"- Baseline training step: fp32 {ref['train_examples_per_s']:.3g} examples/s; {pr['train_precision']} "
+            f"**{ref['train_baseline_speedup']:.2f}x** that (paired {ref['train_baseline_paired_speedup_median']:.2f}x)"
+        )
+    if "train_activation_ratio" in ref:
+        lines.append(
+            f"- Baseline training activations: fp32 {ref['train_activation_peak_bytes'] / MIB:.0f} MiB; "
+            f"{pr['train_precision']} **{ref['train_activation_ratio']:.2f}x** that"
+        )
+    for name, steps in ref.get("token_agreement", {}).items():
+        kept = ", ".join(pct(st["kept_agreement"], suffix="%") for st in steps)
+        merged = ", ".join(pct(st["merged_pairs_shared"], suffix="%") for st in steps)
+        lines.append(
+            f"- Same answers (`{name}`, first backbone pass, per reduction step): image tokens kept or pruned as in fp32 "
+            f"{kept}; fp32's merged pairs merged too {merged}; text maps equal "
+            f"{', '.join('yes' if st['text_maps_equal'] else 'no' for st in steps)}"
+        )
+    header = ["setting", "× fp32 baseline (inference)", "× fp32 baseline (training step)"]
+    header += ["training activations × fp32 baseline"]
+    rows = [
+        [f"`{s['name']}`", f"{s['speedup_vs_fp32_baseline']:.2f}×"]
+        + [
+            fmt(s.get(k), ".2f", "×")
+            for k in ("train_speedup_vs_fp32_baseline", "train_activation_ratio_vs_fp32_baseline")
+        ]
+        for s in result["settings"]
+        if "speedup_vs_fp32_baseline" in s
+    ]
+    return lines + [""] + table(header, rows)
+
+
+def reference_summary(result: dict) -> str | None:
+    """One console line: the run's baseline (and training step) against the fp32 baseline."""
+    ref = result.get("fp32_reference")
+    if not ref:
+        return None
+    pr = result["protocol"]
+    line = (
+        f"  {pr['precision']} baseline {ref['baseline_speedup']:.2f}x the fp32 baseline "
+        f"(paired {ref['baseline_paired_speedup_median']:.2f}x, fp32 {ref['examples_per_s']:.3g} ex/s)"
+    )
+    if "train_baseline_speedup" in ref:
+        line += f"; training step ({pr['train_precision']}) {ref['train_baseline_speedup']:.2f}x"
+    if "train_activation_ratio" in ref:
+        line += f", activations {ref['train_activation_ratio']:.2f}x"
+    return line
 
 
 def summary(result: dict) -> str:
@@ -266,14 +364,14 @@ def summary(result: dict) -> str:
     for s in result["settings"]:
         out.append(
             f"  {s['name']:>14}: {s['examples_per_s']:8.3g} ex/s  speedup {s['speedup']:5.2f}x "
-            f"(paired {s['paired_speedup_median']:.2f}x, best {s['speedup_best']:.2f}x)  FLOPs ratio {_fmt(s['flops_ratio'], '5.2f', 'x')}  "
-            f"attained {_pct(s['bound_attainment']):>6}  peak {s['peak_mem_bytes'] / MIB:7.0f} MiB  "
-            f"reducer {_pct(s['reducer_time_share'])}"
+            f"(paired {s['paired_speedup_median']:.2f}x, best {s['speedup_best']:.2f}x)  FLOPs ratio {fmt(s['flops_ratio'], '5.2f', 'x')}  "
+            f"attained {pct(s['bound_attainment'], suffix='%'):>6}  peak {s['peak_mem_bytes'] / MIB:7.0f} MiB  "
+            f"reducer {pct(s['reducer_time_share'], suffix='%')}"
         )
         extra = []
         if s.get("ops_per_forward") is not None:
             extra.append(
-                f"ops/forward {s['ops_per_forward']}, reducer ops/step {_num(s.get('reducer_ops_per_step'), '.1f')}"
+                f"ops/forward {s['ops_per_forward']}, reducer ops/step {fmt(s.get('reducer_ops_per_step'), '.1f')}"
             )
         if s.get("kernels_per_step") is not None:
             extra.append(f"compiled step {s['kernels_per_step']:.1f} kernels/step")
@@ -285,7 +383,7 @@ def summary(result: dict) -> str:
         if "train_speedup" in s:
             extra.append(
                 f"train {s['train_speedup']:.2f}x (paired {s['train_paired_speedup_median']:.2f}x, FLOPs ratio "
-                f"{_fmt(s.get('train_flops_ratio'), '.2f', 'x')})"
+                f"{fmt(s.get('train_flops_ratio'), '.2f', 'x')})"
             )
         if extra:
             out.append(" " * 18 + "; ".join(extra))
@@ -293,116 +391,6 @@ def summary(result: dict) -> str:
     if reference:
         out.append(reference)
     return "\n".join(out)
-
-
-def plot_result(result: dict, path: Path) -> None:
-    """Speedup against the FLOPs ratio for every setting, and the keep-ratio sweep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = result["settings"]
-    training = "train_activation_mem_ratio" in settings[0]
-    if training:
-        fig, axes = plt.subplots(2, 2, figsize=(12, 9.6))
-        (ax1, ax2), (ax3, ax4) = axes
-    else:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    values = [v for s in settings for v in (s["flops_ratio"], s["speedup"]) if v is not None]
-    low, top = min([*values, 1.0]) * 0.92, max([*values, 1.0]) * 1.12
-    ax1.plot([low, top], [low, top], color="grey", lw=1, ls="--", label="speedup = FLOPs ratio")
-    colors = {"baseline": "black", "released": "tab:red", "ablation": "tab:blue", "sweep": "tab:green"}
-    for s in settings:
-        y = s["speedup"]
-        err = [[max(y - s["paired_speedup_min"], 0)], [max(s["paired_speedup_max"] - y, 0)]]
-        ax1.errorbar(
-            s["flops_ratio"], y, yerr=err, fmt="o", color=colors.get(s["kind"], "tab:gray"), capsize=3
-        )
-        ax1.annotate(s["name"], (s["flops_ratio"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax1.set_xlim(low, top)
-    ax1.set_ylim(low, top)  # paired ranges beyond the frame are clipped
-    ax1.set_xlabel("FLOPs ratio (baseline / setting)")
-    ax1.set_ylabel("speedup (examples/s over baseline)")
-    ax1.set_title("speedup vs FLOPs bound (bars: paired range)")
-    ax1.legend(loc="upper left", fontsize=8)
-    ax1.grid(alpha=0.3)
-
-    sweep = sorted(
-        (s for s in settings if s["kind"] in ("sweep", "released")), key=lambda s: s["schedule"]["keep_ratio"]
-    )
-    if len(sweep) >= 2:
-        keeps = [s["schedule"]["keep_ratio"] for s in sweep]
-        ax2.plot(keeps, [s["speedup"] for s in sweep], "o-", color="tab:green", label="speedup")
-        ax2.plot(keeps, [s["flops_ratio"] for s in sweep], "s--", color="tab:purple", label="FLOPs ratio")
-        for s, k in zip(sweep, keeps):
-            if s["kind"] == "released":
-                ax2.annotate(
-                    "released", (k, s["speedup"]), textcoords="offset points", xytext=(5, 5), fontsize=8
-                )
-        ref = sweep[0]["schedule"]
-        ax2.set_title(f"keep-ratio sweep (merge {ref['merge_ratio']:g}, text {ref['text_merge_ratio']:g})")
-        ax2.legend(fontsize=8)
-    else:
-        ax2.text(
-            0.5, 0.5, "no keep-ratio sweep in this run", ha="center", va="center", transform=ax2.transAxes
-        )
-    ax2.axhline(1.0, color="grey", lw=1, ls=":")
-    ax2.set_xlabel("keep ratio (1 - p)")
-    ax2.set_ylabel("× baseline")
-    ax2.grid(alpha=0.3)
-    if training:
-        _plot_training(settings, ax3, ax4, colors)
-    fig.suptitle(f"{result['name']}: {hardware_line(result)}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_training(settings: list[dict], ax3, ax4, colors: dict) -> None:
-    """Training step: speedup against the forward + backward FLOPs ratio; activation memory against its bound."""
-    timed = [s for s in settings if "train_speedup" in s and s.get("train_flops_ratio")]
-    if timed:
-        values = [v for s in timed for v in (s["train_flops_ratio"], s["train_speedup"])]
-        low, top = min([*values, 1.0]) * 0.92, max([*values, 1.0]) * 1.12
-        ax3.plot([low, top], [low, top], color="grey", lw=1, ls="--", label="speedup = FLOPs ratio")
-        for s in timed:
-            y = s["train_speedup"]
-            err = [[max(y - s["train_paired_speedup_min"], 0)], [max(s["train_paired_speedup_max"] - y, 0)]]
-            color = colors.get(s["kind"], "tab:gray")
-            ax3.errorbar(s["train_flops_ratio"], y, yerr=err, fmt="o", color=color, capsize=3)
-            ax3.annotate(
-                s["name"], (s["train_flops_ratio"], y), textcoords="offset points", xytext=(5, 4), fontsize=8
-            )
-        ax3.set_xlim(low, top)
-        ax3.set_ylim(low, top)
-        ax3.legend(loc="upper left", fontsize=8)
-    ax3.set_xlabel("FLOPs ratio of forward + backward (baseline / setting)")
-    ax3.set_ylabel("training-step speedup (forward + backward + AdamW)")
-    ax3.set_title("training step: speedup vs FLOPs bound (bars: paired range)")
-    ax3.grid(alpha=0.3)
-
-    names = [s["name"] for s in settings]
-    x = list(range(len(settings)))
-    ax4.bar(
-        [i - 0.2 for i in x], [s["train_activation_mem_ratio"] for s in settings], width=0.4, label="measured"
-    )
-    ax4.bar(
-        [i + 0.2 for i in x],
-        [s["train_activation_mem_bound"] for s in settings],
-        width=0.4,
-        color="none",
-        edgecolor="tab:purple",
-        hatch="//",
-        label="bound (memory proportional to tokens)",
-    )
-    ax4.axhline(1.0, color="grey", lw=1, ls=":")
-    ax4.set_xticks(x)
-    ax4.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax4.set_ylabel("training activation memory / baseline")
-    ax4.set_title("training step: activation memory (forward + backward) vs its bound")
-    ax4.legend(fontsize=8)
-    ax4.grid(alpha=0.3, axis="y")
 
 
 def write_result(result: dict, out_dir: Path, plot: bool = True) -> list[Path]:
@@ -414,7 +402,7 @@ def write_result(result: dict, out_dir: Path, plot: bool = True) -> list[Path]:
     paths[1].write_text(markdown(result))
     if plot:
         paths.append(stem.with_suffix(".png"))
-        plot_result(result, paths[-1])
+        plot_result(result, paths[-1], hardware_line(result))
     return paths
 
 
@@ -424,7 +412,7 @@ def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> 
     stem = Path(out_dir) / (first["name"].replace(f"_b{first['batch_size']}", "", 1) + "_batch_sweep")
     batches = [r["batch_size"] for r in results]
     names = [s["name"] for s in first["settings"]]
-    table = {
+    by_setting = {
         name: {r["batch_size"]: next(s for s in r["settings"] if s["name"] == name) for r in results}
         for name in names
     }
@@ -433,14 +421,12 @@ def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> 
         "",
         "examples/s (speedup over the baseline at the same batch size)",
         "",
-        "| setting | " + " | ".join(f"batch {b}" for b in batches) + " |",
-        "|---|" + "---|" * len(batches),
     ]
-    for name in names:
-        cells = [
-            f"{table[name][b]['examples_per_s']:.3g} ({table[name][b]['speedup']:.2f}×)" for b in batches
-        ]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    rows = [
+        [f"`{name}`", *(f"{by[b]['examples_per_s']:.3g} ({by[b]['speedup']:.2f}×)" for b in batches)]
+        for name, by in by_setting.items()
+    ]
+    lines += table(["setting", *(f"batch {b}" for b in batches)], rows)
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     summary_json = {
         "exp": first["exp"],
@@ -449,7 +435,7 @@ def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> 
         "settings": {
             name: {
                 str(b): {
-                    k: table[name][b].get(k)
+                    k: by_setting[name][b].get(k)
                     for k in (
                         "examples_per_s",
                         "speedup",
@@ -466,77 +452,50 @@ def write_batch_sweep(results: list[dict], out_dir: Path, plot: bool = True) -> 
     paths[0].write_text(json.dumps(summary_json, indent=1) + "\n")
     paths[1].write_text("\n".join(lines) + "\n")
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-        for name in names:
-            ax1.plot(batches, [table[name][b]["examples_per_s"] for b in batches], "o-", label=name)
-            line = ax2.plot(batches, [table[name][b]["speedup"] for b in batches], "o-", label=name)[0]
-            if name != "baseline":
-                bound = [table[name][b]["flops_ratio"] for b in batches]
-                ax2.plot(batches, bound, ls="--", lw=1, color=line.get_color(), label=f"{name} FLOPs bound")
-        ax2.axhline(1.0, color="grey", lw=1, ls=":")
-        for ax, label in ((ax1, "examples/s"), (ax2, "speedup over baseline")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("batch size")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        ax2.legend(fontsize=7)
-        fig.suptitle(f"{first['exp']}: {hardware_line(first)}", fontsize=8)
-        fig.tight_layout()
         paths.append(stem.with_suffix(".png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        plot_batch_sweep(by_setting, batches, f"{first['exp']}: {hardware_line(first)}", paths[-1])
     return paths
 
 
 def readme_table(results: list[dict], settings: list[str] | None = None) -> str:
     """The combined results table: one row per experiment and setting, then the command and machine."""
-    lines = [
-        "| experiment | setting | examples/s median [min–max] | speedup (paired) | GFLOPs/ex | FLOPs ratio "
-        "| attained | peak memory MiB (activations) | reducer time | reducer ops/step "
-        "| training speedup (FLOPs ratio) | training activations (bound) | image tokens per layer |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    header = ["experiment", "setting", "examples/s median [min–max]", "speedup (paired)", "GFLOPs/ex"]
+    header += ["FLOPs ratio", "attained", "peak memory MiB (activations)", "reducer time", "reducer ops/step"]
+    header += ["training speedup (FLOPs ratio)", "training activations (bound)", "image tokens per layer"]
+    rows = [
+        [
+            f"{r['exp']} b{r['batch_size']}",
+            f"`{s['name']}`",
+            _rate(s),
+            f"{s['speedup']:.2f}× ({s['paired_speedup_median']:.2f}×)",
+            f"{s['flops_per_example'] / 1e9:.2f}",
+            fmt(s["flops_ratio"], ".2f", "×"),
+            pct(s["bound_attainment"], suffix="%"),
+            _peak(s),
+            pct(s["reducer_time_share"], suffix="%"),
+            fmt(s.get("reducer_ops_per_step")),
+            f"{s['train_speedup']:.2f}× ({fmt(s.get('train_flops_ratio'), '.2f', '×')})"
+            if "train_speedup" in s
+            else MISSING,
+            f"{_saving(s['train_activation_mem_ratio'])} ({_saving(s['train_activation_mem_bound'])})"
+            if "train_activation_mem_bound" in s
+            else MISSING,
+            " ".join(map(str, s["tokens_per_layer"]["image"])),
+        ]
+        for r in results
+        for s in r["settings"]
+        if settings is None or s["name"] in settings
     ]
-    for r in results:
-        for s in r["settings"]:
-            if settings is not None and s["name"] not in settings:
-                continue
-            lines.append(
-                f"| {r['exp']} b{r['batch_size']} | `{s['name']}` "
-                f"| {s['examples_per_s']:.3g} [{s['examples_per_s_min']:.3g}–{s['examples_per_s_max']:.3g}] "
-                f"| {s['speedup']:.2f}× ({s['paired_speedup_median']:.2f}×) "
-                f"| {s['flops_per_example'] / 1e9:.2f} | {_fmt(s['flops_ratio'], '.2f', '×')} "
-                f"| {_pct(s['bound_attainment'])} "
-                f"| {s['peak_mem_bytes'] / MIB:.0f} ({s['activation_peak_bytes'] / MIB:.0f}) "
-                f"| {_pct(s['reducer_time_share'])} | {_num(s.get('reducer_ops_per_step'), '.0f')} "
-                f"| {_train_speed(s)} | {_train_memory(s)} "
-                f"| {' '.join(map(str, s['tokens_per_layer']['image']))} |"
-            )
-    lines.append("")
+    lines = [*table(header, rows), ""]
     seen = set()
     for r in results:
         key = (r.get("command"), hardware_line(r))
-        if key in seen:
-            continue
-        seen.add(key)
-        lines.append(f"- `{r['exp']}`: `{r.get('command') or '?'}`; {hardware_line(r)}; {protocol_line(r)}")
+        if key not in seen:
+            seen.add(key)
+            lines.append(
+                f"- `{r['exp']}`: `{r.get('command') or '?'}`; {hardware_line(r)}; {protocol_line(r)}"
+            )
     return "\n".join(lines) + "\n"
-
-
-def _train_speed(s: dict) -> str:
-    if "train_speedup" not in s:
-        return "n/a"
-    return f"{s['train_speedup']:.2f}× ({_fmt(s.get('train_flops_ratio'), '.2f', '×')})"
-
-
-def _train_memory(s: dict) -> str:
-    if "train_activation_mem_bound" not in s:
-        return "n/a"
-    return f"{_saving(s['train_activation_mem_ratio'])} ({_saving(s['train_activation_mem_bound'])})"
 
 
 def load(paths: list[str | Path]) -> list[dict]:

@@ -12,14 +12,15 @@ from datetime import datetime, timezone
 
 import torch
 
+from pumer_lightning.lab.compare import examples_of
+from pumer_lightning.lab.context import AUTOCAST_DTYPES
 from pumer_lightning.lab.machine import machine_info
 from pumer_lightning.measure import median_rates, paired_speedups, speedup
 
 from . import report
 from .experiments import Setting
-from .forwards import has_reducer_impl
 from .measure import REDUCE_RANGE
-from .precision import cpu_bf16, kernels_line, reference_fields, setting_vs_reference
+from .precision import cpu_bf16, kernels_line
 from .stages import REFERENCE, TRAIN_LR, Batch, Measured, steps_per_forward
 
 SCHEMA = "pumer-lightning/bench/1"
@@ -46,7 +47,6 @@ KERNELS_METHOD = (
     "{batch}: torch._inductor.metrics.generated_kernel_count / compiled graphs; kernel "
     "and extern calls from the generated code"
 )
-KERNELS_UNAVAILABLE = "not measured: the backbone has no compiled reduction step (reducer_impl)"
 TRAIN_INSTRUMENT = {
     "cuda": "cuda max_memory_allocated after reset_peak_memory_stats",
     "cpu": "live tensor storage bytes tracked per op by a dispatch mode",
@@ -73,41 +73,54 @@ REDUCER_TIME_UNRANGED = "; a replayed CUDA graph or a compiled whole forward may
 
 
 # ---- one setting ------------------------------------------------------------------------------------------------
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
-def _speed_fields(name: str, times: dict[str, list[float]], inner: int, batch_size: int) -> dict:
-    """Throughput and speedups of one setting from the timed rounds (`interleaved_times` samples)."""
-    ts, base = times[name], times[BASELINE]
-    paired = paired_speedups(times, BASELINE, name)
+def rate_fields(prefix: str, times: dict[str, list[float]], name: str, batch_size: int) -> dict:
+    """Throughput of ``name`` over its timed rounds (`interleaved_times` samples): ``<prefix>examples_per_s`` (of
+    the median time) and its ``_min``, ``_max`` and per-round ``_rounds``."""
+    ts, key = times[name], f"{prefix}examples_per_s"
     return {
-        "examples_per_s": median_rates({name: ts}, batch_size)[name],
-        "examples_per_s_min": batch_size / max(ts),
-        "examples_per_s_max": batch_size / min(ts),
-        "examples_per_s_rounds": [batch_size / t for t in ts],
-        "seconds_per_batch": _median(ts),
-        "inner_forwards_per_sample": inner,
-        "speedup": speedup(times, BASELINE, name),
-        # the fastest samples are the least disturbed by other load on a shared machine
-        "speedup_best": min(base) / min(ts),
-        "paired_speedup_median": _median(paired),
-        "paired_speedup_min": min(paired),
-        "paired_speedup_max": max(paired),
+        key: median_rates({name: ts}, batch_size)[name],
+        f"{key}_min": batch_size / max(ts),
+        f"{key}_max": batch_size / min(ts),
+        f"{key}_rounds": [batch_size / t for t in ts],
     }
 
 
-def _flops_fields(p: dict, base: dict, batch_size: int, speedup_: float) -> dict:
+def speedup_fields(prefix: str, times: dict[str, list[float]], reference: str, name: str) -> dict:
+    """``<prefix>speedup`` of ``name`` over ``reference`` (ratio of median times) and the paired speedup of the
+    same rounds, ``<prefix>paired_speedup_median``, ``_min`` and ``_max``."""
+    paired = paired_speedups(times, reference, name)
+    return {
+        f"{prefix}speedup": speedup(times, reference, name),
+        f"{prefix}paired_speedup_median": statistics.median(paired),
+        f"{prefix}paired_speedup_min": min(paired),
+        f"{prefix}paired_speedup_max": max(paired),
+    }
+
+
+def _speed_fields(name: str, times: dict[str, list[float]], inner: int, batch_size: int) -> dict:
+    """Throughput and speedups of one setting from the timed rounds."""
+    return {
+        **rate_fields("", times, name, batch_size),
+        "seconds_per_batch": statistics.median(times[name]),
+        "inner_forwards_per_sample": inner,
+        **speedup_fields("", times, BASELINE, name),
+        # the fastest samples are the least disturbed by other load on a shared machine
+        "speedup_best": min(times[BASELINE]) / min(times[name]),
+    }
+
+
+def _flops_fields(p: dict, base: dict, batch: Batch, speedup_: float) -> dict:
     """FLOPs per example, the FLOPs ratio (the speedup run time proportional to FLOPs would give) and by part."""
-    flops = p["flops"]["total"]
+    flops, batch_size = p["flops"]["total"], batch.batch_size
     ratio = base["flops"]["total"] / flops if flops else None
+    roots = {type(batch.backbone).__name__: "backbone", type(batch.model.head).__name__: "head"}
     return {
         "flops_per_example": flops / batch_size,
         "flops_ratio": ratio,
         "flops_speedup_bound": ratio,
         "bound_attainment": speedup_ / ratio if ratio else None,
         "flops_by_part": {
-            k: v / batch_size for k, v in group_modules(p["flops"]["by_module"], flops).items()
+            k: v / batch_size for k, v in group_modules(p["flops"]["by_module"], flops, roots).items()
         },
         "flops_uncounted_ops": p["flops"]["uncounted_ops"],
     }
@@ -162,7 +175,7 @@ def setting_entry(batch: Batch, m: Measured, s: Setting) -> dict:
         "description": s.description,
         "schedule": s.schedule_dict(),
         **speed,
-        **_flops_fields(p, base, batch.batch_size, speed["speedup"]),
+        **_flops_fields(p, base, batch, speed["speedup"]),
         **_memory_fields(p, base),
         "tokens_per_layer": p["tokens_per_layer"],
         "tokens_planned": p["tokens_planned"],
@@ -251,20 +264,10 @@ def train_fields(s: Setting, probe: dict[str, dict], times: dict[str, list[float
         "train_flops_per_example": t["flops"] / batch_size,
         "train_flops_ratio": base["flops"] / t["flops"] if t["flops"] else None,
     }
-    ts = times[s.name]
-    if ts:
-        paired = paired_speedups(times, BASELINE, s.name)
-        out.update(
-            train_examples_per_s=median_rates({s.name: ts}, batch_size)[s.name],
-            train_examples_per_s_min=batch_size / max(ts),
-            train_examples_per_s_max=batch_size / min(ts),
-            train_examples_per_s_rounds=[batch_size / x for x in ts],
-            train_seconds_per_step=_median(ts),
-            train_speedup=speedup(times, BASELINE, s.name),
-            train_paired_speedup_median=_median(paired),
-            train_paired_speedup_min=min(paired),
-            train_paired_speedup_max=max(paired),
-        )
+    if times[s.name]:
+        out.update(rate_fields("train_", times, s.name, batch_size))
+        out["train_seconds_per_step"] = statistics.median(times[s.name])
+        out.update(speedup_fields("train_", times, BASELINE, s.name))
     return out
 
 
@@ -290,9 +293,11 @@ def memory_bound(base_saved: dict[str, int], base_tokens: dict[str, int], tokens
     return kept / total
 
 
-def group_modules(by_module: dict[str, int], total: int) -> dict[str, int]:
+def group_modules(by_module: dict[str, int], total: int, roots: dict[str, str]) -> dict[str, int]:
     """FLOPs by part of the model (towers, blocks, head), from `FlopCounterMode`'s per-module counts.
 
+    ``roots`` names the top modules the counter saw by the class names it gives them (`VLTask.compute_logits` calls
+    the backbone and the head, not the task module): ``{"ViltBackbone": "backbone", "ClassifierHead": "head"}``.
     Every module's own FLOPs (its count minus those of the nearest counted modules below it) go to the part its
     name falls in. Modules only count while their ``forward`` runs, so work a backbone does in its own code
     outside any submodule call (ViLT's attention, METER's text-layer attention, the reducer's scores) lands in
@@ -316,10 +321,9 @@ def group_modules(by_module: dict[str, int], total: int) -> dict[str, int]:
             own[up] -= by_module[name]
     parts: dict[str, int] = {}
     for name in names:
-        rel = name.split(".")[1:]  # drop the root (the task model's class name)
-        if not rel:
-            key = "other"
-        elif rel[0] != "backbone":
+        root, *rest = name.split(".")
+        rel = [roots.get(root, root), *rest]
+        if rel[0] != "backbone":
             key = rel[0]
         elif len(rel) == 1:
             key = "backbone (own code)"
@@ -339,15 +343,54 @@ def _natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
+# ---- the fp32 reference ------------------------------------------------------------------------------------------
+def reference_fields(
+    name: str,
+    probe: dict,
+    times: dict[str, list[float]],
+    train_probe: dict[str, dict],
+    train_times: dict[str, list[float]],
+    batch_size: int,
+) -> dict:
+    """The JSON's ``fp32_reference``: the fp32 baseline timed in the same rounds as the settings (``name`` its key
+    in the times), and the settings' baseline against it: ``baseline_speedup`` (ratio of medians) and the paired
+    ratio per round; the same for the training step, and its activation memory (``train_activation_ratio``)."""
+    out = {
+        **rate_fields("", times, name, batch_size),
+        **probe["memory"],
+        **speedup_fields("baseline_", times, name, BASELINE),
+    }
+    if name in train_probe:
+        t, ref = train_probe[BASELINE], train_probe[name]
+        out.update(
+            train_peak_mem_bytes=ref["peak_mem_bytes"],
+            train_activation_peak_bytes=ref["activation_peak_bytes"],
+            train_activation_ratio=t["activation_peak_bytes"] / ref["activation_peak_bytes"],
+        )
+    if train_times.get(name):
+        out.update(rate_fields("train_", train_times, name, batch_size))
+        out.update(speedup_fields("train_baseline_", train_times, name, BASELINE))
+    return out
+
+
+def setting_vs_reference(entry: dict, reference: dict) -> dict:
+    """A setting's throughput (inference, training) and training activations against the fp32 baseline."""
+    out = {"speedup_vs_fp32_baseline": entry["examples_per_s"] / reference["examples_per_s"]}
+    if "train_examples_per_s" in entry and reference.get("train_examples_per_s"):
+        out["train_speedup_vs_fp32_baseline"] = (
+            entry["train_examples_per_s"] / reference["train_examples_per_s"]
+        )
+    if "train_activation_peak_bytes" in entry and reference.get("train_activation_peak_bytes"):
+        out["train_activation_ratio_vs_fp32_baseline"] = (
+            entry["train_activation_peak_bytes"] / reference["train_activation_peak_bytes"]
+        )
+    return out
+
+
 # ---- the whole result -------------------------------------------------------------------------------------------
 def protocol(batch: Batch, m: Measured) -> dict:
     """How every figure of the result was measured (the JSON's ``protocol``)."""
     options, device, precision, backbone = batch.options, batch.device, batch.precision, batch.backbone
-    impl_available = has_reducer_impl(backbone)
-    if options.reducer_impl is None:
-        impl = getattr(backbone, "reducer_impl", None)
-    else:
-        impl = options.reducer_impl if impl_available else None
     compile_ = {
         "fullgraph": True,
         "dynamic": False,
@@ -355,10 +398,7 @@ def protocol(batch: Batch, m: Measured) -> dict:
         "mode": options.compile_mode,
     }
     tf32 = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-    if m.kernels:
-        kernels_method = KERNELS_METHOD.format(batch=batch.small.batch_size)
-    else:
-        kernels_method = None if impl_available else KERNELS_UNAVAILABLE
+    small = examples_of(batch.small)
     reducer_time = REDUCER_TIME_METHOD.format(range=REDUCE_RANGE) + REDUCER_TIME_SHARE[_kind(device)]
     if options.compile or options.cuda_graph:
         reducer_time += REDUCER_TIME_UNRANGED
@@ -368,13 +408,12 @@ def protocol(batch: Batch, m: Measured) -> dict:
         "precision": precision,
         "train_precision": batch.train_precision,
         "fp32_reference": batch.reference,
-        "autocast": precision in ("fp16", "bf16"),
+        "autocast": precision in AUTOCAST_DTYPES,
         "half_weights": precision.endswith("-true"),
         "inference_mode": True,
         "compiled": options.compile,
         "cuda_graph": options.cuda_graph,
-        "reducer_impl": impl,
-        "reducer_impl_available": impl_available,
+        "reducer_impl": backbone.reducer_impl,
         "compile": compile_ if options.compile else None,
         "tf32": tf32 if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
@@ -386,10 +425,8 @@ def protocol(batch: Batch, m: Measured) -> dict:
         "timer": TIMER,
         "flops_method": FLOPS_METHOD,
         "memory_method": MEMORY_METHOD[_kind(device)],
-        "ops_method": (
-            OPS_METHOD.format(batch=batch.small.batch_size, range=REDUCE_RANGE) if options.op_count else None
-        ),
-        "kernels_method": kernels_method,
+        "ops_method": (OPS_METHOD.format(batch=small, range=REDUCE_RANGE) if options.op_count else None),
+        "kernels_method": KERNELS_METHOD.format(batch=small) if m.kernels else None,
         "train_memory_method": (
             TRAIN_MEMORY_METHOD.format(instrument=TRAIN_INSTRUMENT[_kind(device)]) if train else None
         ),
@@ -425,7 +462,7 @@ def build_result(batch: Batch, m: Measured, name: str) -> dict:
             "images_per_example": exp.images_per_example,
             "image_tokens": backbone.num_image_tokens,
             "text_len": exp.text_len,
-            "text_real_lengths": inputs.text_lengths,
+            "text_real_lengths": inputs["attention_mask"].sum(1).tolist(),
             "num_layers": backbone.num_layers,
         },
         "protocol": protocol(batch, m),

@@ -9,8 +9,8 @@ For each experiment and batch size:
    reduction step, so the instruments see every op.
 2. **Launch overhead**: `OpCounter` counts the ops that do work in one forward of a batch of 2 (eager
    reduction step): ``ops_per_forward``, and ``reducer_ops_per_step`` = (reduced - baseline) / reduction steps.
-   When the backbone has a compiled reduction step (``reducer_impl``), inductor's own kernel count for it and
-   the extern calls it leaves (`compiled_kernel_count`).
+   Inductor's own kernel count for the backbone's compiled reduction step (``reducer_impl="compiled"``) and the
+   extern calls it leaves (`compiled_kernel_count`).
 3. **Training step** (unless ``train=False``): per setting, one forward + backward (parameter gradients
    allocated beforehand, so the peak is what the step adds: activations kept for backward and backward's
    temporaries) under the memory instrument, with the bytes autograd saves attributed to each block
@@ -46,26 +46,17 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from pumer_lightning.lab.context import autocast, weight_dtype
+from pumer_lightning.lab.context import autocast, resolve_device, to_device, weight_dtype
 from pumer_lightning.reduce import ABLATIONS as REDUCE_ABLATIONS
+from pumer_lightning.tasks import VLTask
 
 from . import report, stages
-from .experiments import (
-    ABLATIONS,
-    Experiment,
-    Setting,
-    TaskModel,
-    build_model,
-    get_experiment,
-    make_inputs,
-    make_settings,
-)
+from .experiments import ABLATIONS, Experiment, Setting, build_task, get_experiment, make_batch, make_settings
 from .forwards import eager_runner
-from .measure import PRECISIONS, synchronize
-from .options import QUICK_SETTINGS, REDUCER_IMPLS, Options
-from .parts import part_of, tokens_by_part
+from .measure import synchronize
+from .options import Options
 from .precision import kernel_report, probe_reference, run_precisions, token_agreement
-from .results import SCHEMA, build_result, group_modules, memory_bound
+from .results import build_result
 from .stages import REFERENCE, Measured
 
 RANGE_PREFIX = "pumer."
@@ -75,21 +66,6 @@ KERNEL_SETTINGS = ("baseline", "pumer")  # whose forward is run once under the l
 def log(options: Options, message: str) -> None:
     if options.verbose:
         print(message, flush=True)
-
-
-def resolve_device(options: Options) -> tuple[torch.device, list[str]]:
-    """The device and the precisions to measure on it, in order (`precision.run_precisions`)."""
-    if options.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(options.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch.cuda.is_available() is False")
-    if options.precision != "auto" and options.precision not in PRECISIONS:
-        raise ValueError(
-            f"precision must be auto or one of {', '.join(PRECISIONS)}, got {options.precision!r}"
-        )
-    return device, run_precisions(options.precision, options.cpu_bf16, device)
 
 
 def default_name(
@@ -134,13 +110,13 @@ def select_settings(exp: Experiment, options: Options) -> list[Setting]:
 # ---- one experiment ---------------------------------------------------------------------------------------------
 def measure_batch(
     exp: Experiment,
-    model: TaskModel,
+    model: VLTask,
     settings: list[Setting],
     batch_size: int,
     device: torch.device,
     precision: str,
     options: Options,
-    train_model: TaskModel | None = None,
+    train_model: VLTask | None = None,
 ) -> dict:
     """Run the protocol for one batch size (the stages in `stages`); returns the result dict that becomes the JSON.
 
@@ -196,7 +172,8 @@ def run_bench(exp_names: list[str], options: Options) -> list[dict]:
 
 
 def _run_bench(exp_names: list[str], options: Options) -> list[dict]:
-    device, precisions = resolve_device(options)
+    device = resolve_device(options.device)
+    precisions = run_precisions(options.precision, options.cpu_bf16, device)
     exps = [get_experiment(name, tiny=options.tiny) for name in exp_names]
     if options.name and (len(exps) > 1 or len(options.batch_sizes) > 1 or len(precisions) > 1):
         raise ValueError(
@@ -209,7 +186,7 @@ def _run_bench(exp_names: list[str], options: Options) -> list[dict]:
     for exp in exps:
         t0 = time.perf_counter()
         settings = select_settings(exp, options)
-        model = build_model(exp, seed=options.seed).to(device)
+        model = build_task(exp, options.seed, options.reducer_impl).to(device)
         n_params = sum(p.numel() for p in model.parameters())
         log(
             options,
@@ -230,8 +207,8 @@ def _run_bench(exp_names: list[str], options: Options) -> list[dict]:
 
 def _run_precision(
     exp: Experiment,
-    model: TaskModel,
-    fp32_model: TaskModel,
+    model: VLTask,
+    fp32_model: VLTask,
     settings: list[Setting],
     device: torch.device,
     precision: str,
@@ -255,7 +232,7 @@ def _run_precision(
 
 
 def profile_settings(
-    model: TaskModel,
+    model: VLTask,
     settings: list[Setting],
     exp: Experiment,
     batch_size: int,
@@ -266,9 +243,8 @@ def profile_settings(
     """Where the time goes: `torch.profiler` self time by op for the baseline and the released setting."""
     from torch.profiler import ProfilerActivity, profile
 
-    inputs = make_inputs(exp, model.backbone, batch_size, seed=options.seed).to(
-        device, weight_dtype(precision)
-    )
+    inputs = to_device(make_batch(exp, model.backbone, batch_size, seed=options.seed), device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(weight_dtype(precision))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out = {}
     for s in settings:
@@ -309,19 +285,3 @@ def profile_settings(
             f"[{exp.name} b{batch_size}] profiled {s.name}: top op {events[0][0]} {events[0][1]:.3f} s",
         )
     return out
-
-
-__all__ = [
-    "ABLATIONS",
-    "QUICK_SETTINGS",
-    "REDUCER_IMPLS",
-    "SCHEMA",
-    "Options",
-    "group_modules",
-    "measure_batch",
-    "memory_bound",
-    "part_of",
-    "run_bench",
-    "select_settings",
-    "tokens_by_part",
-]

@@ -16,30 +16,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pumer_lightning.lab.context import autocast, weight_dtype
+from pumer_lightning.lab.compare import examples_of
+from pumer_lightning.lab.context import autocast, to_device, weight_dtype
 from pumer_lightning.measure import interleaved_times, spread
+from pumer_lightning.tasks import TokenTally, VLTask
 
-from .experiments import Experiment, Inputs, Setting, TaskModel, make_inputs
-from .forwards import (
-    compiled_runner,
-    eager_runner,
-    graphed_runner,
-    has_reducer_impl,
-    raise_recompile_limits,
-    reducer_impl,
-)
+from .experiments import Experiment, Setting, make_batch
+from .forwards import compiled_runner, eager_runner, graphed_runner, raise_recompile_limits
 from .measure import (
     REDUCE_RANGE,
     SavedBytesByPart,
-    TensorMemoryTracker,
     compiled_kernel_count,
     count_ops,
     flops_by_module,
     mixed_precision,
+    peak_memory,
     reduce_range_profile,
     synchronize,
 )
-from .options import REDUCER_IMPLS, Options
+from .options import Options
 from .parts import part_key, part_of, tokens_by_part
 
 OPS_BATCH = 2  # op counts do not depend on the batch size; 2 as the issue's counter
@@ -54,14 +49,14 @@ class Batch:
     """What every stage of one experiment and batch size shares."""
 
     exp: Experiment
-    model: TaskModel
+    model: VLTask
     settings: list[Setting]
-    inputs: Inputs
+    inputs: dict[str, torch.Tensor]  # the batch (`make_batch`), on the device, images in the weights' dtype
     device: torch.device
     precision: str
     options: Options
-    train_model: TaskModel  # fp32 weights: the training step, under `train_precision`, and the fp32 reference
-    train_inputs: Inputs
+    train_model: VLTask  # fp32 weights: the training step, under `train_precision`, and the fp32 reference
+    train_inputs: dict[str, torch.Tensor]
     train_precision: str
     reference: bool  # the fp32 baseline (`REFERENCE`) is timed and probed beside the settings
 
@@ -71,12 +66,13 @@ class Batch:
 
     @property
     def batch_size(self) -> int:
-        return self.inputs.batch_size
+        return examples_of(self.inputs)
 
     @property
-    def small(self) -> Inputs:
-        """The batch the op counter and the kernel count see (`OPS_BATCH` examples)."""
-        return self.inputs.head(min(OPS_BATCH, self.batch_size))
+    def small(self) -> dict[str, torch.Tensor]:
+        """The batch the op counter and the kernel count see (its first `OPS_BATCH` examples; the first has the
+        full text length, so the padding stays the same)."""
+        return {k: v[:OPS_BATCH] for k, v in self.inputs.items()}
 
     @property
     def tag(self) -> str:
@@ -132,23 +128,21 @@ class Measured:
 # ---- stage 0: inputs and checks ----------------------------------------------------------------------------------
 def prepare(
     exp: Experiment,
-    model: TaskModel,
+    model: VLTask,
     settings: list[Setting],
     batch_size: int,
     device: torch.device,
     precision: str,
     options: Options,
-    train_model: TaskModel,
+    train_model: VLTask,
 ) -> Batch:
     """The batch's inputs (on the device, images in the weights' dtype; fp32 for ``train_model``, the fp32 weights
     of a half-weight run); refuses options the run cannot honour."""
     if options.cuda_graph and device.type != "cuda":
         raise ValueError("--cuda-graph needs a CUDA device")
-    if options.reducer_impl is not None and options.reducer_impl not in REDUCER_IMPLS:
-        raise ValueError(f"reducer_impl must be one of {REDUCER_IMPLS}, got {options.reducer_impl!r}")
-    fp32_inputs = make_inputs(exp, model.backbone, batch_size, seed=options.seed).to(device)
-    inputs = fp32_inputs.to(device, weight_dtype(precision))
+    fp32_inputs = to_device(make_batch(exp, model.backbone, batch_size, seed=options.seed), device)
     half = weight_dtype(precision) != torch.float32
+    inputs = {**fp32_inputs, "pixel_values": fp32_inputs["pixel_values"].to(weight_dtype(precision))}
     batch = Batch(
         exp,
         model,
@@ -162,8 +156,6 @@ def prepare(
         train_precision=mixed_precision(precision),
         reference=half and device.type == "cpu" and options.fp32_reference and not options.compile,
     )
-    if options.reducer_impl is not None and not has_reducer_impl(model.backbone):
-        batch.warn(f"the backbone has no reducer_impl; --reducer-impl {options.reducer_impl} is ignored")
     # every compiled reduction step specialises on its plan and batch size; whole forwards on the setting
     raise_recompile_limits(16 * len(settings) * exp.images_per_example)
     return batch
@@ -173,47 +165,40 @@ def prepare(
 def _probe(batch: Batch, setting: Setting, run: Callable) -> dict:
     """FLOPs, memory and token counts of one forward (eager, so the instruments see every op)."""
     device, model, inputs = batch.device, batch.model, batch.inputs
-    static = [*model.parameters(), *model.buffers(), *inputs.tensors()]
-    tracker = TensorMemoryTracker(static) if device.type == "cpu" else contextlib.nullcontext()
+    static = [*model.parameters(), *model.buffers(), *inputs.values()]
+    cpu = device.type == "cpu"  # CUDA: the memory of a separate plain forward
     t0 = time.perf_counter()
-    with batch.inference(), tracker, flops_by_module() as flops:
-        logits, traces = run()
+    with batch.inference(), peak_memory(device, static) if cpu else contextlib.nullcontext() as memory:
+        with flops_by_module() as flops:
+            logits, tokens = run()
     finite = bool(torch.isfinite(logits).all())
     synchronize(device)
     probe_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        with batch.inference():
+    if not cpu:
+        with batch.inference(), peak_memory(device, static) as memory:
             run()
-        synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        memory = {"peak_mem_bytes": int(peak), "activation_peak_bytes": int(peak - before)}
-    else:
-        memory = {"peak_mem_bytes": tracker.peak_bytes, "activation_peak_bytes": tracker.peak_new_bytes}
-    checked = _token_check(batch, setting, traces)
+    checked = _token_check(batch, setting, tokens)
     return {"flops": flops, "memory": memory, **checked, "outputs_finite": finite, "probe_s": probe_s}
 
 
-def _token_check(batch: Batch, setting: Setting, traces: list) -> dict:
-    """The tokens entering every layer (first backbone pass) against what the schedule's plan predicts."""
+def _per_row(sums: list[float], rows: int) -> list[float | int]:
+    """Tokens per image-text pair from a `TokenTally`'s sums (ints where whole, as every pass of a batch is)."""
+    means = [v / rows for v in sums]
+    return [int(v) if float(v).is_integer() else v for v in means]
+
+
+def _token_check(batch: Batch, setting: Setting, tokens: TokenTally) -> dict:
+    """The tokens entering every layer, per image-text pair of the task's forward (`TokenTally`), against what the
+    schedule's plan predicts."""
     backbone = batch.backbone
-    first = traces[0]
-    per_pass_equal = all(
-        (t.image_tokens, t.text_tokens) == (first.image_tokens, first.text_tokens) for t in traces[1:]
-    )
-    n_image, n_text = backbone.num_image_tokens, batch.inputs.input_ids.shape[1]
+    n_image, n_text = backbone.num_image_tokens, batch.inputs["input_ids"].shape[1]
     if setting.schedule is None:
         expected = ([n_image] * backbone.num_layers, [n_text] * backbone.num_layers)
     else:
         expected = setting.schedule.tokens_per_layer(n_image, n_text, backbone.num_layers)
-    observed = (list(first.image_tokens), list(first.text_tokens))
-    return {
-        "tokens_per_layer": {"image": observed[0], "text": observed[1]},
-        "tokens_planned": {"image": list(expected[0]), "text": list(expected[1])},
-        "tokens_match_plan": observed == (list(expected[0]), list(expected[1])) and per_pass_equal,
-    }
+    observed = {"image": _per_row(tokens.image, tokens.rows), "text": _per_row(tokens.text, tokens.rows)}
+    planned = {"image": list(expected[0]), "text": list(expected[1])}
+    return {"tokens_per_layer": observed, "tokens_planned": planned, "tokens_match_plan": observed == planned}
 
 
 def probe_settings(batch: Batch, eager: dict[str, Callable]) -> dict[str, dict]:
@@ -221,7 +206,7 @@ def probe_settings(batch: Batch, eager: dict[str, Callable]) -> dict[str, dict]:
     batch.log(f"{batch.tag} probe: FLOPs, memory, tokens per layer ({len(batch.settings)} settings)")
     probes = {}
     for s in batch.settings:
-        with reducer_impl(batch.backbone, "eager"):
+        with batch.backbone.using_reducer_impl("eager"):
             p = probes[s.name] = _probe(batch, s, eager[s.name])
         check = "ok" if p["tokens_match_plan"] else "MISMATCH with plan()"
         batch.log(
@@ -239,9 +224,9 @@ def probe_settings(batch: Batch, eager: dict[str, Callable]) -> dict[str, dict]:
 
 
 # ---- stage 2: launch overhead (ops per forward, compiled-step kernels) ----------------------------------------------
-def _op_counts(model: TaskModel, setting: Setting, inputs: Inputs) -> dict:
+def _op_counts(model: VLTask, setting: Setting, inputs: dict[str, torch.Tensor]) -> dict:
     """Ops that do work in one forward with the eager reduction step (`OpCounter`)."""
-    with reducer_impl(model.backbone, "eager"):
+    with model.backbone.using_reducer_impl("eager"):
         counter = count_ops(eager_runner(model, setting, inputs))
     return {
         "total": counter.total,
@@ -256,19 +241,16 @@ def count_settings_ops(batch: Batch) -> dict[str, dict]:
     small = batch.small
     ops = {s.name: _op_counts(batch.model, s, small) for s in batch.settings}
     batch.log(
-        f"[{batch.exp.name}] ops per forward (batch {small.batch_size}, eager reduction step): "
+        f"[{batch.exp.name}] ops per forward (batch {examples_of(small)}, eager reduction step): "
         + ", ".join(f"{name} {o['total']}" for name, o in ops.items())
     )
     return ops
 
 
-def _compiled_step_kernels(model: TaskModel, setting: Setting, inputs: Inputs) -> dict | None:
-    """Inductor's count for the backbone's compiled reduction steps of this setting (None without one)."""
-    backbone = model.backbone
-    if setting.schedule is None or not has_reducer_impl(backbone):
-        return None
+def _compiled_step_kernels(model: VLTask, setting: Setting, inputs: dict[str, torch.Tensor]) -> dict:
+    """Inductor's count for the backbone's compiled reduction steps of this setting."""
     run = eager_runner(model, setting, inputs)
-    with torch.inference_mode(), reducer_impl(backbone, "compiled"):
+    with torch.inference_mode(), model.backbone.using_reducer_impl("compiled"):
         return compiled_kernel_count(run)
 
 
@@ -276,7 +258,7 @@ def count_step_kernels(batch: Batch) -> dict[str, dict | None]:
     """Stage 2b: `_compiled_step_kernels` of the settings ``--kernel-count`` names; a failed compile is reported."""
     kernels: dict[str, dict | None] = {}
     which = batch.options.kernel_count
-    if which == "none" or not has_reducer_impl(batch.backbone):
+    if which == "none":
         return kernels
     for s in batch.settings:
         if s.schedule is None or (which == "released" and s.kind != "released"):
@@ -290,13 +272,12 @@ def count_step_kernels(batch: Batch) -> dict[str, dict | None]:
     return kernels
 
 
-def steps_per_forward(setting: Setting, model: TaskModel, inputs: Inputs) -> int:
+def steps_per_forward(setting: Setting, model: VLTask, inputs: dict[str, torch.Tensor]) -> int:
     """Reduction steps in one forward of ``inputs`` (one per planned layer and backbone pass)."""
     if setting.schedule is None:
         return 0
-    backbone = model.backbone
-    plan = setting.schedule.plan(backbone.num_image_tokens, inputs.input_ids.shape[1])
-    return len(plan) * len(inputs.pixel_values)
+    plan = setting.schedule.plan(model.backbone.num_image_tokens, inputs["input_ids"].shape[1])
+    return len(plan) * model.images_per_example
 
 
 # ---- stage 3: training step under the instruments ------------------------------------------------------------------
@@ -315,7 +296,12 @@ def _allocate_grads(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def _train_probe(
-    model: TaskModel, setting: Setting, run: Callable, inputs: Inputs, device: torch.device, precision: str
+    model: VLTask,
+    setting: Setting,
+    run: Callable,
+    inputs: dict[str, torch.Tensor],
+    device: torch.device,
+    precision: str,
 ) -> dict:
     """One training forward + backward (train mode, summed logits) under the instruments.
 
@@ -328,37 +314,26 @@ def _train_probe(
     backbone = model.backbone
     model.train()
     grads = _allocate_grads(model)
-    static = [*model.parameters(), *model.buffers(), *inputs.tensors(), *grads]
-    tracker = TensorMemoryTracker(static) if device.type == "cpu" else None
+    static = [*model.parameters(), *model.buffers(), *inputs.values(), *grads]
     saved = SavedBytesByPart(model, part_of, static)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
     try:
-        with torch.enable_grad(), tracker if tracker is not None else contextlib.nullcontext():
+        with torch.enable_grad(), peak_memory(device, static) as memory:
             with flops_by_module() as flops:
                 with saved, autocast(device, precision):
-                    logits, traces = run()
+                    logits, _ = run()
                 logits.float().sum().backward()
-        synchronize(device)
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        memory = {"peak_mem_bytes": int(peak), "activation_peak_bytes": int(peak - before)}
-    else:
-        memory = {"peak_mem_bytes": tracker.peak_bytes, "activation_peak_bytes": tracker.peak_new_bytes}
     return {
         **memory,
         "saved_bytes_by_part": dict(sorted(saved.by_part.items(), key=lambda kv: part_key(kv[0]))),
         "tokens_by_part": tokens_by_part(
             setting.schedule,
             backbone.num_image_tokens,
-            inputs.input_ids.shape[1],
+            inputs["input_ids"].shape[1],
             backbone.num_layers,
-            len(traces),
+            model.images_per_example,
             list(saved.by_part),
         ),
         "flops": flops["total"],
@@ -501,7 +476,7 @@ def reducer_shares(batch: Batch, runners: dict[str, Callable], inner: dict[str, 
 
 # ---- stage 7: training rounds -------------------------------------------------------------------------------------
 def _train_step(
-    model: TaskModel, run: Callable, optimizer: torch.optim.Optimizer, device: torch.device, precision: str
+    model: VLTask, run: Callable, optimizer: torch.optim.Optimizer, device: torch.device, precision: str
 ) -> Callable:
     """One training step as a fine-tune runs it: zero_grad, forward (autocast), backward, AdamW step."""
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pumer_lightning.bench import EXPERIMENTS, Options, get_experiment, make_inputs, make_settings
+from pumer_lightning.bench import EXPERIMENTS, Options, build_task, get_experiment, make_batch, make_settings
 from pumer_lightning.bench.__main__ import parse_args
-from pumer_lightning.bench.experiments import SPECIAL_IDS, build_model
+from pumer_lightning.bench.experiments import SPECIAL_IDS
 from pumer_lightning.bench.measure import (
     REDUCE_RANGE,
     OpCounter,
@@ -23,7 +23,9 @@ from pumer_lightning.bench.measure import (
     parse_inductor_code,
     reduce_range_profile,
 )
-from pumer_lightning.bench.runner import memory_bound, part_of, select_settings, tokens_by_part
+from pumer_lightning.bench.parts import part_of, tokens_by_part
+from pumer_lightning.bench.results import memory_bound
+from pumer_lightning.bench.runner import select_settings
 from pumer_lightning.models import build_backbone
 from pumer_lightning.reduce import ReducerSchedule
 from pumer_lightning.reduce.released import RELEASED
@@ -51,11 +53,11 @@ def test_fused_and_explicit_attention_count_the_same_flops(preset):
     for impl in ("sdpa", "eager"):
         torch.manual_seed(0)
         backbone = build_backbone(preset, attn_impl=impl).eval()
-        inputs = make_inputs(exp, backbone, 2)
+        inputs = make_batch(exp, backbone, 2)
         for reducer in (None, schedule):
             backbone.reducer = reducer
             with torch.inference_mode(), flops_by_module() as flops:
-                backbone(inputs.pixel_values[0], inputs.input_ids, inputs.attention_mask)
+                backbone(inputs["pixel_values"][:, 0], inputs["input_ids"], inputs["attention_mask"])
             totals[impl, reducer is None] = flops["total"]
     assert totals["sdpa", True] == totals["eager", True]
     assert totals["sdpa", False] == totals["eager", False] < totals["sdpa", True]
@@ -65,9 +67,9 @@ def test_flops_of_one_vilt_layer_match_the_formula():
     """A ViLT block of N tokens, width C, MLP width I: 2 (4 N C^2 + 2 N^2 C + 2 N C I) FLOPs."""
     backbone = build_backbone("vilt_tiny").eval()
     exp = get_experiment("vilt_vqa2", tiny=True)
-    inputs = make_inputs(exp, backbone, 1)
+    inputs = make_batch(exp, backbone, 1)
     with torch.inference_mode(), flops_by_module() as flops:
-        backbone(inputs.pixel_values[0], inputs.input_ids, inputs.attention_mask)
+        backbone(inputs["pixel_values"][:, 0], inputs["input_ids"], inputs["attention_mask"])
     n, c, i = (
         backbone.num_image_tokens + exp.text_len,
         backbone.hidden_size,
@@ -133,11 +135,12 @@ def _vilt_tiny_counts(reduced: bool) -> OpCounter:
     exp = get_experiment("vilt_nlvr2", tiny=True)
     torch.manual_seed(0)
     backbone = build_backbone("vilt_tiny").eval()
-    if hasattr(backbone, "reducer_impl"):
-        backbone.reducer_impl = "eager"
+    backbone.reducer_impl = "eager"
     backbone.reducer = exp.released if reduced else None
-    inputs = make_inputs(exp, backbone, 2)
-    return count_ops(lambda: backbone(inputs.pixel_values[0], inputs.input_ids, inputs.attention_mask))
+    inputs = make_batch(exp, backbone, 2)
+    return count_ops(
+        lambda: backbone(inputs["pixel_values"][:, 0], inputs["input_ids"], inputs["attention_mask"])
+    )
 
 
 # Pinned for torch 2.13 and the eager reduction step as it is: a change to the model or the reduction step that
@@ -308,19 +311,20 @@ def test_full_size_experiments_match_the_released_shapes(name):
 def test_inputs_have_real_masks_and_special_tokens(family):
     backbone = SimpleNamespace(family=family, config=SimpleNamespace(vocab_size=30522), image_size=64)
     exp = get_experiment(f"{family}_nlvr2")
-    inputs = make_inputs(exp, backbone, 16, seed=3)
+    inputs = make_batch(exp, backbone, 16, seed=3)
     cls_id, sep_id, pad_id = SPECIAL_IDS[family]
-    lengths = inputs.attention_mask.sum(1)
-    assert lengths.tolist() == inputs.text_lengths and lengths[0] == exp.text_len
+    lengths = inputs["attention_mask"].sum(1)
+    assert lengths[0] == exp.text_len
     assert lengths.min() >= round(0.4 * exp.text_len) and len(set(lengths.tolist())) > 3
-    assert (inputs.input_ids[:, 0] == cls_id).all()
-    for row, n in zip(inputs.input_ids, lengths.tolist()):
+    assert (inputs["input_ids"][:, 0] == cls_id).all()
+    for row, n in zip(inputs["input_ids"], lengths.tolist()):
         assert row[n - 1] == sep_id and (row[n:] == pad_id).all()
         assert (row[1 : n - 1] >= 1000).all()
-    assert len(inputs.pixel_values) == 2 and not torch.equal(*inputs.pixel_values)
-    assert inputs.pixel_values[0].shape == (16, 3, 64, 64)
-    again = make_inputs(exp, backbone, 16, seed=3)
-    assert torch.equal(again.input_ids, inputs.input_ids)
+    # the collate's layout: (B, images per example, 3, H, W), two different images
+    assert inputs["pixel_values"].shape == (16, 2, 3, 64, 64)
+    assert not torch.equal(*inputs["pixel_values"].unbind(1))
+    again = make_batch(exp, backbone, 16, seed=3)
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
 
 
 def test_settings_are_one_change_from_the_released_one():
@@ -387,25 +391,31 @@ def test_cli_options():
         parse_args(["vilt_nlvr2", "--batch", "0"])
 
 
-def test_nlvr2_model_runs_two_backbone_passes():
+def test_the_bench_builds_the_tasks_own_module_and_forward():
+    """NLVR2: the task's `compute_logits`, two backbone passes per example."""
+    from pumer_lightning.tasks import NLVR2Task
+
     exp = get_experiment("vilt_nlvr2", tiny=True)
-    model = build_model(exp)
-    inputs = make_inputs(exp, model.backbone, 2)
+    model = build_task(exp, reducer_impl="eager")
+    assert isinstance(model, NLVR2Task) and not model.training and not model.spec.cuda_graphs
+    assert model.backbone.reducer_impl == "eager" and not model.backbone.reducer.is_active
+    inputs = make_batch(exp, model.backbone, 2)
     with torch.inference_mode():
-        logits, traces = model(*inputs.args())
-    assert logits.shape == (2, 2) and len(traces) == 2
+        logits, tokens = model.compute_logits(inputs, model.backbone, model.head)
+    assert logits.shape == (2, 2) and tokens.rows == 4
 
 
 def test_flops_by_part_add_up_to_the_total():
     from pumer_lightning.bench.results import group_modules
 
     exp = get_experiment("meter_nlvr2", tiny=True)
-    model = build_model(exp)
+    model = build_task(exp)
     model.backbone.reducer = exp.released
-    inputs = make_inputs(exp, model.backbone, 2)
+    inputs = make_batch(exp, model.backbone, 2)
     with torch.inference_mode(), flops_by_module() as flops:
-        model(*inputs.args())
-    parts = group_modules(flops["by_module"], flops["total"])
+        model.compute_logits(inputs, model.backbone, model.head)
+    roots = {type(model.backbone).__name__: "backbone", type(model.head).__name__: "head"}
+    parts = group_modules(flops["by_module"], flops["total"], roots)
     assert sum(parts.values()) == flops["total"]
     assert {"vit_model", "text_transformer", "head", "image_layers.0", "text_layers.2"} <= set(parts)
     # reduced blocks cost less than the unreduced first one

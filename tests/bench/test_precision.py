@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from pumer_lightning.bench import Options, get_experiment, make_inputs, run_bench
-from pumer_lightning.bench.experiments import build_model
+from pumer_lightning.bench import Options, build_task, get_experiment, make_batch, run_bench
 from pumer_lightning.bench.precision import (
     cpu_bf16,
     kernel_report,
@@ -143,14 +142,14 @@ def test_bench_measures_bf16_beside_fp32_against_the_fp32_baseline(tmp_path):
 
 def test_token_agreement_is_one_for_the_same_model_and_less_for_a_different_one():
     exp = get_experiment("meter_nlvr2", tiny=True)
-    model = build_model(exp)
-    inputs = make_inputs(exp, model.backbone, 4)
+    model = build_task(exp)
+    inputs = make_batch(exp, model.backbone, 4)
     same = token_agreement(model, model, exp.released, inputs, inputs)
     assert len(same) == len(exp.released.layers)
     assert all(
         s == {"kept_agreement": 1.0, "merged_pairs_shared": 1.0, "text_maps_equal": True} for s in same
     )
-    other = build_model(exp, seed=1)  # other weights: other tokens kept
+    other = build_task(exp, seed=1)  # other weights: other tokens kept
     differ = token_agreement(other, model, exp.released, inputs, inputs)
     assert min(s["kept_agreement"] for s in differ) < 1.0
 

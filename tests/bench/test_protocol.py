@@ -8,8 +8,7 @@ import statistics
 import pytest
 import torch
 
-from pumer_lightning.bench import Options, get_experiment, make_inputs, stages
-from pumer_lightning.bench.experiments import Inputs, build_model
+from pumer_lightning.bench import Options, build_task, get_experiment, make_batch, stages
 from pumer_lightning.bench.forwards import compiled_runner, eager_runner
 from pumer_lightning.bench.runner import measure_batch, select_settings
 from pumer_lightning.measure import paired_speedups
@@ -20,7 +19,7 @@ OWN = ReducerSchedule(layers=[0], keep_ratio=0.5)  # the model's own schedule, w
 
 def _setup(name: str = "vilt_vqa2"):
     exp = get_experiment(name, tiny=True)
-    model = build_model(exp)
+    model = build_task(exp)
     settings = {s.name: s for s in select_settings(exp, Options(settings=["pumer"], keep_sweep=()))}
     return exp, model, settings
 
@@ -28,27 +27,28 @@ def _setup(name: str = "vilt_vqa2"):
 def test_eager_runner_runs_its_setting_and_restores_the_schedule_after_an_error():
     exp, model, settings = _setup()
     backbone = model.backbone
-    inputs = make_inputs(exp, backbone, 2)
+    built = backbone.reducer
+    inputs = make_batch(exp, backbone, 2)
     n_image, n_text = backbone.num_image_tokens, exp.text_len
     with backbone.using(OWN):
         with torch.inference_mode():
-            _, traces = eager_runner(model, settings["pumer"], inputs)()
+            _, tokens = eager_runner(model, settings["pumer"], inputs)()
             _, base = eager_runner(model, settings["baseline"], inputs)()
         assert backbone.reducer is OWN
         planned = exp.released.tokens_per_layer(n_image, n_text, backbone.num_layers)[0]
-        assert list(traces[0].image_tokens) == list(planned)
-        assert list(base[0].image_tokens) == [n_image] * backbone.num_layers  # the baseline: unreduced
-        bad = Inputs((inputs.pixel_values[0][:1],), inputs.input_ids, inputs.attention_mask)
+        assert tokens.rows == 2 and tokens.mean_image() == list(planned)
+        assert base.mean_image() == [n_image] * backbone.num_layers  # the baseline: unreduced
+        bad = {**inputs, "pixel_values": inputs["pixel_values"][:1]}  # one image for two texts
         with pytest.raises(ValueError), torch.inference_mode():
             eager_runner(model, settings["pumer"], bad)()
         assert backbone.reducer is OWN
-    assert backbone.reducer is None
+    assert backbone.reducer is built and not built.is_active
 
 
 def test_compiled_runner_leaves_the_models_schedule_alone():
     torch._dynamo.reset()
     exp, model, settings = _setup()
-    inputs = make_inputs(exp, model.backbone, 2)
+    inputs = make_batch(exp, model.backbone, 2)
     with model.backbone.using(OWN):
         run = compiled_runner(model, settings["pumer"], inputs, backend="eager")
         with torch.inference_mode():
@@ -69,13 +69,14 @@ def test_measure_batch_times_with_the_one_timer_and_restores_the_model(monkeypat
 
     monkeypatch.setattr(stages, "interleaved_times", spy)
     exp, model, settings = _setup()
+    built = model.backbone.reducer
     options = Options(
         tiny=True, rounds=3, warmup=1, train_rounds=2, kernel_count="none", op_count=False, verbose=True
     )
     with model.backbone.using(OWN):
         result = measure_batch(exp, model, list(settings.values()), 2, torch.device("cpu"), "fp32", options)
         assert model.backbone.reducer is OWN
-    assert model.backbone.reducer is None and not model.training
+    assert model.backbone.reducer is built and not model.training
     # warm-up round, timed rounds, training warm-up round, training rounds: all settings in each call
     assert [rounds for _, rounds, _, _ in calls] == [1, 3, 1, 2]
     assert all(names == ["baseline", "pumer"] for names, _, _, _ in calls)
