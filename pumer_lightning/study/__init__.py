@@ -4,9 +4,9 @@
 
 Two protocols (docs/study.md):
 
-* **paper** (the default and the headline; `pumer_lightning.study.paper`, ``paper_eval``, ``paper_report``): per
-  task (shapes VQA and shapes NLVR2) and per seed, every arm fine-tunes the same pre-trained shapes checkpoint
-  (ITM + MLM over captions, no task labels, made once by the pre-training command and cached): (a) the baseline
+* **paper** (the default and the headline): per task (shapes VQA and shapes NLVR2) and per seed, every arm
+  fine-tunes the same pre-trained shapes checkpoint (ITM + MLM over captions, no task labels, made once by the
+  pre-training command and cached) with the task's recipe (``config.RECIPES``, its experiment file's): (a) the baseline
   with the reducers off, (b) PuMer on under each text-merge policy, (c) PuMer distilled from the seed's baseline,
   (d) PuMer for 2N steps when (b) and (c) miss on validation. The policy, the 2N arm and the arm are chosen on
   validation; test is read once. On the new baselines: the training-free stages below. Budgets ``default``
@@ -15,44 +15,39 @@ Two protocols (docs/study.md):
   fine-tuned baseline.
 
 The adaptation protocol: everything is generated and trained here, from nothing, on the synthetic shapes world
-(``pumer_lightning.data.shapes``):
+(``pumer_lightning.data.shapes``; docs/study.md#design says why each step is as it is):
 
 1. **Data**: shapes VQA (pre-training) and shapes NLVR2 (the study task: a true/false statement about an image
-   pair, e.g. "the left image contains a red circle"), statement types ``shape``, ``color``, ``exist``.
-2. **Pre-training** (cached): a small ViLT (``vilt_small``) learns shapes VQA, the stand-in for the
-   vision-language pre-training every PuMer model starts from. Trained from scratch on the NLVR2 statements a
-   model of this size stays at chance for thousands of steps (measured: 6000 steps at three learning rates, see
-   docs/study.md#design), because a balanced true/false label is a pure text-image interaction with no first-order
-   signal.
+   pair), statement types ``shape``, ``color``, ``exist``.
+2. **Pre-training** (cached): a small ViLT (``vilt_small``) learns shapes VQA from scratch, the stand-in for
+   vision-language pre-training (NLVR2 from scratch stays at chance at this size).
 3. **Baseline** (cached): the unreduced model fine-tuned on NLVR2 from the pre-trained weights.
-4. **Training-free**: the baseline's weights evaluated with reducers switched on: PuMer, its parts, random and
-   image-CLS pruning at the same token budget (the ablations of `pumer_lightning.reduce.ABLATIONS`, built with
-   `ablation`), a keep-ratio sweep, and the pruning control by placement (text-informed against random pruning
-   with the reducer at one block only, ``StudyConfig.placement_keep``).
-5. **Fine-tuning from the baseline for the same number of steps, once per seed** (``StudyConfig.seeds``: the
-   seed orders the training data; every preset has dropout 0): with the reducers off (the matched control), with
-   the PuMer reducer on under each text-merge policy (``StudyConfig.policies``) and without text merging;
-   optionally (``distil_seeds``) with the reducer on plus distillation from the baseline. The default policy is
-   chosen on the validation split. Fine-tuning and evaluation batches pad every text to ``max_text_len``
-   (``text_padding``), as the official code does.
-6. **Report**: test accuracy per statement type, accuracy on the types the baseline learned (decided on the
-   validation split, before looking at test), paired differences, all as means over seeds with standard errors
-   that include the seed-to-seed spread (`pumer_lightning.lab.stats.over_seeds`, ``paired_over_seeds``), the
-   documented targets met or missed, FLOPs per example and measured throughput for every setting, and a loss check
-   (the validation loss each fine-tune minimised, beside its score); ``<out>/shapes.json``, ``shapes.md`` and
-   ``shapes.png`` (accuracy vs FLOPs).
+4. **Training-free**: the baseline's weights with reducers switched on: PuMer, its ablations
+   (`pumer_lightning.reduce.ABLATIONS`), a keep-ratio sweep and the pruning control by placement.
+5. **Fine-tuning from the baseline, once per seed** (``StudyConfig.seeds``: the order of the training data): the
+   matched control (reducers off), PuMer under each text-merge policy (the default chosen on validation) and
+   without text merging, optionally PuMer distilled from the baseline (``distil_seeds``); texts padded to
+   ``max_text_len``.
+6. **Report**: test accuracy per statement type and on the types the baseline learned (decided on validation),
+   paired differences, means over seeds with seed-inclusive standard errors (`pumer_lightning.lab.stats`), the
+   documented targets, FLOPs and throughput per setting, and a loss check; ``<out>/shapes.{json,md,png}``.
 
-The package is split by stage, over `pumer_lightning.lab` (scoring, statistics, timing, reporting):
+The package is split by stage, each module holding both protocols' part of it, over `pumer_lightning.lab`
+(scoring, statistics, timing, reporting):
 
-* `~pumer_lightning.study.config`: the budgets and `StudyConfig` (what the cache keys hash);
-* `~pumer_lightning.study.train`: `Study` (data, cached training `Stage` s, model loading) and `train_stages`;
+* `~pumer_lightning.study.config`: the budgets, `StudyConfig` (what the cache keys hash), the paper protocol's
+  recipes and `PaperConfig`;
+* `~pumer_lightning.study.train`: `Study` (data, cached training `Stage` s, model loading) and the `Arms` (stages
+  trained once per seed); the adaptation's `train_stages`; the paper protocol's pre-trained start and first arms;
 * `~pumer_lightning.study.settings`: the training-free and fine-tuned settings evaluated;
-* `~pumer_lightning.study.evaluate`: learned types, fine-tunes, the policy choice, timing, the loss check;
+* `~pumer_lightning.study.evaluate`: scoring, learned types, the settings on test, timing; the adaptation's policy
+  choice, loss check and `evaluate`; the paper protocol's choices on validation and `evaluate_paper`;
 * `~pumer_lightning.study.verdicts`: the paired comparisons and the targets;
-* `~pumer_lightning.study.report`: the JSON record, the Markdown tables and the plot;
-* `~pumer_lightning.study.paper`, ``paper_eval``, ``paper_report``: the paper protocol's configuration and arms,
-  its choices and evaluation, its record and report;
+* `~pumer_lightning.study.report`: the JSON records, the Markdown tables and the plot;
 * `~pumer_lightning.study.run`: `run_study`, `run_paper` (the stages in order) and the command line.
+
+Both protocols train through the same `Arms` and `Study.train` and evaluate through the same stages; they differ
+in where the arms start and what validation chooses.
 
 Checkpoints and data live under ``--work`` (default ``data/study``, git-ignored; the paper protocol's under
 ``<work>/paper``); a stage whose inputs did not change is loaded from its cache, so a run stopped part-way resumes
@@ -64,30 +59,21 @@ from __future__ import annotations
 import pumer_lightning.env  # noqa: F401  (first: passive OpenMP threads and offline hubs, before torch loads)
 
 # isort: split
-from .config import BUDGETS, TASK_TEXT, TYPES, Budget, StudyConfig, cache_key
-from .paper import PAPER_BUDGETS, RECIPES, PaperBudget, PaperConfig
-from .run import Results, evaluate, main, run_paper, run_study
-from .train import Stage, Study, Trained, finetune_schedules, train_stages
+from .config import BUDGETS, PAPER_BUDGETS, Budget, PaperBudget, PaperConfig, StudyConfig, cache_key
+from .run import main, run_paper, run_study
+from .train import Stage, Study
 
 __all__ = [
     "BUDGETS",
     "PAPER_BUDGETS",
-    "RECIPES",
-    "TASK_TEXT",
-    "TYPES",
     "Budget",
     "PaperBudget",
     "PaperConfig",
-    "Results",
     "Stage",
     "Study",
     "StudyConfig",
-    "Trained",
     "cache_key",
-    "evaluate",
-    "finetune_schedules",
     "main",
     "run_paper",
     "run_study",
-    "train_stages",
 ]

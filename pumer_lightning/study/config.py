@@ -1,11 +1,15 @@
-"""The study's configuration: the budgets, `StudyConfig` (what determines its models) and the cache key."""
+"""The study's configuration: the budgets, `StudyConfig` (what determines its models) and the cache key; the paper
+protocol's budgets, recipes and `PaperConfig`."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pumer_lightning
 from pumer_lightning.lab.cache import content_hash
 from pumer_lightning.reduce import ReducerSchedule
 
@@ -136,3 +140,102 @@ def cache_key(*parts: Any) -> str:
 
 def log(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- the paper protocol
+#: the experiment files the pre-training and the recipes come from
+EXPERIMENTS = Path(pumer_lightning.__file__).resolve().parent.parent / "experiments"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One task's fine-tuning recipe, as its experiment file has it (chosen there on validation with the reducers
+    off; a test checks the two agree): N = ``epochs`` passes over the budget's training texts."""
+
+    experiment: str  #: ``experiments/<experiment>.yaml``
+    types: tuple[str, ...]  #: the statement types generated
+    epochs: int
+    lr: float
+    head_mult: float
+
+
+RECIPES: dict[str, Recipe] = {
+    "vqa2": Recipe("shapes_vilt", ("shape", "color"), epochs=4, lr=2e-3, head_mult=1.0),
+    "nlvr2": Recipe("shapes_nlvr2_vilt", ("shape", "color", "exist"), epochs=2, lr=2e-4, head_mult=10.0),
+}
+
+
+@dataclass(frozen=True)
+class PaperBudget:
+    """The sizes of one paper-protocol run."""
+
+    pretrain_epochs: int  #: passes over the pre-training captions (``shapes_pretrain.yaml``: 1 = 1,000 steps)
+    pretrain_captions: int  #: pre-training captions (5 per image)
+    num_train: int  #: training texts per task (N = recipe epochs x num_train / batch)
+    num_val: int
+    num_test: int
+
+
+PAPER_BUDGETS: dict[str, PaperBudget] = {
+    # about 3 hours on 2 quiet CPU cores: pre-training 2,000 steps (the NLVR2 remedy of docs/experiments.md),
+    # VQA N = 1,500 and NLVR2 N = 750 steps (the experiment files' recipes), 3 seeds of 4-5 arms per task
+    "default": PaperBudget(
+        pretrain_epochs=2, pretrain_captions=64000, num_train=24000, num_val=600, num_test=1800
+    ),
+    # a smoke run of every stage (minutes; the figures mean little)
+    "quick": PaperBudget(pretrain_epochs=1, pretrain_captions=1280, num_train=640, num_val=150, num_test=300),
+    # the same design at larger scale for a GPU: 4x the texts (so 4N steps), 3x the pre-training, a larger test
+    "gpu": PaperBudget(
+        pretrain_epochs=6, pretrain_captions=64000, num_train=96000, num_val=1500, num_test=6000
+    ),
+}
+
+LONG_ARM_RULES = ("auto", "always", "never")
+
+#: the arms of the paper protocol, as its report names them
+ARM_TEXT = {
+    "baseline": "(a) baseline: reducers off",
+    "pumer_real": "(b) PuMer on, text-merge policy real",
+    "pumer_pads_first": "(b) PuMer on, text-merge policy pads_first",
+    "pumer_distil": "(c) PuMer on (chosen policy), distilled from the seed's baseline",
+    "pumer_2n": "(d) PuMer on for 2N steps",
+}
+
+
+@dataclass
+class PaperConfig(StudyConfig):
+    """`StudyConfig` for the paper protocol: the experiment files' model and world (``vilt_mini``, 1-3 objects),
+    fixed text padding, and the protocol's own choices. The adaptation protocol's learning rates (``lr``,
+    ``baseline_lr``, ``finetune_lr``) are not read: each task's `Recipe` says how it fine-tunes."""
+
+    preset: str = "vilt_mini"
+    max_objects: int = 3
+    #: ``auto``: the 2N arm runs when neither PuMer arm is within 1 point of the baseline on validation
+    long_arm: str = "auto"
+    #: pre-training data-loader workers (the child process's ``--data.num_workers``)
+    pretrain_workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.budget not in PAPER_BUDGETS:
+            raise ValueError(
+                f"--budget {self.budget!r}: the paper protocol has budgets {sorted(PAPER_BUDGETS)}"
+            )
+        if self.task not in RECIPES:
+            raise ValueError(f"--task {self.task!r}: the paper protocol runs {sorted(RECIPES)}")
+        if self.long_arm not in LONG_ARM_RULES:
+            raise ValueError(f"--long-arm {self.long_arm!r}: expected one of {', '.join(LONG_ARM_RULES)}")
+        if len(self.seeds) < 1:
+            raise ValueError("the paper protocol needs at least one seed (3 for its targets)")
+
+    @property
+    def paper(self) -> PaperBudget:
+        return PAPER_BUDGETS[self.budget]
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.task]
+
+    @property
+    def n_steps(self) -> int:
+        """N: the recipe's epochs over the budget's training texts."""
+        return self.recipe.epochs * math.ceil(self.paper.num_train / self.batch_size)

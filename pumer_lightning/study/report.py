@@ -1,6 +1,8 @@
-"""The study's record and report: ``<out>/shapes[_<task>][_<budget>].json`` (schema ``pumer-lightning/study/v2``),
-``.md`` (the tables, also printed) and ``.png`` (accuracy vs FLOPs). `markdown` and `plot` read only the record,
-so a committed record renders again as it did."""
+"""The study's records and reports: the adaptation protocol's ``<out>/shapes[_<task>][_<budget>].json`` (schema
+``pumer-lightning/study/v2``) and the paper protocol's ``<out>/paper_<task>[_<budget>].json`` (schema
+``pumer-lightning/study/paper/v1``), each with its ``.md`` (the tables, also printed) and ``.png`` (accuracy vs
+FLOPs). `markdown`, `paper_markdown` and `plot` read only the record, so a committed record renders again as it
+did."""
 
 from __future__ import annotations
 
@@ -11,61 +13,61 @@ from typing import Any
 
 from pumer_lightning.lab.machine import machine_info
 from pumer_lightning.lab.report import pct, record_header, table
-from pumer_lightning.lab.stats import SE_RULE
 
 from .config import TASK_TEXT, TYPES, StudyConfig, log
 
 SCHEMA = "pumer-lightning/study/v2"
+PROG = "python -m pumer_lightning.study"
 ADAPTATION = (
     "adaptation (fine-tunes continue from the already fine-tuned baseline for a few steps; docs/study.md: the "
     "paper protocol, fine-tuning the pre-trained checkpoint, is the headline)"
 )
-LEARNED_RULE = (
-    "a type is learned when the baseline's validation score on it exceeds chance (always giving the type's "
-    "best single answer: 0.5 for the balanced true/false statements) by more than {z:g} standard errors; "
-    "decided on the validation split before any test figure"
-)
 
 
-def study_record(cfg: StudyConfig, st: Any, trained: Any, res: Any, wall_seconds: float) -> dict[str, Any]:
-    """The study's JSON record: configuration, machine, every setting's row, comparisons, targets, timings."""
-    machine = machine_info(st.device)
+def run_fields(st: Any, types: tuple[str, ...]) -> dict[str, Any]:
+    """The fields of a record that say what ran where: task, metric, hardware and software."""
+    cfg, machine = st.cfg, machine_info(st.device)
     return {
-        **record_header(SCHEMA, "python -m pumer_lightning.study"),
-        "config": {**dataclasses.asdict(cfg), "steps": dataclasses.asdict(cfg.steps)},
-        "task": TASK_TEXT[cfg.task] + ", types " + ", ".join(TYPES),
+        "task": TASK_TEXT[cfg.task] + ", types " + ", ".join(types),
         "metric": "accuracy" if cfg.task == "nlvr2" else "VQA score",
         "hardware": {**machine["hardware"], "device": str(st.device)},
         "software": machine["software"],
+    }
+
+
+def study_record(
+    cfg: StudyConfig, st: Any, trained: Any, part: dict[str, Any], wall_seconds: float
+) -> dict[str, Any]:
+    """The study's JSON record: configuration, machine, what the evaluation found (``part``: every setting's row,
+    comparisons, targets), timings."""
+    return {
+        **record_header(SCHEMA, PROG),
+        "config": {**dataclasses.asdict(cfg), "steps": dataclasses.asdict(cfg.steps)},
+        **run_fields(st, TYPES),
         "pretrain_vqa_val_score": trained.pretrain_val_score,
-        "learned_rule": LEARNED_RULE.format(z=cfg.learned_z),
-        "validation": res.validation,
-        "learned_types": list(res.learned),
-        "seeds": list(cfg.seeds),
-        "text_padding": cfg.text_padding,
-        "policy_choice": res.policy_choice,
-        "se_rule": SE_RULE,
-        "settings": res.settings,
-        "comparisons": res.comparisons,
-        "targets": res.targets,
-        "loss_check": res.loss_check,
+        **part,
         "train_seconds": st.timings,
         "cached_stages_train_seconds": st.cached_timings,
         "wall_seconds": wall_seconds,
     }
 
 
+def write(result: dict[str, Any], out: Path, name: str, text: str, title: str | None = None) -> None:
+    """``<out>/<name>[_<budget>].{json,md,png}`` of a record and its Markdown ``text``, which is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    budget = result["config"]["budget"]
+    stem = name + ("" if budget == "default" else f"_{budget}")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text + "\n")
+    plot(result, out / f"{stem}.png", title)
+    log(f"wrote {out / stem}.json, .md, .png in {result['wall_seconds'] / 60:.1f} min")
+    print(text)
+
+
 def write_report(result: dict[str, Any], out: Path) -> None:
     """``<out>/shapes[_<task>][_<budget>].{json,md,png}``, and the tables on stdout."""
-    cfg = result["config"]
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "shapes" + ("" if cfg["task"] == "nlvr2" else f"_{cfg['task']}")
-    stem += "" if cfg["budget"] == "default" else f"_{cfg['budget']}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result) + "\n")
-    plot(result, out / f"{stem}.png")
-    log(f"wrote {out / stem}.json, .md, .png in {result['wall_seconds'] / 60:.1f} min")
-    print(markdown(result))
+    task = result["config"]["task"]
+    write(result, out, "shapes" + ("" if task == "nlvr2" else f"_{task}"), markdown(result))
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -253,3 +255,117 @@ def plot(r: dict[str, Any], path: Path, title: str | None = None) -> None:
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- the paper protocol
+PAPER_SCHEMA = "pumer-lightning/study/paper/v1"
+PROTOCOL = (
+    "paper (every arm fine-tunes the same pre-trained checkpoint, which saw no task labels: the baseline with the "
+    "reducers off, PuMer with them on; docs/study.md#paper-protocol-the-headline)"
+)
+
+
+def paper_args(cfg: Any) -> list[str]:
+    """The arguments that reproduce one task's report (``python -m pumer_lightning.study`` + these)."""
+    args = ["--protocol", "paper", "--task", cfg.task, "--budget", cfg.budget]
+    return args + ([] if cfg.long_arm == "auto" else ["--long-arm", cfg.long_arm])
+
+
+def paper_record(st: Any, start: Any, part: dict[str, Any], wall_seconds: float) -> dict[str, Any]:
+    """One task's JSON record: the run, the pre-trained start, the recipe, the choices, every row and verdict."""
+    cfg = st.cfg
+    return {
+        **record_header(PAPER_SCHEMA, PROG, paper_args(cfg)),
+        "protocol": PROTOCOL,
+        "config": dataclasses.asdict(cfg),
+        "budget": dataclasses.asdict(cfg.paper),
+        "recipe": dataclasses.asdict(cfg.recipe),
+        **run_fields(st, cfg.recipe.types),
+        "pretrained": {
+            "path": str(start.path),
+            "command": start.command,
+            "key": start.key,
+            "made_now": start.made_now,
+            "seconds": start.seconds,
+            "figures": start.figures,
+        },
+        **part,
+        "trained_now": dict(st.timings),
+        "wall_seconds": wall_seconds,
+    }
+
+
+def write_paper_report(result: dict[str, Any], out: Path) -> None:
+    """``<out>/paper_<task>[_<budget>].{json,md,png}``, and the tables on stdout."""
+    title = "paper protocol: accuracy vs FLOPs (o training-free, s fine-tuned arms)"
+    write(result, out, f"paper_{result['config']['task']}", paper_markdown(result), title)
+
+
+def paper_header(r: dict[str, Any]) -> list[str]:
+    cfg, hw, pre, rec = r["config"], r["hardware"], r["pretrained"], r["recipe"]
+    figs = ", ".join(f"{k} {100 * v:.1f}%" for k, v in pre["figures"].items() if k.endswith("_acc"))
+    made = "made in this run" if pre["made_now"] else "from the cache"
+    trained = (
+        ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["trained_now"].items()) or "nothing (all cached)"
+    )
+    return [
+        f"# PuMer accuracy study, paper protocol: {r['task'].split(' (')[0]} ({cfg['budget']} budget)",
+        "",
+        f"- Protocol: **{r['protocol']}**.",
+        f"- Command: `{r['command']}`; {hw['device']} ({hw['name']}, {hw['threads']} threads), wall time "
+        f"{r['wall_seconds'] / 60:.1f} min; trained in this run: {trained}.",
+        f"- Task: {r['task']}; metric: {r['metric']}; model `{cfg['preset']}`.",
+        f"- Pre-trained start ({made}; {pre['seconds'] / 60:.1f} min when made): `{pre['command']}`; validation "
+        f"{figs or 'figures not recorded'}; it saw no task labels.",
+        f"- Recipe (`experiments/{rec['experiment']}.yaml`): N = {r['n_steps']} steps of {cfg['batch_size']}, lr "
+        f"{rec['lr']:g}, head {rec['head_mult']:g}x, texts padded to {cfg['max_text_len']}; seeds "
+        f"{', '.join(map(str, r['seeds']))} (data order and the new head's initialisation; dropout 0).",
+        f"- Learned types: **{', '.join(r['learned_types']) or 'none'}** ({r['learned_rule']}).",
+        f"- Rows and comparisons: {r['se_rule']}.",
+    ]
+
+
+def arms_table(r: dict[str, Any]) -> list[str]:
+    comps = r["comparisons"]
+    header = ["arm", "what", "steps", "seeds", "validation % (learned)", "test % (learned)", "minus baseline"]
+    header += ["train min/seed", "train examples/s", "FLOPs ratio"]
+    rows = []
+    for row in (x for x in r["settings"] if x["name"].startswith("arm:")):
+        arm = row["weights"]
+        diff = comps.get(f"{arm}_minus_baseline")
+        secs = [s for s in row["train_seconds"] if s]
+        mins = f"{sum(secs) / len(secs) / 60:.1f}" if secs else "n/a"
+        speed = f"{row['train_examples_per_s']:.0f}" if row["train_examples_per_s"] else "n/a"
+        chosen = " **(chosen)**" if arm == r["chosen_arm"]["arm"] else ""
+        rows.append(
+            [f"`{arm}`{chosen}", row["description"], row["steps"], len(row["seeds"])]
+            + [acc(r["arms_validation"][arm]), f"**{acc(row['learned'])}**"]
+            + [
+                pct(diff["diff"], diff["se"], sign=True) if diff else "-",
+                mins,
+                speed,
+                f"{row['flops_ratio']:.2f}×",
+            ]
+        )
+    return table(header, rows)
+
+
+def choice_lines(r: dict[str, Any]) -> list[str]:
+    gaps = ", ".join(f"{a} {pct(g, sign=True)}" for a, g in r["long_arm"]["validation_gaps"].items())
+    ran = "ran" if r["long_arm"]["ran"] else "not run"
+    return [
+        "",
+        f"Chosen on validation before test: text-merge policy **{r['policy_choice']['chosen']}** "
+        f"({r['policy_choice']['rule']}); the 2N arm **{ran}** (setting `{r['long_arm']['setting']}`; "
+        f"{r['long_arm']['rule']}; validation gaps to the baseline: {gaps}); the arm **{r['chosen_arm']['arm']}** "
+        f"({r['chosen_arm']['rule']}).",
+    ]
+
+
+def paper_markdown(r: dict[str, Any]) -> str:
+    """The report of a paper-protocol record."""
+    free = [x for x in r["settings"] if not x["name"].startswith("arm:")]
+    lines = [*paper_header(r), "", "The arms (test, read once after every choice):", "", *arms_table(r)]
+    lines += [*choice_lines(r), "", "Training-free, on each seed's baseline (mean over the seeds):", ""]
+    lines += [*settings_table(r, free), *comparison_lines(r), *placement_lines(r), *target_lines(r)]
+    return "\n".join(lines)

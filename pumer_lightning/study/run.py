@@ -10,68 +10,11 @@ from typing import Any, Literal
 
 from pumer_lightning.command import Command, flag
 from pumer_lightning.lab.context import resolve_device
-from pumer_lightning.lab.stats import over_seeds
 
-from .config import BUDGETS, TASK_TEXT, TYPES, StudyConfig, log
-from .evaluate import (
-    choose_policy,
-    eval_data,
-    evaluate_finetuned,
-    evaluate_free,
-    evaluate_reduced,
-    finetuned_rows,
-    learned_types,
-    loss_check,
-    time_settings,
-)
-from .paper import LONG_ARM_RULES, PAPER_BUDGETS, RECIPES, PaperConfig, pretrained_start, task_world
-from .paper_eval import evaluate_paper
-from .paper_report import paper_record, write_paper_report
-from .report import study_record, write_report
-from .settings import finetuned_settings, free_settings
-from .train import Study, Trained, train_stages
-from .verdicts import Comparer, comparisons, targets
-
-
-@dataclass
-class Results:
-    """What the evaluation stages found, in the order the report lists it."""
-
-    validation: dict[str, Any]  #: the baseline's validation score per type, with each type's chance score
-    learned: tuple[str, ...]  #: the types the baseline learned (decided on validation)
-    policy_choice: dict[str, Any]
-    settings: list[dict[str, Any]]  #: one row per setting: accuracy, FLOPs and speed
-    comparisons: dict[str, dict[str, Any]]
-    targets: dict[str, dict[str, Any]]
-    #: `loss_check`'s rows: validation loss and score before and after fine-tuning
-    loss_check: list[dict[str, Any]]
-
-
-def evaluate(st: Study, trained: Trained, timing_rounds: int) -> Results:
-    """Every evaluation stage: learned types, fine-tunes, the policy choice (on validation), the distillation
-    fine-tunes, the training-free settings, timing, comparisons, targets and the loss check."""
-    cfg = st.cfg
-    data = eval_data(st)
-    base = st.load(trained.baseline, trained.start, cfg.task)
-    validation, learned = learned_types(st, base, data)
-    only = learned or TYPES
-    ft_val, scores = evaluate_finetuned(st, trained, data)
-    policy_choice = choose_policy(st, base, data, ft_val, only)
-    chosen = policy_choice["chosen"]
-    scores.update(evaluate_reduced(st, trained, data, cfg.schedule(text_merge_policy=chosen)))
-    seeds = {name: list(cfg.seeds) for name in scores}
-    seeds["ft_pumer_distil"] = list(cfg.distil_seeds)
-    rows, free_scores = evaluate_free(st, base, free_settings(cfg, chosen, base.backbone.num_layers), data)
-    scores.update(free_scores)
-    rows += finetuned_rows(finetuned_settings(cfg, trained, chosen), seeds)
-    figures = time_settings(base, rows, data, timing_rounds)
-    for r in rows:
-        del r["eval_reducer"]
-        r.update(over_seeds(scores[r["name"]], data.test.types, only))
-        r.update(figures[r["name"]])
-    comps = comparisons(Comparer(scores, seeds, data.test.types, only), list(cfg.policies), chosen)
-    losses = loss_check(st, trained, data, base, chosen, only)
-    return Results(validation, learned, policy_choice, rows, comps, targets(comps), losses)
+from .config import BUDGETS, LONG_ARM_RULES, PAPER_BUDGETS, RECIPES, TASK_TEXT, PaperConfig, StudyConfig, log
+from .evaluate import evaluate, evaluate_paper
+from .report import paper_record, study_record, write_paper_report, write_report
+from .train import Study, pretrained_start, train_stages
 
 
 def run_study(
@@ -90,8 +33,8 @@ def run_study(
     st = Study(cfg, work, fresh, device, workers)
     log(f"budget {cfg.budget}: {dataclasses.asdict(cfg.steps)}; device {device}")
     trained = train_stages(st)
-    results = evaluate(st, trained, timing_rounds)
-    result = study_record(cfg, st, trained, results, time.perf_counter() - t_start)
+    part = evaluate(st, trained, timing_rounds)
+    result = study_record(cfg, st, trained, part, time.perf_counter() - t_start)
     write_report(result, out)
     return result
 
@@ -114,7 +57,7 @@ def run_paper(
         log(
             f"paper protocol, {cfg.task}, budget {cfg.budget}: {dataclasses.asdict(cfg.paper)}; N {cfg.n_steps}"
         )
-        task_world(st)
+        st.world([cfg.task], cfg.recipe.types, cfg.paper)
         start = pretrained_start(st, fresh=fresh and i == 0)
         part = evaluate_paper(st, start, timing_rounds)
         result = paper_record(st, start, part, time.perf_counter() - t_start)

@@ -9,7 +9,7 @@ from typing import Any
 from pumer_lightning.reduce import ABLATIONS, ReducerSchedule, ablation
 
 from .config import StudyConfig
-from .train import Trained
+from .train import Arms
 
 Setting = tuple[str, ReducerSchedule | None]  # (description, reducer at test)
 
@@ -76,15 +76,15 @@ def placement(pumer: ReducerSchedule, keep: float, num_layers: int) -> dict[str,
     return out
 
 
-def finetuned_settings(cfg: StudyConfig, trained: Trained, chosen: str) -> dict[str, tuple[str, Setting]]:
+def finetuned_settings(cfg: StudyConfig, arms: Arms, chosen: str) -> dict[str, tuple[str, Setting]]:
     """The fine-tuned rows, each evaluated with the reducer it was trained with, and their controls:
     name -> (weights, (description, reducer at test))."""
     pumer, ch, on = cfg.schedule(text_merge_policy=chosen), f"ft_pumer_{chosen}", "fine-tuned with PuMer on"
     rows: dict[str, tuple[str, Setting]] = {}
     for p in cfg.policies:
         desc = f"{on}, text-merge policy {p}" + (" (chosen)" if p == chosen else "")
-        rows[f"ft_pumer_{p}"] = (f"ft_pumer_{p}", (desc, trained.schedules[f"ft_pumer_{p}"]))
-    no_text = (f"{on}, without text merging", trained.schedules["ft_pumer_no_text"])
+        rows[f"ft_pumer_{p}"] = (f"ft_pumer_{p}", (desc, arms.schedules[f"ft_pumer_{p}"]))
+    no_text = (f"{on}, without text merging", arms.schedules["ft_pumer_no_text"])
     rows["ft_pumer_no_text"] = ("ft_pumer_no_text", no_text)
     rows["ft_control"] = ("ft_control", ("fine-tuned with reducers off (matched control)", None))
     rows["ft_control:eval_pumer"] = (

@@ -1,5 +1,6 @@
-"""The study's training stages: data, pre-training, the baseline and the fine-tunes, each cached under a hash of
-what determines it (`Study.train`), so that a second run only re-evaluates."""
+"""The study's training machinery, shared by both protocols: a `Stage` cached under a hash of what determines it
+(`Study.train`, so that a second run only re-evaluates), the `Study` (data, trainers, model loading) and the `Arms`
+(stages that differ in their reducer, each trained once per seed)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import dataclasses
 import gc
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -19,7 +20,10 @@ from pumer_lightning.lab.score import Scorer
 from pumer_lightning.models.checkpoint import load_task_weights
 from pumer_lightning.reduce import ReducerSchedule, ablation
 
-from .config import TYPES, StudyConfig, cache_key, log
+from .config import EXPERIMENTS, TYPES, PaperConfig, StudyConfig, cache_key, log
+
+if TYPE_CHECKING:
+    from pumer_lightning.tasks.pretrain import Pretrained
 
 
 @dataclass
@@ -45,7 +49,7 @@ class Stage:
     head_mult: float | None = None
     #: what else determines the stage and its paths do not say (the paper protocol: the pre-trained start's
     #: ``made_by`` key, whose export directory keeps its name when it is remade)
-    extra_key: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra_key: dict[str, Any] = field(default_factory=dict)
 
     def key(self, cfg: StudyConfig) -> str:
         """The cache key. With the defaults (``seed`` None or ``cfg.seed``, ``longest``, no ``head_mult`` or
@@ -76,26 +80,30 @@ class Study:
         self.scorer = Scorer(self.device)
 
     # ---- data
-    def data(self) -> Path:
+    def world(self, tasks: list[str], types: tuple[str, ...], sizes: Any, name: str | None = None) -> Path:
+        """The shapes world of ``tasks`` and statement ``types`` at ``sizes`` (``num_train``, ``num_val``,
+        ``num_test``), generated once under ``<work>/<name>`` (default ``shapes-<task>-<hash of its settings>``).
+        Sets ``root``."""
         from pumer_lightning.cli import ShapesData
 
-        b, c = self.cfg.steps, self.cfg
-        root = self.work / f"shapes-{b.num_train}"
-        ShapesData(
-            root=str(root),
-            tasks=["vqa2", "nlvr2"],
-            num_train=b.num_train,
-            num_val=b.num_val,
-            num_test=b.num_test,
+        c = self.cfg
+        shapes = ShapesData(
+            root="",
+            tasks=tasks,
+            num_train=sizes.num_train,
+            num_val=sizes.num_val,
+            num_test=sizes.num_test,
             image_size=c.image_size,
             patch_size=c.patch_size,
             min_objects=c.min_objects,
             max_objects=c.max_objects,
-            types=list(TYPES),
+            types=list(types),
             seed=c.seed,
-        ).ensure()
-        self.root = root
-        return root
+        )
+        name = name or f"shapes-{tasks[0]}-{cache_key(dataclasses.asdict(shapes))}"
+        shapes.root = str(self.work / name)
+        self.root = shapes.ensure()
+        return self.root
 
     def datamodule(self, task: str, seed: int | None = None, padding: str = "longest"):
         """The task's data module; ``padding="max_length"`` pads every text to ``max_text_len``."""
@@ -193,7 +201,7 @@ class Study:
         label = s.name if seed == c.seed else f"{s.name}@seed{seed}"
         if path.exists() and not self.fresh:
             log(f"{label}: from cache {path}")
-            self._cached_time(label, path)
+            self.cached_timings[label] = train_seconds(path)
             return path
         dm = self.datamodule(s.kind, seed=seed, padding=s.padding)
         kw = {"distill": DistillConfig(teacher=str(s.distill))} if s.distill is not None else {}
@@ -216,35 +224,9 @@ class Study:
         )
         return path
 
-    def _cached_time(self, name: str, path: Path) -> None:
-        self.cached_timings[name] = train_seconds(path)
-
     def _load_into(self, model, ckpt: Path) -> None:
         """The task weights of a stage's checkpoint (`load_task_weights`: architecture checked, strict)."""
         load_task_weights(model, ckpt, what=f"study checkpoint {ckpt}", model=f"preset {self.cfg.preset!r}")
-
-    def pretrained(self, need_ckpt: bool) -> tuple[Path | None, Path, float]:
-        """Shapes VQA trained from scratch: its Lightning checkpoint (None when cached without it and not needed),
-        its backbone exported in the converted-checkpoint format (the NLVR2 task loads it as it would load real
-        pre-trained weights), and its validation VQA score."""
-        from pumer_lightning.models import read_checkpoint, save_checkpoint
-
-        c, b = self.cfg, self.cfg.steps
-        key = cache_key(c.preset, c.seed, c.batch_size, c.lr, b.pretrain_steps, str(self.root))
-        pt = self.cache / f"pretrain-{key}.pt"
-        ckpt = pt.with_suffix(".ckpt")
-        if pt.exists() and not self.fresh and (ckpt.exists() or not need_ckpt):
-            log(f"pre-trained backbone from cache: {pt}")
-            self._cached_time("pretrain", ckpt)
-            return (ckpt if ckpt.exists() else None), pt, float(read_checkpoint(pt).config["vqa_val_score"])
-        ckpt = self.train(Stage("pretrain", "vqa2", None, None, b.pretrain_steps, c.lr), path=ckpt)
-        model = self.load(ckpt, None, "vqa2")
-        dm = self.datamodule("vqa2")
-        scores = self.scorer.score(model, dm, dm.val_split, self.eval_batches(dm, dm.val_split), None).scores
-        score = sum(scores) / len(scores)
-        log(f"pre-training: shapes VQA validation score {score:.3f}")
-        save_checkpoint(pt, model.backbone.cpu(), preset=c.preset, extra={"vqa_val_score": score})
-        return ckpt, pt, score
 
     def load(self, ckpt: Path, start: Path | None, kind: str):
         """A trained stage's task module, in evaluation mode on the study's device."""
@@ -261,19 +243,96 @@ def train_seconds(path: Path) -> float | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------- the stages
+@dataclass
+class Arms:
+    """Training stages that differ in their reducer, each trained once per seed: ``template`` holds what they
+    share (task, start, learning rate, padding, ...; its ``name`` prefixes theirs), and per arm its reducer, steps,
+    distillation, seeds and checkpoints (one per seed, in seed order)."""
+
+    template: Stage
+    schedules: dict[str, ReducerSchedule | None] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    distilled: dict[str, bool] = field(default_factory=dict)
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+    checkpoints: dict[str, list[Path]] = field(default_factory=dict)
+
+    @property
+    def start(self) -> Path | None:
+        """The pre-trained backbone every arm builds on (None: the task model trained from scratch)."""
+        return self.template.start
+
+    def stage(self, name: str, seed: int, teacher: Path | None = None) -> Stage:
+        """Arm ``name`` of seed ``seed`` (``teacher``: the Lightning checkpoint it is distilled from)."""
+        t = self.template
+        return dataclasses.replace(
+            t,
+            name=t.name + name,
+            schedule=self.schedules[name],
+            steps=self.steps[name],
+            seed=seed,
+            distill=teacher,
+        )
+
+    def train(
+        self,
+        st: Study,
+        schedules: dict[str, ReducerSchedule | None],
+        steps: int,
+        seeds: tuple[int, ...] | None = None,
+        teachers: list[Path] | None = None,
+    ) -> None:
+        """Train (or find in the cache) an arm per reducer of ``schedules`` for ``steps`` steps, once per seed
+        (default ``StudyConfig.seeds``), seed-major: an interrupted run leaves whole seeds in the cache.
+        ``teachers``: each seed's distillation teacher."""
+        seeds = list(st.cfg.seeds if seeds is None else seeds)
+        for name, sched in schedules.items():
+            self.schedules[name], self.steps[name], self.seeds[name] = sched, steps, seeds
+            self.distilled[name], self.checkpoints[name] = teachers is not None, []
+        for i, seed in enumerate(seeds):
+            teacher = None if teachers is None else teachers[i]
+            for name in schedules:
+                self.checkpoints[name].append(st.train(self.stage(name, seed, teacher)))
+
+
+# ---------------------------------------------------------------------------------------------- the adaptation
 @dataclass
 class Trained:
-    """The trained models: the fine-tunes' starting point, the baseline and every fine-tune (one per seed)."""
+    """The adaptation protocol's trained models: the baseline and the fine-tunes that continue from it."""
 
-    #: the pre-trained backbone the NLVR2 stages build on (None: the VQA baseline, trained from scratch)
-    start: Path | None
     baseline: Path  #: the baseline's Lightning checkpoint
     pretrain_val_score: float  #: the pre-training's shapes VQA validation score
-    #: fine-tune name -> the reducer it trains with (and is evaluated with)
-    schedules: dict[str, ReducerSchedule | None]
-    #: fine-tune name -> its checkpoint per seed, in ``StudyConfig.seeds`` order
-    checkpoints: dict[str, list[Path]]
+    #: the fine-tunes from the baseline (``arms.start``: the pre-trained backbone the NLVR2 stages build on; None
+    #: for VQA, whose baseline is trained from scratch)
+    arms: Arms
+
+
+def adaptation_world(st: Study) -> Path:
+    """Shapes VQA (pre-training) and shapes NLVR2, every statement type, under ``<work>/shapes-<num_train>``."""
+    return st.world(["vqa2", "nlvr2"], TYPES, st.cfg.steps, name=f"shapes-{st.cfg.steps.num_train}")
+
+
+def pretrain(st: Study, need_ckpt: bool) -> tuple[Path | None, Path, float]:
+    """Shapes VQA trained from scratch: its Lightning checkpoint (None when cached without it and not needed), its
+    backbone exported in the converted-checkpoint format (the NLVR2 task loads it as it would load real
+    pre-trained weights), and its validation VQA score."""
+    from pumer_lightning.models import read_checkpoint, save_checkpoint
+
+    c, b = st.cfg, st.cfg.steps
+    key = cache_key(c.preset, c.seed, c.batch_size, c.lr, b.pretrain_steps, str(st.root))
+    pt = st.cache / f"pretrain-{key}.pt"
+    ckpt = pt.with_suffix(".ckpt")
+    if pt.exists() and not st.fresh and (ckpt.exists() or not need_ckpt):
+        log(f"pre-trained backbone from cache: {pt}")
+        st.cached_timings["pretrain"] = train_seconds(ckpt)
+        return (ckpt if ckpt.exists() else None), pt, float(read_checkpoint(pt).config["vqa_val_score"])
+    ckpt = st.train(Stage("pretrain", "vqa2", None, None, b.pretrain_steps, c.lr), path=ckpt)
+    model = st.load(ckpt, None, "vqa2")
+    dm = st.datamodule("vqa2")
+    scores = st.scorer.score(model, dm, dm.val_split, st.eval_batches(dm, dm.val_split), None).scores
+    score = sum(scores) / len(scores)
+    log(f"pre-training: shapes VQA validation score {score:.3f}")
+    save_checkpoint(pt, model.backbone.cpu(), preset=c.preset, extra={"vqa_val_score": score})
+    return ckpt, pt, score
 
 
 def finetune_schedules(cfg: StudyConfig) -> dict[str, ReducerSchedule | None]:
@@ -285,53 +344,94 @@ def finetune_schedules(cfg: StudyConfig) -> dict[str, ReducerSchedule | None]:
     return out
 
 
-def finetune(
-    cfg: StudyConfig,
-    trained: Trained,
-    name: str,
-    schedule: ReducerSchedule | None,
-    seed: int,
-    distill: bool = False,
-) -> Stage:
-    """A fine-tune from the baseline (``distill``: with the baseline as its teacher)."""
-    return Stage(
-        name,
-        cfg.task,
-        trained.start,
-        schedule,
-        cfg.steps.finetune_steps,
-        cfg.finetune_lr,
-        init_state=trained.baseline,
-        distill=trained.baseline if distill else None,
-        seed=seed,
-        padding=cfg.text_padding,
+def finetunes(cfg: StudyConfig, start: Path | None, baseline: Path) -> Arms:
+    """The fine-tunes' arms (none trained yet): each continues from the ``baseline`` checkpoint."""
+    template = Stage(
+        "", cfg.task, start, None, 0, cfg.finetune_lr, init_state=baseline, padding=cfg.text_padding
     )
+    return Arms(template)
 
 
 def train_stages(st: Study) -> Trained:
     """Data, pre-training, baseline and the fine-tunes of every seed (each from its cache when it has one)."""
     cfg, b, kind = st.cfg, st.cfg.steps, st.cfg.task
-    st.data()
-    pre_ckpt, pre_backbone, pre_val = st.pretrained(need_ckpt=kind == "vqa2")
+    adaptation_world(st)
+    pre_ckpt, pre_backbone, pre_val = pretrain(st, need_ckpt=kind == "vqa2")
     if kind == "nlvr2":
         start: Path | None = pre_backbone
         base_ckpt = st.train(Stage("baseline", kind, start, None, b.baseline_steps, cfg.baseline_lr))
     else:  # the VQA model trained from scratch is the baseline itself
         assert pre_ckpt is not None  # need_ckpt
         start, base_ckpt = None, pre_ckpt
-    schedules = finetune_schedules(cfg)
-    trained = Trained(start, base_ckpt, pre_val, schedules, {name: [] for name in schedules})
-    # seed-major order: an interrupted run leaves whole seeds in the cache
-    for seed in cfg.seeds:
-        for name, sched in schedules.items():
-            trained.checkpoints[name].append(st.train(finetune(cfg, trained, name, sched, seed)))
-    return trained
+    arms = finetunes(cfg, start, base_ckpt)
+    arms.train(st, finetune_schedules(cfg), b.finetune_steps)
+    return Trained(base_ckpt, pre_val, arms)
 
 
-def train_distilled(st: Study, trained: Trained, pumer: ReducerSchedule) -> list[Path]:
-    """PuMer + distillation from the baseline under the chosen policy, one per ``distil_seeds`` seed."""
-    cfg = st.cfg
-    stages = [
-        finetune(cfg, trained, "ft_pumer_distil", pumer, seed, distill=True) for seed in cfg.distil_seeds
+def train_distilled(st: Study, trained: Trained, pumer: ReducerSchedule) -> None:
+    """PuMer + distillation from the baseline under the chosen policy (arm ``ft_pumer_distil``), one per
+    ``distil_seeds`` seed."""
+    seeds = st.cfg.distil_seeds
+    teachers = [trained.baseline] * len(seeds)
+    trained.arms.train(st, {"ft_pumer_distil": pumer}, st.cfg.steps.finetune_steps, seeds, teachers)
+
+
+# ---------------------------------------------------------------------------------------------- the paper protocol
+def pretrain_overrides(cfg: PaperConfig, work: Path, device: str) -> list[str]:
+    """The overrides of ``experiments/shapes_pretrain.yaml`` for this budget (its captions world and runs under
+    ``work``)."""
+    b = cfg.paper
+    out = [
+        f"--shapes.root={work}/captions-{cfg.budget}",
+        f"--shapes.num_train={b.pretrain_captions}",
+        f"--shapes.num_val={min(500, b.num_val)}",
+        f"--shapes.num_test={min(500, b.num_val)}",
+        f"--shapes.seed={cfg.seed}",
+        f"--trainer.max_epochs={b.pretrain_epochs}",
+        f"--trainer.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}",
+        f"--trainer.default_root_dir={work}/runs",
+        f"--trainer.logger.init_args.save_dir={work}/runs",
+        f"--data.num_workers={cfg.pretrain_workers}",
+        f"--seed_everything={cfg.seed}",
     ]
-    return [st.train(stage) for stage in stages]
+    if cfg.preset != "vilt_mini":  # the experiment file's preset
+        out.append(f"--model.init_args.backbone.preset={cfg.preset}")
+    return out
+
+
+def pretrained_start(st: Study, fresh: bool) -> Pretrained:
+    """The pre-trained start, made once by the ordinary pre-training command and cached (`ensure_pretrained`):
+    ``<work>/pretrained/<budget>``. ``fresh`` remakes it."""
+    from pumer_lightning.tasks.pretrain import MADE_BY, ensure_pretrained, shown
+
+    cfg = st.cfg
+    out = st.work / "pretrained" / cfg.budget
+    if fresh:
+        (out / MADE_BY).unlink(missing_ok=True)
+    files = [shown(EXPERIMENTS / "base.yaml"), shown(EXPERIMENTS / "shapes_pretrain.yaml")]
+    made = ensure_pretrained(files, out, pretrain_overrides(cfg, st.work, str(st.device)))
+    label = "made" if made.made_now else "from cache"
+    log(f"pre-trained start {label}: {made.path} ({made.figures})")
+    return made
+
+
+def train_first_arms(st: Study, start: Pretrained) -> Arms:
+    """The baseline and PuMer under every text-merge policy, from the pre-trained ``start`` with the task's
+    recipe, N steps each (the other arms are trained as validation asks for them: `Arms.train`). Every arm's cache
+    key includes the start's ``made_by`` key, so a remade start retrains them."""
+    cfg, r = st.cfg, st.cfg.recipe
+    template = Stage(
+        f"paper-{cfg.task}-",
+        cfg.task,
+        start.path,
+        None,
+        0,
+        r.lr,
+        padding=cfg.text_padding,
+        head_mult=r.head_mult,
+        extra_key={"start": start.key},
+    )
+    arms = Arms(template)
+    pumer = {f"pumer_{p}": cfg.schedule(text_merge_policy=p) for p in cfg.policies}
+    arms.train(st, {"baseline": None, **pumer}, cfg.n_steps)
+    return arms

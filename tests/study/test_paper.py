@@ -3,23 +3,20 @@ its cache keys, its command line, and an end-to-end run at tiny size (real pre-t
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from pumer_lightning import study
 from pumer_lightning.study import run as study_run
-from pumer_lightning.study.paper import (
-    EXPERIMENTS,
-    PAPER_BUDGETS,
-    RECIPES,
-    Arms,
-    PaperBudget,
-    PaperConfig,
-    arm_stage,
-)
+from pumer_lightning.study.config import EXPERIMENTS, PAPER_BUDGETS, RECIPES, PaperBudget, PaperConfig
+from pumer_lightning.study.train import Arms, pretrained_start, train_first_arms
 
 
 @pytest.mark.parametrize("task", sorted(RECIPES))
@@ -63,22 +60,91 @@ def test_paper_budgets_scale_the_same_design():
         PaperConfig(long_arm="sometimes")
 
 
+def paper_arms(cfg: PaperConfig, start: Path, start_key: str) -> Arms:
+    """The paper protocol's arms as `train_first_arms` builds them, with nothing trained."""
+    fake = SimpleNamespace(path=start, key=start_key)
+    st = SimpleNamespace(cfg=cfg, train=lambda stage: None)
+    arms = train_first_arms(st, fake)
+    arms.schedules["pumer_distil"] = cfg.schedule(text_merge_policy="pads_first")
+    arms.steps["pumer_distil"] = cfg.n_steps
+    return arms
+
+
 def test_an_arm_cache_key_follows_its_start_recipe_and_teacher(tmp_path):
     """A remade pre-trained start (same directory, new made_by key), another seed or a teacher move an arm to a
     new cache file; the same arm twice has the same one."""
     cfg = PaperConfig(task="nlvr2")
-    arms = Arms(tmp_path / "start", "k1", schedules={"pumer_real": cfg.schedule()}, steps={"pumer_real": 750})
+    arms = paper_arms(cfg, tmp_path / "start", "k1")
     keys = {
-        "same": arm_stage(cfg, arms, "pumer_real", 0).key(cfg),
-        "again": arm_stage(cfg, arms, "pumer_real", 0).key(cfg),
-        "seed": arm_stage(cfg, arms, "pumer_real", 1).key(cfg),
-        "teacher": arm_stage(cfg, arms, "pumer_real", 0, tmp_path / "b.ckpt").key(cfg),
+        "same": arms.stage("pumer_real", 0).key(cfg),
+        "again": arms.stage("pumer_real", 0).key(cfg),
+        "seed": arms.stage("pumer_real", 1).key(cfg),
+        "teacher": arms.stage("pumer_real", 0, tmp_path / "b.ckpt").key(cfg),
     }
-    arms.start_key = "k2"
-    keys["start"] = arm_stage(cfg, arms, "pumer_real", 0).key(cfg)
+    keys["start"] = paper_arms(cfg, tmp_path / "start", "k2").stage("pumer_real", 0).key(cfg)
     assert keys["same"] == keys["again"] and len(set(keys.values())) == 4
-    stage = arm_stage(cfg, arms, "pumer_real", 0)
+    stage = arms.stage("pumer_real", 0)
     assert (stage.lr, stage.head_mult, stage.padding) == (2e-4, 10.0, "max_length")
+
+
+def test_arm_cache_keys_are_the_ones_the_cached_checkpoints_carry():
+    """The arms' cache keys hash the start's path and key, the recipe, the reducer, the steps, the seed and the
+    teacher exactly as the runs that made the cached checkpoints did: golden keys (computed by the code that
+    trained them) and an independent recomputation of the hash."""
+    cfg = PaperConfig(task="nlvr2")
+    arms = paper_arms(cfg, Path("/w/paper/pretrained/default"), "0123456789abcdef")
+    teacher = Path("/w/paper/cache/paper-nlvr2-baseline-abc.ckpt")
+    stages = {
+        "3f99769ed93f": arms.stage("baseline", 0),
+        "539f92d4166c": arms.stage("pumer_real", 2),
+        "c178a6333f18": arms.stage("pumer_distil", 1, teacher),
+    }
+    for golden, stage in stages.items():
+        sched = dataclasses.asdict(stage.schedule) if stage.schedule is not None else None
+        parts = [stage.name, "/w/paper/pretrained/default", "None", str(stage.distill), sched, 750, 2e-4]
+        parts += [stage.seed, 64, {"padding": "max_length", "max_text_len": 16}]
+        parts.append({"head_mult": 10.0, "start": "0123456789abcdef"})
+        text = json.dumps(parts, sort_keys=True, default=str)
+        assert stage.key(cfg) == hashlib.sha256(text.encode()).hexdigest()[:12] == golden
+    assert [s.name for s in stages.values()] == [
+        f"paper-nlvr2-{a}" for a in ("baseline", "pumer_real", "pumer_distil")
+    ]
+
+
+def test_the_pretrained_start_is_keyed_by_its_files_and_overrides(tmp_path, monkeypatch):
+    """The pre-trained start's ``made_by.json`` key: the two experiment files' contents and the overrides the
+    study passes (its captions world, runs and output under ``<work>``), recomputed here independently."""
+    from pumer_lightning.tasks import pretrain
+
+    seen = {}
+
+    def fake_ensure(files, out, overrides=()):
+        seen.update(files=files, out=out, overrides=overrides)
+        key = pretrain.pretrain_key(files, [*overrides, str(out)])
+        return pretrain.Pretrained(Path(out), "cmd", key, False, 0.0, {})
+
+    monkeypatch.setattr(pretrain, "ensure_pretrained", fake_ensure)
+    work = tmp_path / "paper"
+    st = SimpleNamespace(cfg=PaperConfig(task="vqa2", budget="quick"), work=work, device=torch.device("cpu"))
+    made = pretrained_start(st, fresh=False)
+    assert [Path(f).name for f in seen["files"]] == ["base.yaml", "shapes_pretrain.yaml"]
+    overrides = [
+        f"--shapes.root={work}/captions-quick",
+        "--shapes.num_train=1280",
+        "--shapes.num_val=150",
+        "--shapes.num_test=150",
+        "--shapes.seed=0",
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={work}/runs",
+        f"--trainer.logger.init_args.save_dir={work}/runs",
+        "--data.num_workers=1",
+        "--seed_everything=0",
+    ]
+    assert list(seen["overrides"]) == overrides and seen["out"] == work / "pretrained" / "quick"
+    texts = [(EXPERIMENTS / name).read_text() for name in ("base.yaml", "shapes_pretrain.yaml")]
+    blob = json.dumps([texts, [*overrides, str(work / "pretrained" / "quick")]])
+    assert made.key == hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def test_command_line_runs_the_paper_protocol_by_default(monkeypatch):

@@ -17,6 +17,7 @@ from pumer_lightning.reduce import ABLATIONS, ReducerSchedule, ablation
 from pumer_lightning.study import Budget, Stage, StudyConfig, run_study
 from pumer_lightning.study.evaluate import chance
 from pumer_lightning.study.settings import free_settings
+from pumer_lightning.study.train import adaptation_world, finetune_schedules, finetunes
 
 
 def test_fine_tune_seeds_and_padding_leave_the_shared_stages_cache_keys_alone(tmp_path):
@@ -54,17 +55,21 @@ def test_fine_tune_cache_keys_are_the_ones_the_cached_checkpoints_carry(tmp_path
         raise AssertionError("cached stages must not train")
 
     st.fit = fake_fit
-    golden = {"ft_control": "0f68e4db609c", "ft_pumer_real": "2188f944ea99", "ft_pumer_pads_first": "0b6f4490d134",
-              "ft_pumer_no_text": "f7caa01663e4"}  # fmt: skip
-    schedules = study.finetune_schedules(c)
+    golden = {
+        "ft_control": "0f68e4db609c",
+        "ft_pumer_real": "2188f944ea99",
+        "ft_pumer_pads_first": "0b6f4490d134",
+        "ft_pumer_no_text": "f7caa01663e4",
+    }
+    schedules = finetune_schedules(c)
     assert list(schedules) == list(golden)
-    for name, sched in schedules.items():
+    for name in schedules:
         (tmp_path / "cache" / f"{name}-{golden[name]}.ckpt").write_bytes(b"")
-        stage = Stage(
-            name, "nlvr2", "pre.pt", sched, 200, c.finetune_lr, "base.ckpt", seed=1, padding="max_length"
-        )
-        path = st.train(stage)
-        assert path.name == f"{name}-{golden[name]}.ckpt"
+    arms = finetunes(c, "pre.pt", "base.ckpt")
+    arms.train(st, schedules, 200, seeds=(1,))
+    assert {name: [p.name for p in paths] for name, paths in arms.checkpoints.items()} == {
+        name: [f"{name}-{key}.ckpt"] for name, key in golden.items()
+    }
 
 
 def test_ablation_rows_come_from_the_one_ablation_table():
@@ -81,8 +86,9 @@ def test_ablation_rows_come_from_the_one_ablation_table():
         no_prune = free["no_prune"][1]
         assert no_prune.keep_ratio == 1.0 and no_prune.merge_ratio == 0.2 and no_prune.text_merge_ratio == 0.2
         assert free["pumer_no_text"][1] == ablation(cfg.schedule(), "no_text_merge")
-        assert free["random_keep_0.5"][1] == ablation(cfg.schedule(text_merge_policy=chosen, keep_ratio=0.5),
-                                                      "random_prune")  # fmt: skip
+        assert free["random_keep_0.5"][1] == ablation(
+            cfg.schedule(text_merge_policy=chosen, keep_ratio=0.5), "random_prune"
+        )
         assert free["baseline"][1] is None
         # the pruning control by placement: one row pair per block but the last, the reducer there alone
         placed = {name: sched for name, (_, sched) in free.items() if "@block" in name}
@@ -116,12 +122,15 @@ def test_study_code_is_stages_of_at_most_80_lines():
 def test_fine_tune_batches_pad_texts_to_max_text_len(tmp_path, monkeypatch):
     """The fine-tuning and evaluation batches pad every text to max_text_len (the official fixed padding that
     ``pads_first`` is defined against); the shared pre-training and baseline keep the batch-longest default."""
-    monkeypatch.setitem(study.BUDGETS, "tiny", Budget(pretrain_steps=1, baseline_steps=1, finetune_steps=1,
-                                                      num_train=32, num_val=16, num_test=16))  # fmt: skip
+    monkeypatch.setitem(
+        study.BUDGETS,
+        "tiny",
+        Budget(pretrain_steps=1, baseline_steps=1, finetune_steps=1, num_train=32, num_val=16, num_test=16),
+    )
     st = study.Study(
         StudyConfig(budget="tiny", preset="vilt_tiny", max_text_len=14), tmp_path, False, "cpu", 0
     )
-    st.data()
+    adaptation_world(st)
     dm_fixed, dm_loose = st.datamodule("nlvr2", padding="max_length"), st.datamodule("nlvr2")
     fixed = next(iter(dm_fixed.eval_dataloader(dm_fixed.val_split)))
     loose = next(iter(dm_loose.eval_dataloader(dm_loose.val_split)))
@@ -135,8 +144,9 @@ def test_fine_tune_batches_pad_texts_to_max_text_len(tmp_path, monkeypatch):
 def test_chance_is_the_best_constant_answer_per_type():
     nlvr2 = [{"labels": torch.tensor([1, 0, 1, 1]), "meta": [{"statement_type": t} for t in "aabb"]}]
     assert chance(nlvr2, num_classes=2) == {"a": 0.5, "b": 1.0}
-    vqa = [{"labels": torch.tensor([[1.0, 0.0], [0.6, 0.3], [0.0, 1.0]]),
-            "meta": [{"statement_type": "x"}] * 3}]  # fmt: skip
+    vqa = [
+        {"labels": torch.tensor([[1.0, 0.0], [0.6, 0.3], [0.0, 1.0]]), "meta": [{"statement_type": "x"}] * 3}
+    ]
     assert chance(vqa, num_classes=2)["x"] == pytest.approx(1.6 / 3)
 
 
@@ -153,9 +163,10 @@ def test_budgets_fit_their_promises():
 
 def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     monkeypatch.setitem(
-        study.BUDGETS, "tiny", Budget(pretrain_steps=3, baseline_steps=3, finetune_steps=2, num_train=96,
-                                      num_val=48, num_test=48),
-    )  # fmt: skip
+        study.BUDGETS,
+        "tiny",
+        Budget(pretrain_steps=3, baseline_steps=3, finetune_steps=2, num_train=96, num_val=48, num_test=48),
+    )
     cfg = StudyConfig(
         budget="tiny",
         preset="vilt_tiny",
@@ -176,11 +187,29 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         "real",
         "pads_first",
     }
-    for required in ("baseline", "pumer_real", "pumer_pads_first", "pumer_pads_first_longest", "pumer_no_text",
-                     "prune_only", "no_prune", "random_prune", "cls_prune", "keep_0.5", "random_keep_0.5", "keep_0.5_no_text",
-                     "random_keep_0.5_no_text", "ft_pumer_real", "ft_pumer_pads_first", "ft_pumer_no_text",
-                     "ft_control", "ft_control:eval_pumer", f"ft_pumer_{chosen}:eval_off", f"ft_pumer_{chosen}:eval_random",
-                     "ft_pumer_distil"):  # fmt: skip
+    for required in (
+        "baseline",
+        "pumer_real",
+        "pumer_pads_first",
+        "pumer_pads_first_longest",
+        "pumer_no_text",
+        "prune_only",
+        "no_prune",
+        "random_prune",
+        "cls_prune",
+        "keep_0.5",
+        "random_keep_0.5",
+        "keep_0.5_no_text",
+        "random_keep_0.5_no_text",
+        "ft_pumer_real",
+        "ft_pumer_pads_first",
+        "ft_pumer_no_text",
+        "ft_control",
+        "ft_control:eval_pumer",
+        f"ft_pumer_{chosen}:eval_off",
+        f"ft_pumer_{chosen}:eval_random",
+        "ft_pumer_distil",
+    ):
         assert required in names
     assert "merge_only" not in names
     by = {s["name"]: s for s in result["settings"]}
@@ -212,9 +241,15 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         assert set(s["by_type"]) == {"shape", "color", "exist"}
         assert s["learned"]["se"] >= s["learned"]["se_sample"]
     comparisons = result["comparisons"]
-    assert {"pumer_ft_minus_control_ft", "pumer_ft_real_minus_control_ft", "pumer_ft_pads_first_minus_control_ft",
-            "pumer_ft_no_text_minus_control_ft", "random_keep0.5_minus_pumer_keep0.5", "pumer_ft_minus_control_ft_eval_pumer",
-            "pumer_free_pads_first_longest_minus_baseline"} <= set(comparisons)  # fmt: skip
+    assert {
+        "pumer_ft_minus_control_ft",
+        "pumer_ft_real_minus_control_ft",
+        "pumer_ft_pads_first_minus_control_ft",
+        "pumer_ft_no_text_minus_control_ft",
+        "random_keep0.5_minus_pumer_keep0.5",
+        "pumer_ft_minus_control_ft_eval_pumer",
+        "pumer_free_pads_first_longest_minus_baseline",
+    } <= set(comparisons)
     assert comparisons["pumer_ft_minus_control_ft"]["seeds"] == 2
     placement = {k: c for k, c in comparisons.items() if k.startswith("placement_block")}
     assert [(c["a"], c["b"]) for c in placement.values()] == [
@@ -226,16 +261,22 @@ def test_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     )
     assert "The pruning control by placement" in (out / "shapes_tiny.md").read_text()
     assert comparisons["pumer_distil_ft_minus_control_ft"]["seeds"] == 1
-    assert set(result["targets"]) == {"training_free_loss_at_most_5", "finetuned_within_1_point",
-                                      "random_5_below_text_at_keep_0.5"}  # fmt: skip
+    assert set(result["targets"]) == {
+        "training_free_loss_at_most_5",
+        "finetuned_within_1_point",
+        "random_5_below_text_at_keep_0.5",
+    }
     assert "Text-merge policy chosen on validation" in (out / "shapes_tiny.md").read_text()
     # the loss check: baseline and control (off, training-free PuMer), the chosen PuMer fine-tune (on, off)
     check = result["loss_check"]
     assert [(c["weights"], c["reducer"], c["seeds"]) for c in check] == [
-        ("baseline", "off", 1), ("baseline", "PuMer (training-free)", 1), ("ft_control", "off", 2),
+        ("baseline", "off", 1),
+        ("baseline", "PuMer (training-free)", 1),
+        ("ft_control", "off", 2),
         ("ft_control", "PuMer (training-free)", 2),
-        (f"ft_pumer_{chosen}", "PuMer (as trained)", 2), (f"ft_pumer_{chosen}", "off", 2),
-    ]  # fmt: skip
+        (f"ft_pumer_{chosen}", "PuMer (as trained)", 2),
+        (f"ft_pumer_{chosen}", "off", 2),
+    ]
     learned = result["learned_types"] or ["shape", "color", "exist"]
     val = result["validation"]["by_type"]
     base_val = sum(val[t]["acc"] * val[t]["n"] for t in learned) / sum(val[t]["n"] for t in learned)
@@ -252,9 +293,10 @@ def test_vqa_variant_scores_with_soft_labels(tmp_path, monkeypatch):
     """``--task vqa2``: the VQA model trained from scratch is the baseline; scores are VQA scores and chance is the
     best constant answer of each question type (not 0.5)."""
     monkeypatch.setitem(
-        study.BUDGETS, "tiny", Budget(pretrain_steps=2, baseline_steps=2, finetune_steps=1, num_train=60,
-                                      num_val=30, num_test=30),
-    )  # fmt: skip
+        study.BUDGETS,
+        "tiny",
+        Budget(pretrain_steps=2, baseline_steps=2, finetune_steps=1, num_train=60, num_val=30, num_test=30),
+    )
     cfg = StudyConfig(budget="tiny", task="vqa2", preset="vilt_tiny", batch_size=16, keep_sweep=(0.5,))
     result = run_study(cfg, tmp_path / "work", tmp_path / "out", workers=0, timing_rounds=1)
     assert (tmp_path / "out" / "shapes_vqa2_tiny.json").exists()
@@ -268,12 +310,12 @@ def test_a_stage_trains_to_the_same_weights_whatever_ran_before(tmp_path, monkey
     """Seeded before the model is built: the same stage twice in one process gives identical weights, although
     the global generator was used in between (the first study runs initialised their models unseeded)."""
     monkeypatch.setitem(
-        study.BUDGETS, "tiny", Budget(pretrain_steps=2, baseline_steps=2, finetune_steps=1, num_train=60,
-                                      num_val=30, num_test=30),
-    )  # fmt: skip
-    st = study.Study(StudyConfig(budget="tiny", preset="vilt_tiny", batch_size=16), tmp_path, False,
-                     "cpu", 0)  # fmt: skip
-    st.data()
+        study.BUDGETS,
+        "tiny",
+        Budget(pretrain_steps=2, baseline_steps=2, finetune_steps=1, num_train=60, num_val=30, num_test=30),
+    )
+    st = study.Study(StudyConfig(budget="tiny", preset="vilt_tiny", batch_size=16), tmp_path, False, "cpu", 0)
+    adaptation_world(st)
     stage = Stage("pretrain", "vqa2", None, None, 2, 1e-3)
     first = st.train(stage, path=tmp_path / "a.ckpt")
     torch.rand(1000)  # disturb the global generator
