@@ -51,8 +51,12 @@ def test_pareto_ranks_survivors_and_crowding():
 
 
 def test_recommend_takes_the_fastest_point_within_the_budget():
-    rows = [("off", 0.70, 0.0, 0.0, 1.0), ("a", 0.695, 0.5, 0.3, 1.3), ("b", 0.68, 2.0, 0.5, 1.8),
-            ("c", 0.69, 0.9, 0.4, 1.3)]  # fmt: skip
+    rows = [
+        ("off", 0.70, 0.0, 0.0, 1.0),
+        ("a", 0.695, 0.5, 0.3, 1.3),
+        ("b", 0.68, 2.0, 0.5, 1.8),
+        ("c", 0.69, 0.9, 0.4, 1.3),
+    ]
     assert recommend(rows, 1.0, 0.0) == "a"  # a and c tie on speed: the more accurate wins
     assert recommend(rows, 2.0, 0.0) == "b"
     assert recommend(rows, 1.0, 1.0) == "a"  # 0.9 + 0.4 > 1: c is out at one SE anyway

@@ -18,10 +18,23 @@ from pumer_lightning.cli import PumerCLI
 from pumer_lightning.tune import run, schedule_key
 
 TINY_SEARCH = (
-    "--candidates=5", "--eta=2", "--min-finalists=2", "--rounds=1", "--final-rounds=1", "--timing-batches=1",
-    "--batch-size=8", "--generations=1", "--children=2", "--parents=1", "--layers=1,2;0,1", "--keep=0.6,0.8,1",
-    "--merge=0,0.3", "--text-merge=0,0.2", "--device=cpu", "--preload-gib=0.5",
-)  # fmt: skip
+    "--candidates=5",
+    "--eta=2",
+    "--min-finalists=2",
+    "--rounds=1",
+    "--final-rounds=1",
+    "--timing-batches=1",
+    "--batch-size=8",
+    "--generations=1",
+    "--children=2",
+    "--parents=1",
+    "--layers=1,2;0,1",
+    "--keep=0.6,0.8,1",
+    "--merge=0,0.3",
+    "--text-merge=0,0.2",
+    "--device=cpu",
+    "--preload-gib=0.5",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,8 +50,15 @@ def one_thread():
 def trained(shapes, tmp_path_factory) -> dict:
     """A checkpoint of ``vilt_tiny`` fitted for a few steps with PuMer on, as ``make exp`` leaves it."""
     out = tmp_path_factory.mktemp("tune_runs")
-    args = run_args("vqa2", "vilt_tiny", shapes, out / "runs", "--trainer.limit_train_batches=3", "--trainer.max_epochs=1",
-                    "--trainer.limit_val_batches=1")  # fmt: skip
+    args = run_args(
+        "vqa2",
+        "vilt_tiny",
+        shapes,
+        out / "runs",
+        "--trainer.limit_train_batches=3",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=1",
+    )
     cli = PumerCLI(args=["fit", *args])
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     assert best.is_file() and best.parent.parent.name == "version_0"
@@ -119,8 +139,15 @@ def test_missing_checkpoint_says_to_run_make_exp_first(trained, tmp_path):
 
 def test_a_checkpoint_of_another_preset_names_the_preset_it_was_trained_with(trained):
     with pytest.raises(SystemExit, match=r"does not fit .*preset 'vilt_small'.*trained preset 'vilt_tiny'"):
-        run([*trained["args"], "--model.backbone.preset=vilt_small", *TINY_SEARCH, "--check-split=none",
-             f"--out={trained['out']}/mismatch"])  # fmt: skip
+        run(
+            [
+                *trained["args"],
+                "--model.backbone.preset=vilt_small",
+                *TINY_SEARCH,
+                "--check-split=none",
+                f"--out={trained['out']}/mismatch",
+            ]
+        )
 
 
 @pytest.mark.parametrize(
