@@ -13,6 +13,11 @@ from .report import yaml_fragment
 from .tuner import Point, Tuner
 
 
+def drop_text(figures: dict[str, Any]) -> str:
+    """The drop against the unreduced model with its standard error, in points (``+0.3 ± 0.5``)."""
+    return pct(figures["drop"], figures["drop_se"], sign=True, scale=1)
+
+
 def point_record(point: Point, finalist: bool, front: bool) -> dict[str, Any]:
     """One evaluated point: schedule, role, accuracy per rung (shortest prefix first), timings, check."""
     return {
@@ -46,8 +51,7 @@ def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path)
     else:
         text = (
             f"**{chosen.label}**: {st.split} {metric} {pct(top['value'], suffix='%')} ± {pct(top['se'])} against "
-            f"{pct(reference.at()['value'], suffix='%')} unreduced (drop "
-            f"{pct(top['drop'], top['drop_se'], sign=True, scale=1)} points), "
+            f"{pct(reference.at()['value'], suffix='%')} unreduced (drop {drop_text(top)} points), "
             f"{timing['examples_per_sec']:.0f} examples/s, **{timing['speedup']:.2f}x** the unreduced model "
             f"(spread {timing['spread']:.2f}x), {timing['gflops_per_example']:.4g} GFLOPs per example. The rule: "
             f"{rule}."
@@ -55,8 +59,8 @@ def recommendation(tuner: Tuner, chosen: Point, info: dict[str, Any], out: Path)
     own = next((p for p in tuner.points if p.role == "experiment"), None)
     if own is not None and own.timing.get("playoff") and own is not chosen:
         text += (
-            f" The experiment's schedule ({own.label}): drop {own.at()['drop']:+.1f} ± "
-            f"{own.at()['drop_se']:.1f} points, {own.timing['playoff']['speedup']:.2f}x in the same "
+            f" The experiment's schedule ({own.label}): drop {drop_text(own.at())} points, "
+            f"{own.timing['playoff']['speedup']:.2f}x in the same "
             "session."
         )
     path = out / f"{info['name']}.yaml"
@@ -131,20 +135,14 @@ def verdict(tuner: Tuner, checked: list[Point], chosen: Point) -> str:
     """Sentences on the check split: the drop against the budget (point estimate, then within one SE), and the
     speed against the experiment's schedule in the same session."""
     split, budget = tuner.s.check_split, tuner.s.max_drop
-    drop, se = chosen.check["drop"], chosen.check["drop_se"]
+    drop, se, shown = chosen.check["drop"], chosen.check["drop_se"], drop_text(chosen.check)
     if drop <= budget:
-        keeps = f"keeps within the {budget:g}-point budget (drop {drop:+.1f} ± {se:.1f} points)"
+        keeps = f"keeps within the {budget:g}-point budget (drop {shown} points)"
     elif drop - se <= budget:
-        keeps = (
-            f"keeps within the {budget:g}-point budget at one standard error (drop {drop:+.1f} ± {se:.1f})"
-        )
+        keeps = f"keeps within the {budget:g}-point budget at one standard error (drop {shown})"
     else:
-        keeps = f"**misses** the {budget:g}-point budget (drop {drop:+.1f} ± {se:.1f} points)"
-    val = chosen.at()
-    text = (
-        f"**On {split}** the recommendation {keeps}; it was {val['drop']:+.1f} ± {val['drop_se']:.1f} on "
-        f"{tuner.s.split}"
-    )
+        keeps = f"**misses** the {budget:g}-point budget (drop {shown} points)"
+    text = f"**On {split}** the recommendation {keeps}; it was {drop_text(chosen.at())} on {tuner.s.split}"
     own = next((p for p in checked if p.role == "experiment"), None)
     if own is None or own is chosen:
         return text + (" and is the experiment's own schedule." if own is chosen else ".")
@@ -156,7 +154,7 @@ def verdict(tuner: Tuner, checked: list[Point], chosen: Point) -> str:
         f"{text}, and is {faster} the experiment's schedule: {mine['speedup']:.2f}x vs {theirs['speedup']:.2f}x "
         f"the unreduced model ({ratio:.2f}x; round-to-round spread up to {noise:.2f}x in that session; "
         f"{mine['gflops_per_example']:.4g} vs {theirs['gflops_per_example']:.4g} GFLOPs per example); the "
-        f"experiment's schedule drops {own.check['drop']:+.1f} ± {own.check['drop_se']:.1f} points there."
+        f"experiment's schedule drops {drop_text(own.check)} points there."
     )
     if ratio < 1:
         a, b = chosen.timing.get("playoff", {}), own.timing.get("playoff", {})
