@@ -5,14 +5,32 @@ All metric objects sum their states, so they sync once per epoch under DDP (``di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 
-class VQAScore(Metric):
+class SumMetric(Metric):
+    """A metric whose floating-point sums keep their own dtype (float64) when the module holding it is cast.
+
+    ``--trainer.precision bf16-true`` / ``16-true`` cast the whole task module with ``module.to(dtype)``, which
+    torchmetrics applies to metric states too: a score summed in bf16 over a test split is off by whole examples
+    (8 significant bits), and an ``index_add_`` of float64 values into a bf16 state fails. Here the floating-point
+    states only follow the device."""
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> nn.Module:
+        sums = [k for k, v in self._defaults.items() if isinstance(v, Tensor) and v.is_floating_point()]
+        this = super()._apply(fn, exclude_state=(*exclude_state, *sums))
+        device = fn(torch.zeros(1, device=self.device)).device
+        for key in sums:
+            this._defaults[key] = this._defaults[key].to(device)
+            setattr(this, key, getattr(this, key).to(device))
+        return this
+
+
+class VQAScore(SumMetric):
     """VQAv2 accuracy: the soft score of the arg-max answer, averaged over questions.
 
     ``update(logits (B, A), targets (B, A))`` with ``targets`` the per-answer soft scores (0.3/0.6/0.9/1.0 for
@@ -38,7 +56,7 @@ class VQAScore(Metric):
         return (self.score / self.total.clamp(min=1)).float()
 
 
-class GroupedScore(Metric):
+class GroupedScore(SumMetric):
     """Mean of a per-example score within fixed groups (e.g. accuracy per ``statement_type``).
 
     Args:

@@ -84,3 +84,24 @@ def test_rerank_candidates_and_identity_rerank():
     perfect = (row_ids[:, None] == col_ids[None, :]).float()
     fixed = rerank_recall(first, perfect, row_ids, col_ids, k=30, ks=(1,))
     assert fixed["tr_r1"] == 1.0 and fixed["ir_r1"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sums_stay_float64_when_the_task_module_is_cast(dtype):
+    """`--trainer.precision bf16-true` casts the task module, metrics included, with `module.to(dtype)`: the sums
+    must stay float64 (in bf16 a 0.3-point score summed over 999 questions is off by whole questions, and the
+    grouped score's index_add_ of float64 values into a bf16 state raises)."""
+    holder = torch.nn.ModuleDict({"vqa": VQAScore(), "grouped": GroupedScore(["a", "b"])}).to(dtype)
+    vqa, grouped = holder["vqa"], holder["grouped"]
+    assert vqa.score.dtype == grouped.sums.dtype == torch.float64
+    n = 999
+    logits = torch.zeros(n, 2).to(dtype)
+    logits[:, 1] = 1
+    targets = torch.zeros(n, 2)
+    targets[:, 1] = 0.3
+    vqa.update(logits, targets)
+    grouped.update(torch.full((n,), 0.3), ["a"] * n)
+    assert vqa.score.item() == pytest.approx(0.3 * n, rel=1e-6)  # bf16 sums: 300 (8 bits)
+    assert grouped.compute()["a"].item() == pytest.approx(0.3, abs=1e-6)
+    vqa.reset()
+    assert vqa.score.dtype == torch.float64 and vqa.score.item() == 0.0
