@@ -193,7 +193,8 @@ class RetrievalTask(VLTask):
         tokens = TokenTally()
         n_img = pixels.shape[0]
         chunk = max(1, self.pair_batch // n_img)
-        rows = torch.empty(n_img, len(texts), device=pixels.device)
+        # float32 whatever the default dtype (bf16-true sets bf16 inside the step)
+        rows = torch.empty(n_img, len(texts), device=pixels.device, dtype=torch.float32)
         n_chunks = -(-len(texts) // chunk)
         quiet = n_chunks < 20 or not self.trainer.is_global_zero
         bar = tqdm(texts.batches(chunk), total=n_chunks, desc=desc or "score", leave=False, disable=quiet)

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from pumer_test_utils import run_args
 
 from pumer_lightning.callbacks import TokenStatsCallback
@@ -86,3 +87,25 @@ def test_vocab_follows_the_tokenizer(shapes, tmp_path):
     assert cli.model.spec.vocab_size is None  # not given: the tokenizer decides
     assert cli.model.backbone.text_transformer.embeddings.word_embeddings.weight.shape[0] == vocab
     assert cli.model.backbone.token_type_embeddings.weight.shape[0] == 3  # text + two NLVR2 images
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_test_stage_runs_in_bf16_true(task, shapes, tmp_path):
+    """What the README tells CPU users to do (`test --trainer.precision bf16-true`) works for every task: the
+    weights run in bf16, the metric sums stay float64."""
+    cli = PumerCLI(
+        args=["test", *run_args(task, "vilt_tiny", shapes, tmp_path, "--trainer.precision=bf16-true")]
+    )
+    assert cli.trainer.state.finished
+    assert next(cli.model.backbone.parameters()).dtype == torch.bfloat16
+    metrics = {
+        "nlvr2": "test/acc",
+        "snli_ve": "test/acc",
+        "vqa2": "test/vqa_score",
+        "retrieval": "test/ir_r1",
+    }
+    assert 0.0 <= float(cli.trainer.callback_metrics[metrics[task]]) <= 1.0
+    sums = [m for m in cli.model.modules() if hasattr(m, "_defaults")]
+    assert all(
+        v.dtype in (torch.float64, torch.long) for m in sums for v in m.metric_state.values() if v.numel()
+    )
