@@ -1,4 +1,4 @@
-"""What every experiment driver shares (``make study``, ``make tune``; ``make exp`` and the bench to follow).
+"""What every experiment driver shares (``make exp``, ``make study``, ``make tune`` and the bench).
 
 Layering: `pumer_lightning.measure` (the primitives: one FLOP counter, one interleaved timer) <- ``lab`` <- the
 drivers. A driver that needs something another driver has moves it down here instead of copying it; nothing
