@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 13 in one call: ViLT and METER on NLVR2, baseline against the released PuMer
+# Every GPU measurement of the bench (docs/bench.md#gpu) in one call: ViLT and METER on NLVR2, baseline against the released PuMer
 # setting, written as JSON/MD/PNG under "$OUT" (default results/bench/gpu), then summary.md/summary.json with the
 # targets. Sized to finish in under 8 minutes on one H100/H200, torch.compile time included; stages run in order
 # of importance and the ones that would start after GPU_CHECK_BUDGET_S seconds are skipped (and listed).
