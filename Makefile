@@ -71,5 +71,5 @@ clean: ## remove caches and logs (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache lightning_logs tb_logs outputs
 
 .PHONY: gpu-check
-gpu-check: $(STAMP) ## every GPU measurement of issue 13, one call, under 8 min on an H100/H200 (GPU_CHECK_TINY=1: CPU smoke run)
+gpu-check: $(STAMP) ## every GPU measurement of the bench, one call, under 8 min on an H100/H200 (GPU_CHECK_TINY=1: CPU smoke run)
 	scripts/gpu_check.sh

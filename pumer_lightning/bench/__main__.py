@@ -30,7 +30,7 @@ examples:
   python -m pumer_lightning.bench vilt_vqa2 --batch 1 8 32 --settings pumer
   python -m pumer_lightning.bench vilt_nlvr2 --compile --settings pumer
   python -m pumer_lightning.bench vilt_nlvr2 --batch 32 --precision fp16-true --reducer-impl compiled --cuda-graph
-  scripts/gpu_check.sh                       # every GPU measurement of issue 13 (GPU_CHECK_TINY=1: CPU smoke)
+  scripts/gpu_check.sh                       # every GPU measurement of the bench (GPU_CHECK_TINY=1: CPU smoke)
 """
 
 

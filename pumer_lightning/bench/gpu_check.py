@@ -1,4 +1,4 @@
-"""The summary of `scripts/gpu_check.sh`: every run it made, in one table, against issue 13's GPU targets.
+"""The summary of `scripts/gpu_check.sh`: every run it made, in one table, against the GPU targets of docs/bench.md#gpu.
 
     python -m pumer_lightning.bench.gpu_check results/bench/gpu [--stages results/bench/gpu/stages.tsv]
 
@@ -20,7 +20,7 @@ from pumer_lightning.lab.report import pct, table
 
 from .report import fmt, hardware_line, write_batch_sweep
 
-# issue 13, "Done when", GPU: fp16 via the path users get (half weights, graph capture, default reduction step)
+# the GPU targets (docs/bench.md#gpu): fp16 via the path users get (half weights, graph capture, default reduction step)
 SPEEDUP_TARGETS = {("vilt_nlvr2", 32): 1.6, ("vilt_nlvr2", 128): 1.65, ("meter_nlvr2", 32): 1.3}
 REDUCER_SHARE_TARGET = 0.05
 RELEASED = "pumer"
@@ -131,7 +131,7 @@ def _target(text: str, best: dict | None, key: str, met) -> dict:
 
 
 def targets_of(rows: list[dict]) -> list[dict]:
-    """Issue 13's GPU targets against the rows: the speedups of the path users get, and the reducer's share (the
+    """The GPU targets against the rows: the speedups of the path users get, and the reducer's share (the
     compiled reduction step with half weights first, else any run that measured it)."""
     targets = []
     for (exp, batch), want in SPEEDUP_TARGETS.items():
@@ -152,7 +152,7 @@ def _target_lines(runs: list[dict], targets: list[dict]) -> list[str]:
     first = runs[0] if runs else None
     tiny = any(r.get("tiny") for r in runs)
     lines = [
-        "# GPU check (issue 13)",
+        "# GPU check",
         "",
         f"- Machine: {hardware_line(first) if first else 'no results'}",
         "- Tiny presets on this machine: a smoke run of the script, not figures."

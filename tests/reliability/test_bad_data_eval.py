@@ -1,4 +1,4 @@
-"""Bad data at evaluation time: nothing lost, nothing silent (issue 14).
+"""Bad data at evaluation time: nothing lost, nothing silent.
 
 Every case builds its own tiny split, runs it through the real entry points (a Lightning ``Trainer`` with
 ``VLDataModule``) and asserts what was evaluated, what was skipped and how it was counted:

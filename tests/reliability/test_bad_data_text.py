@@ -1,4 +1,4 @@
-"""Bad texts, labels and annotation lines: skipped and counted, never a crash (issue 14).
+"""Bad texts, labels and annotation lines: skipped and counted, never a crash.
 
 - a lone UTF-16 surrogate in a text (the valid JSON escape ``"\\ud83d"``, a truncated emoji) is skipped as
   ``bad_text`` naming the record and shard, in the loader and already in ``data.prepare``;

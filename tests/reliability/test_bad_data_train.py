@@ -1,4 +1,4 @@
-"""Bad data and interruptions in training: nothing lost, nothing silent (issue 14).
+"""Bad data and interruptions in training: nothing lost, nothing silent.
 
 - A corrupt (0-byte) shard that is the only shard of a loader slot (two shards, two workers; or two DDP ranks)
   must not stop training: the slot reads the good shards, the bad one is counted.

@@ -1,4 +1,4 @@
-"""A mid-epoch resume continues every rank's stream exactly (issue 26, item 4).
+"""A mid-epoch resume continues every rank's stream exactly.
 
 Only rank 0's stream position was saved: the other ranks assumed that no image of theirs had failed to decode
 before the stop. After SIGTERM and a resume from ``interrupted.ckpt``, a rank that had skipped an undecodable

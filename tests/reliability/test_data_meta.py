@@ -1,4 +1,4 @@
-"""``meta.json`` that does not describe its split directory (issue 26, item 3).
+"""``meta.json`` that does not describe its split directory.
 
 - A shard name listed twice (a hand-merged split) was read twice while another shard on disk was never read:
   60 predictions with 36 distinct ids and nothing reported. It is now an error naming both.

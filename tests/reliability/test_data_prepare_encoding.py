@@ -1,4 +1,4 @@
-"""Annotation files in other encodings than plain UTF-8 (issue 26, item 6a).
+"""Annotation files in other encodings than plain UTF-8.
 
 ``data.prepare`` read annotation files with the locale's codec: a UTF-16 file stopped with a bare ``'utf-8' codec
 can't decode byte 0xff`` naming no file, and a UTF-8 byte-order mark made the first line of each JSON-lines file

@@ -1,4 +1,4 @@
-"""Skip logging by events (issue 26, item 5).
+"""Skip logging by events.
 
 The per-reason warning limit counted examples, so one event that lost more than 20 examples at once (a 0-byte
 shard, a JPEG renamed ``.tar``) went to DEBUG and the shard was never named. Now the first 20 events per reason

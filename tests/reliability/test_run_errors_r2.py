@@ -1,4 +1,4 @@
-"""Clear single errors from ``fit``, and one fit at a time per run directory (issue 26, item 7).
+"""Clear single errors from ``fit``, and one fit at a time per run directory.
 
 * a distillation teacher whose recorded architecture differs from the student's preset stops with the checkpoint's
   own message (before: 80-odd lines of tracebacks and jsonargparse's union-type report);

@@ -1,4 +1,4 @@
-"""Lightning's model summary shows the model's real FLOPs (issue 26, item 8; before: ``Total FLOPs: 0``).
+"""Lightning's model summary shows the model's real FLOPs (before: ``Total FLOPs: 0``).
 
 Every task module has an ``example_input_array`` (one example at the backbone's image size and text length), so
 Lightning's `ModelSummary` forwards it; its total must equal what the project's own counter
