@@ -64,7 +64,7 @@ BENCH_EXP = $(if $(filter command line environment,$(origin EXP)),$(EXP),vilt_nl
 bench: $(STAMP) ## throughput, memory and FLOPs: baseline vs PuMer settings at full size (EXP=vilt_nlvr2 ...)
 	$(BIN)/python -m pumer_lightning.bench $(BENCH_EXP) $(ARGS)
 
-study: $(STAMP) ## does PuMer keep accuracy? the paper protocol on shapes VQA + NLVR2 (about 3 h on 2 CPU cores, resumes from its cache; ARGS="--budget quick", ARGS="--protocol adaptation")
+study: $(STAMP) ## does PuMer keep accuracy? the paper protocol on shapes VQA + NLVR2 (1 h 48 min measured on 2 CPU cores, resumes from its cache; ARGS="--budget quick", ARGS="--protocol adaptation")
 	$(BIN)/python -m pumer_lightning.study $(ARGS)
 
 clean: ## remove caches and logs (keeps .venv and data/)

@@ -10,7 +10,7 @@ Two protocols (docs/study.md):
   with the reducers off, (b) PuMer on under each text-merge policy, (c) PuMer distilled from the seed's baseline,
   (d) PuMer for 2N steps when (b) and (c) miss on validation. The policy, the 2N arm and the arm are chosen on
   validation; test is read once. On the new baselines: the training-free stages below. Budgets ``default``
-  (about 3 hours on 2 CPU cores), ``quick``, ``gpu``; outputs ``<out>/paper_<task>.{json,md,png}``.
+  (1 h 48 min measured on 2 CPU cores), ``quick``, ``gpu``; outputs ``<out>/paper_<task>.{json,md,png}``.
 * **adaptation** (``--protocol adaptation``, the earlier runs), below: fine-tunes that continue from an already
   fine-tuned baseline.
 

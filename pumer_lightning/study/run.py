@@ -74,7 +74,7 @@ class StudyArgs:
     """paper (the headline: every arm fine-tunes the pre-trained checkpoint) or adaptation (fine-tunes continue
     from a fine-tuned baseline); docs/study.md"""
     budget: str = field(default="default", metadata=flag(choices=sorted(set(BUDGETS) | set(PAPER_BUDGETS))))
-    """training budget (paper: default about 3 hours on 2 CPU cores from nothing, quick, gpu; adaptation:
+    """training budget (paper: default 1 h 48 min on 2 CPU cores from nothing, quick, gpu; adaptation:
     default, long, quick, gpu)"""
     work: Path = Path("data/study")
     """data, cached checkpoints, TensorBoard runs"""
