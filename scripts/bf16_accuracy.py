@@ -9,22 +9,15 @@ when the study ran with `--work <dir>`. Figures: docs/bench.md#accuracy-in-bf16.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from pumer_lightning.lab.score import Scorer
-from pumer_lightning.study.config import EXPERIMENTS, PaperConfig
+from pumer_lightning.study.config import PaperConfig
 from pumer_lightning.study.evaluate import eval_data
-from pumer_lightning.study.train import (
-    Study,
-    pretrain_overrides,
-    pretrained_start,
-    train_first_arms,
-)
-from pumer_lightning.tasks.pretrain import MADE_BY, pretrain_key, shown
+from pumer_lightning.study.train import Study, pretrained_start, train_first_arms
 
 WORK = Path(
     os.environ.get("STUDY_WORK", "data/study/paper")
@@ -34,14 +27,8 @@ WORK = Path(
 def main() -> None:
     cfg = PaperConfig(task="nlvr2", budget="default")
     st = Study(cfg, WORK, False, "cpu", 1)
-    out = WORK / "pretrained" / cfg.budget
-    files = [shown(EXPERIMENTS / "base.yaml"), shown(EXPERIMENTS / "shapes_pretrain.yaml")]
-    key = pretrain_key(files, [*pretrain_overrides(cfg, WORK, "cpu"), str(out)])
-    made = json.loads((out / MADE_BY).read_text()) if (out / MADE_BY).is_file() else {}
-    if made.get("key") != key:
-        raise SystemExit(f"no paper-protocol study cached under {WORK} (run `make study`, or set STUDY_WORK)")
     st.world([cfg.task], cfg.recipe.types, cfg.paper)
-    start = pretrained_start(st, fresh=False)
+    start = pretrained_start(st, fresh=False, make=False)  # stops unless `make study` made it for this WORK
     arms = train_first_arms(st, start)  # every arm is in the cache: loads, trains nothing
     test = eval_data(st).test
     for arm in ("baseline", "pumer_pads_first"):

@@ -96,6 +96,11 @@ def test_made_once_by_the_command_line_then_reused(made, shapes):
     again = ensure_pretrained([BASE, PRETRAIN], target, _tiny(shapes, out))
     assert not again.made_now and again.key == first.key and again.figures == first.figures
     assert (target / "model.safetensors").stat().st_mtime_ns == weights  # nothing was re-run
+    cached = ensure_pretrained([BASE, PRETRAIN], target, _tiny(shapes, out), make=False)
+    assert not cached.made_now and cached.key == first.key
+    with pytest.raises(SystemExit, match="no pre-trained weights made by these settings"):
+        ensure_pretrained([BASE, PRETRAIN], out / "elsewhere", _tiny(shapes, out), make=False)
+    assert not (out / "elsewhere").exists()
 
 
 def test_make_exp_fine_tunes_from_the_cached_checkpoint_and_says_so(made, tmp_path, monkeypatch):

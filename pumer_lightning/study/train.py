@@ -399,9 +399,9 @@ def pretrain_overrides(cfg: PaperConfig, work: Path, device: str) -> list[str]:
     return out
 
 
-def pretrained_start(st: Study, fresh: bool) -> Pretrained:
+def pretrained_start(st: Study, fresh: bool, make: bool = True) -> Pretrained:
     """The pre-trained start, made once by the ordinary pre-training command and cached (`ensure_pretrained`):
-    ``<work>/pretrained/<budget>``. ``fresh`` remakes it."""
+    ``<work>/pretrained/<budget>``. ``fresh`` remakes it; ``make=False`` stops unless it is cached."""
     from pumer_lightning.tasks.pretrain import MADE_BY, ensure_pretrained, shown
 
     cfg = st.cfg
@@ -409,7 +409,7 @@ def pretrained_start(st: Study, fresh: bool) -> Pretrained:
     if fresh:
         (out / MADE_BY).unlink(missing_ok=True)
     files = [shown(EXPERIMENTS / "base.yaml"), shown(EXPERIMENTS / "shapes_pretrain.yaml")]
-    made = ensure_pretrained(files, out, pretrain_overrides(cfg, st.work, str(st.device)))
+    made = ensure_pretrained(files, out, pretrain_overrides(cfg, st.work, str(st.device)), make=make)
     label = "made" if made.made_now else "from cache"
     log(f"pre-trained start {label}: {made.path} ({made.figures})")
     return made

@@ -22,11 +22,10 @@ class SumMetric(Metric):
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> nn.Module:
         sums = [k for k, v in self._defaults.items() if isinstance(v, Tensor) and v.is_floating_point()]
-        this = super()._apply(fn, exclude_state=(*exclude_state, *sums))
-        device = fn(torch.zeros(1, device=self.device)).device
+        this = super()._apply(fn, exclude_state=(*exclude_state, *sums))  # updates `this.device`
         for key in sums:
-            this._defaults[key] = this._defaults[key].to(device)
-            setattr(this, key, getattr(this, key).to(device))
+            this._defaults[key] = this._defaults[key].to(this.device)
+            setattr(this, key, getattr(this, key).to(this.device))
         return this
 
 

@@ -453,10 +453,13 @@ def pretrain_key(files: list[str | Path], overrides: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def ensure_pretrained(files: list[str | Path], out: str | Path, overrides: list[str] = ()) -> Pretrained:
+def ensure_pretrained(
+    files: list[str | Path], out: str | Path, overrides: list[str] = (), make: bool = True
+) -> Pretrained:
     """The backbone ``python -m pumer_lightning fit -c F1 -c F2 ... --model.init_args.export=OUT`` writes, made
     once: reused while ``OUT/made_by.json`` records the same `pretrain_key`, else (re)made with that command (in a
-    child process, so nothing of it stays in this one). Raises SystemExit naming the command if it fails."""
+    child process, so nothing of it stays in this one). Raises SystemExit naming the command if it fails, or
+    (``make=False``) instead of making it."""
     out = Path(out)
     args = [a for f in files for a in ("-c", str(f))] + [*overrides, f"--model.init_args.export={out}"]
     command = "python -m pumer_lightning fit " + " ".join(args)
@@ -479,6 +482,10 @@ def ensure_pretrained(files: list[str | Path], out: str | Path, overrides: list[
         if made
         else "no record of what made it"
     )
+    if not make:
+        raise SystemExit(
+            f"error: no pre-trained weights made by these settings in {out} ({why}); make them: {command}"
+        )
     print(
         f"pre-training the starting weights ({out}: {why}; once, later runs reuse them):\n  {command}",
         flush=True,
