@@ -118,7 +118,7 @@ def test_the_pretrained_start_is_keyed_by_its_files_and_overrides(tmp_path, monk
 
     seen = {}
 
-    def fake_ensure(files, out, overrides=()):
+    def fake_ensure(files, out, overrides=(), make=True):
         seen.update(files=files, out=out, overrides=overrides)
         key = pretrain.pretrain_key(files, [*overrides, str(out)])
         return pretrain.Pretrained(Path(out), "cmd", key, False, 0.0, {})
